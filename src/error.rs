@@ -1,0 +1,169 @@
+//! Typed allocation errors. Every variant names what was asked and what stood
+//! in the way; [`AllocError::is_retryable`] separates "retry may help" (out of
+//! memory now) from "will never fit" (bad layout, over a hard limit, wrong
+//! device).
+
+use crate::allocator::Device;
+use thiserror::Error;
+
+/// Why a layout was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayoutProblem {
+    /// The alignment is not a power of two.
+    AlignNotPowerOfTwo,
+    /// The alignment is above what the backend serves.
+    AlignTooLarge {
+        /// The largest alignment served.
+        max: usize,
+    },
+    /// Rounding the size up to the backend's granularity overflows.
+    SizeOverflow,
+    /// Element count × element size overflows `usize`.
+    ShapeOverflow,
+}
+
+impl core::fmt::Display for LayoutProblem {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            LayoutProblem::AlignNotPowerOfTwo => write!(f, "alignment is not a power of two"),
+            LayoutProblem::AlignTooLarge { max } => write!(f, "alignment is above the maximum of {max} bytes"),
+            LayoutProblem::SizeOverflow => write!(f, "size overflows when rounded up to the backend's granularity"),
+            LayoutProblem::ShapeOverflow => write!(f, "element count times element size overflows"),
+        }
+    }
+}
+
+/// An allocation or deallocation failure.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum AllocError {
+    /// The size/alignment pair can never be served.
+    #[error("invalid layout: size {size} B, align {align} B: {problem}")]
+    InvalidLayout {
+        /// Requested size in bytes.
+        size: usize,
+        /// Requested alignment in bytes.
+        align: usize,
+        /// What is wrong with it.
+        problem: LayoutProblem,
+    },
+    /// The device (or OS) has no memory for this request right now.
+    #[error(
+        "out of memory on {device}: requested {requested} B with {allocated} B allocated and {reserved} B reserved{}",
+        hint.map(|h| format!("; {h}")).unwrap_or_default()
+    )]
+    OutOfMemory {
+        /// The device.
+        device: Device,
+        /// Requested size in bytes.
+        requested: usize,
+        /// Bytes allocated (live) at the time.
+        allocated: usize,
+        /// Bytes reserved (held from the OS/driver) at the time.
+        reserved: usize,
+        /// What to try.
+        hint: Option<&'static str>,
+    },
+    /// The request would take the backend over its configured byte limit.
+    #[error(
+        "limit exceeded on {device}: requested {requested} B with {allocated} B allocated and {reserved} B reserved; limit {limit} B"
+    )]
+    LimitExceeded {
+        /// The device.
+        device: Device,
+        /// Requested size in bytes (after rounding).
+        requested: usize,
+        /// Bytes allocated at the time.
+        allocated: usize,
+        /// Bytes reserved at the time.
+        reserved: usize,
+        /// The configured limit in bytes.
+        limit: usize,
+    },
+    /// The request is larger than the limit itself: it will never fit.
+    #[error("request of {requested} B on {device} can never fit under the limit of {limit} B")]
+    NeverFits {
+        /// The device.
+        device: Device,
+        /// Requested size in bytes (after rounding).
+        requested: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The id is not live: freed already (double free), never issued here, or
+    /// its slot now belongs to another tensor.
+    #[error("unknown or stale tensor id {id} on {device} (double free, or not allocated by this backend)")]
+    UnknownId {
+        /// The id as given.
+        id: u64,
+        /// The backend's device.
+        device: Device,
+    },
+    /// The allocation belongs to another device or backend.
+    #[error("allocation {id} belongs to {found}, not to this backend's {expected}")]
+    WrongDevice {
+        /// The allocation's id.
+        id: u64,
+        /// This backend's device.
+        expected: Device,
+        /// The allocation's device.
+        found: Device,
+    },
+    /// The pointer was not handed out by this pool, or not at a block start.
+    #[error("pointer {addr:#x} is not a live block of this pool")]
+    ForeignPointer {
+        /// The address.
+        addr: usize,
+    },
+    /// The allocation's recorded size/alignment disagree with the backend's.
+    #[error("allocation {id} says {size} B / align {align}, but the backend recorded {recorded_size} B / align {recorded_align}")]
+    LayoutMismatch {
+        /// The id.
+        id: u64,
+        /// Size claimed by the caller.
+        size: usize,
+        /// Alignment claimed by the caller.
+        align: usize,
+        /// Size recorded at allocation.
+        recorded_size: usize,
+        /// Alignment recorded at allocation.
+        recorded_align: usize,
+    },
+    /// The operation or backend is not available in this build or on this machine.
+    #[error("unsupported: {what}")]
+    Unsupported {
+        /// What is missing.
+        what: &'static str,
+    },
+}
+
+impl AllocError {
+    /// Whether retrying later (after frees or a `trim`) may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, AllocError::OutOfMemory { .. } | AllocError::LimitExceeded { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_request_and_limit() {
+        let e = AllocError::LimitExceeded {
+            device: Device::Host,
+            requested: 4096,
+            allocated: 100,
+            reserved: 200,
+            limit: 1000,
+        };
+        let s = e.to_string();
+        for part in ["4096", "100", "200", "1000", "host"] {
+            assert!(s.contains(part), "{s}");
+        }
+        assert!(e.is_retryable());
+        let e = AllocError::InvalidLayout { size: 3, align: 3, problem: LayoutProblem::AlignNotPowerOfTwo };
+        assert!(e.to_string().contains("power of two"));
+        assert!(!e.is_retryable());
+    }
+}

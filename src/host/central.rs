@@ -1,0 +1,381 @@
+//! A size class's central free list: where thread caches hand batches back
+//! and refill from, and where spans are mapped, carved and released.
+//!
+//! Frees arrive lock-free through [`TransferStack`] (any thread, one CAS per
+//! batch); refill, growth and trim take the class's [`RawLock`], once per
+//! batch. Accounting invariant, per class, with the lock held and `incoming`
+//! drained:
+//! `Σ span.nblocks == blocks in thread caches + blocks in use + free_len + bump_left`.
+
+use super::pagemap;
+use super::pool::PoolShared;
+use super::size_class::{GRANULE, blocks_per_span, class_size, span_bytes};
+use super::span::{self, SpanMeta};
+use super::transfer::{FreeBlock, TransferStack};
+use crate::sync::{AtomicUsize, Ordering, RawLock, UnsafeCell};
+use core::ptr::null_mut;
+
+/// State guarded by the class lock.
+#[derive(Debug)]
+struct Inner {
+    free: *mut FreeBlock,
+    free_len: usize,
+    /// Next uncarved block of the newest span and how many remain.
+    bump: usize,
+    bump_left: usize,
+    bump_span: *mut SpanMeta,
+    /// All spans of this class (doubly linked through `SpanMeta::{prev,next}`).
+    spans: *mut SpanMeta,
+}
+
+/// One class's central list.
+#[derive(Debug)]
+pub(crate) struct Central {
+    incoming: TransferStack,
+    incoming_len: AtomicUsize,
+    lock: RawLock,
+    inner: UnsafeCell<Inner>,
+}
+
+// SAFETY: `inner` is only touched with `lock` held; `incoming` is a lock-free
+// structure that is Sync by itself; the raw pointers are addresses of blocks
+// and span records owned by the pool, not thread-bound data.
+unsafe impl Sync for Central {}
+// SAFETY: as above.
+unsafe impl Send for Central {}
+
+impl Central {
+    pub(crate) const fn new() -> Self {
+        Central {
+            incoming: TransferStack::new(),
+            incoming_len: AtomicUsize::new(0),
+            lock: RawLock::new(),
+            inner: UnsafeCell::new(Inner {
+                free: null_mut(),
+                free_len: 0,
+                bump: 0,
+                bump_left: 0,
+                bump_span: null_mut(),
+                spans: null_mut(),
+            }),
+        }
+    }
+
+    /// Runs `f` with the lock held and the guarded state.
+    #[inline]
+    fn locked<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        // SAFETY: the lock is held for the whole closure, so the `&mut` is unique.
+        self.lock.with(|| self.inner.with_mut(|p| f(unsafe { &mut *p })))
+    }
+
+    /// Moves everything from `incoming` onto the locked free list.
+    fn drain_incoming(&self, inner: &mut Inner) {
+        let mut head = self.incoming.take_all();
+        if head.is_null() {
+            return;
+        }
+        let mut n = 0usize;
+        let first = head;
+        let mut tail = head;
+        while !head.is_null() {
+            n += 1;
+            tail = head;
+            // SAFETY: a taken chain is ours; every node is a free block.
+            head = unsafe { (*head).next };
+        }
+        // SAFETY: `tail` is the last node of our chain.
+        unsafe { (*tail).next = inner.free };
+        inner.free = first;
+        inner.free_len += n;
+        self.incoming_len.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Free blocks available without mapping (a racy hint when unlocked).
+    pub(crate) fn available(&self) -> usize {
+        self.locked(|i| i.free_len + i.bump_left) + self.incoming_len.load(Ordering::Relaxed)
+    }
+
+    /// Takes up to `want` (≥ 1) blocks, mapping a new span if none is free.
+    /// Returns the chain's head (null only if the OS refused memory) and its
+    /// length.
+    pub(crate) fn refill(&self, pool: &PoolShared, c: usize, want: usize) -> (*mut FreeBlock, usize) {
+        let size = class_size(c);
+        let (head, n) = self.locked(|inner| {
+            if inner.free_len < want {
+                self.drain_incoming(inner);
+            }
+            let mut head: *mut FreeBlock = null_mut();
+            let mut n = 0usize;
+            // 1. From the free list: cut the first `k` nodes.
+            let k = want.min(inner.free_len);
+            if k > 0 {
+                head = inner.free;
+                let mut last = head;
+                for _ in 1..k {
+                    // SAFETY: the free list has `free_len ≥ k` well-formed nodes.
+                    last = unsafe { (*last).next };
+                }
+                // SAFETY: `last` is the k-th node.
+                unsafe {
+                    inner.free = (*last).next;
+                    (*last).next = null_mut();
+                }
+                inner.free_len -= k;
+                n = k;
+            }
+            // 2. From the newest span's uncarved tail, mapping one if needed.
+            if n == 0 && inner.bump_left == 0 && !self.grow(pool, c, inner, false) {
+                return (null_mut(), 0);
+            }
+            while n < want && inner.bump_left > 0 {
+                let b = inner.bump as *mut FreeBlock;
+                // SAFETY: `b` is an uncarved block inside our mapped span.
+                unsafe { (*b).next = head };
+                head = b;
+                inner.bump += size;
+                inner.bump_left -= 1;
+                n += 1;
+            }
+            (head, n)
+        });
+        if n > 0 {
+            pool.cached.fetch_sub(n * size, Ordering::Relaxed);
+        }
+        (head, n)
+    }
+
+    /// Hands a chain of `n` blocks back (lock-free).
+    ///
+    /// # Safety
+    /// - `head → … → tail` is a chain of `n` free blocks of this class of
+    ///   `pool`, owned by the caller.
+    pub(crate) unsafe fn give_back(&self, pool: &PoolShared, c: usize, head: *mut FreeBlock, tail: *mut FreeBlock, n: usize) {
+        self.incoming_len.fetch_add(n, Ordering::Relaxed);
+        // SAFETY: forwarded from the caller.
+        unsafe { self.incoming.push_chain(head, tail) };
+        let size = class_size(c);
+        let cached = pool.cached.fetch_add(n * size, Ordering::Relaxed) + n * size;
+        if blocks_per_span(c) == 1 && cached > pool.retain_limit.load(Ordering::Relaxed) {
+            self.enforce_limit(pool, c);
+        }
+    }
+
+    /// Maps one span and makes it the bump span. Lock held.
+    fn grow(&self, pool: &PoolShared, c: usize, inner: &mut Inner, populate: bool) -> bool {
+        let len = span_bytes(c);
+        let Some(base) = crate::os::map_aligned(len, GRANULE, populate) else { return false };
+        let base = base.as_ptr() as usize;
+        let rec = span::alloc_record();
+        if rec.is_null() {
+            // SAFETY: just mapped, unpublished.
+            unsafe { crate::os::unmap(core::ptr::NonNull::new_unchecked(base as *mut u8), len) };
+            return false;
+        }
+        let nblocks = blocks_per_span(c);
+        // SAFETY: `rec` is a fresh zeroed record we own.
+        unsafe {
+            (*rec).base = base;
+            (*rec).len = len;
+            (*rec).block = class_size(c);
+            (*rec).nblocks = nblocks as u32;
+            (*rec).class = c as u16;
+            (*rec).owner = pool as *const PoolShared as usize;
+            (*rec).prev = null_mut();
+            (*rec).next = inner.spans;
+            if !inner.spans.is_null() {
+                (*inner.spans).prev = rec;
+            }
+        }
+        if !pagemap::register(base, len, rec) {
+            // SAFETY: the record is not yet linked into `spans` (we only set its
+            // own `next`), and the mapping was never handed out.
+            unsafe {
+                span::free_record(rec);
+                crate::os::unmap(core::ptr::NonNull::new_unchecked(base as *mut u8), len);
+            }
+            return false;
+        }
+        inner.spans = rec;
+        // The previous bump span's leftover blocks become ordinary free blocks.
+        self.retire_bump(c, inner);
+        inner.bump = base;
+        inner.bump_left = nblocks;
+        inner.bump_span = rec;
+        pool.cached.fetch_add(nblocks * class_size(c), Ordering::Relaxed);
+        pool.reserved.fetch_add(len, Ordering::Relaxed);
+        pool.segments.fetch_add(1, Ordering::Relaxed);
+        pool.grows.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    fn retire_bump(&self, c: usize, inner: &mut Inner) {
+        let size = class_size(c);
+        while inner.bump_left > 0 {
+            let b = inner.bump as *mut FreeBlock;
+            // SAFETY: an uncarved block of a live span of ours.
+            unsafe { (*b).next = inner.free };
+            inner.free = b;
+            inner.free_len += 1;
+            inner.bump += size;
+            inner.bump_left -= 1;
+        }
+        inner.bump_span = null_mut();
+    }
+
+    /// Maps spans (pages populated) until at least `count` blocks are free.
+    /// Returns bytes mapped, or `None` if the OS refused.
+    pub(crate) fn prewarm(&self, pool: &PoolShared, c: usize, count: usize) -> Option<usize> {
+        self.locked(|inner| {
+            self.drain_incoming(inner);
+            let mut mapped = 0;
+            while inner.free_len + inner.bump_left < count {
+                if !self.grow(pool, c, inner, true) {
+                    return None;
+                }
+                mapped += span_bytes(c);
+            }
+            Some(mapped)
+        })
+    }
+
+    /// Unlinks, unregisters and unmaps a span. Lock held.
+    ///
+    /// # Safety
+    /// - `s` is a span of this class with no block in use or on any list.
+    unsafe fn release_span(&self, pool: &PoolShared, inner: &mut Inner, s: *mut SpanMeta) -> usize {
+        // SAFETY: `s` is a live record of this class (caller); list edits under the lock.
+        unsafe {
+            let (prev, next, base, len) = ((*s).prev, (*s).next, (*s).base, (*s).len);
+            if prev.is_null() {
+                inner.spans = next;
+            } else {
+                (*prev).next = next;
+            }
+            if !next.is_null() {
+                (*next).prev = prev;
+            }
+            if inner.bump_span == s {
+                inner.bump_span = null_mut();
+                inner.bump_left = 0;
+            }
+            pagemap::unregister(base, len);
+            span::free_record(s);
+            crate::os::unmap(core::ptr::NonNull::new_unchecked(base as *mut u8), len);
+            pool.reserved.fetch_sub(len, Ordering::Relaxed);
+            pool.segments.fetch_sub(1, Ordering::Relaxed);
+            len
+        }
+    }
+
+    /// Releases every span whose blocks are all free; with `discard`, also
+    /// drops the pages of free blocks of two pages or more (keeping the
+    /// first page, which holds the link). Returns bytes given back.
+    pub(crate) fn trim(&self, pool: &PoolShared, c: usize, discard: bool) -> usize {
+        let size = class_size(c);
+        self.locked(|inner| {
+            self.drain_incoming(inner);
+            // 1. Count free blocks per span.
+            let mut b = inner.free;
+            while !b.is_null() {
+                let s = pagemap::lookup(b as usize);
+                debug_assert!(!s.is_null());
+                // SAFETY: free blocks lie in live spans of this class.
+                unsafe {
+                    (*s).free_seen += 1;
+                    b = (*b).next;
+                }
+            }
+            if !inner.bump_span.is_null() {
+                // SAFETY: the bump span is a live record.
+                unsafe { (*inner.bump_span).free_seen += inner.bump_left as u32 };
+            }
+            // 2. Rebuild the free list without blocks of wholly free spans.
+            let mut keep: *mut FreeBlock = null_mut();
+            let mut kept = 0usize;
+            let mut dropped = 0usize;
+            let mut discarded = 0usize;
+            let mut b = inner.free;
+            while !b.is_null() {
+                // SAFETY: as above.
+                let (s, next) = unsafe { (pagemap::lookup(b as usize), (*b).next) };
+                // SAFETY: as above.
+                if unsafe { (*s).free_seen == (*s).nblocks } {
+                    dropped += 1;
+                } else {
+                    if discard && size >= 2 * crate::os::PAGE {
+                        // SAFETY: the block is free; its first word (the link)
+                        // stays resident, the rest is not relied on.
+                        discarded += unsafe { crate::os::discard((b as *mut u8).add(crate::os::PAGE), size - crate::os::PAGE) };
+                    }
+                    // SAFETY: relinking our own free block.
+                    unsafe { (*b).next = keep };
+                    keep = b;
+                    kept += 1;
+                }
+                b = next;
+            }
+            inner.free = keep;
+            inner.free_len = kept;
+            // 3. Release wholly free spans; reset the scratch counts.
+            let mut released = 0usize;
+            let bump_blocks_released = {
+                let bs = inner.bump_span;
+                // SAFETY: live record when non-null.
+                if !bs.is_null() && unsafe { (*bs).free_seen == (*bs).nblocks } { inner.bump_left } else { 0 }
+            };
+            let mut s = inner.spans;
+            while !s.is_null() {
+                // SAFETY: live records of this class, under the lock.
+                let next = unsafe { (*s).next };
+                // SAFETY: as above.
+                if unsafe { (*s).free_seen == (*s).nblocks } {
+                    // SAFETY: all its blocks are free and no longer on any list.
+                    released += unsafe { self.release_span(pool, inner, s) };
+                } else {
+                    // SAFETY: as above.
+                    unsafe { (*s).free_seen = 0 };
+                }
+                s = next;
+            }
+            pool.cached.fetch_sub((dropped + bump_blocks_released) * size, Ordering::Relaxed);
+            released + discarded
+        })
+    }
+
+    /// Over the retained limit: release free one-block spans of this class
+    /// until the pool is back under it.
+    #[cold]
+    fn enforce_limit(&self, pool: &PoolShared, c: usize) {
+        let size = class_size(c);
+        self.locked(|inner| {
+            self.drain_incoming(inner);
+            while pool.cached.load(Ordering::Relaxed) > pool.retain_limit.load(Ordering::Relaxed) && !inner.free.is_null() {
+                let b = inner.free;
+                // SAFETY: a free block of ours; one-block spans, so its span is wholly free.
+                unsafe {
+                    inner.free = (*b).next;
+                    inner.free_len -= 1;
+                    let s = pagemap::lookup(b as usize);
+                    self.release_span(pool, inner, s);
+                }
+                pool.cached.fetch_sub(size, Ordering::Relaxed);
+            }
+        })
+    }
+
+    /// Unmaps every span (pool teardown).
+    ///
+    /// # Safety
+    /// - No block of this class is in use or cached anywhere but here.
+    pub(crate) unsafe fn release_all(&self, pool: &PoolShared) {
+        self.locked(|inner| {
+            self.drain_incoming(inner);
+            while !inner.spans.is_null() {
+                // SAFETY: the caller guarantees nothing uses these blocks.
+                unsafe { self.release_span(pool, inner, inner.spans) };
+            }
+            inner.free = null_mut();
+            inner.free_len = 0;
+        })
+    }
+}

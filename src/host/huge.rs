@@ -1,0 +1,209 @@
+//! Huge blocks (> 64 MiB): one mapping each, cached by size for reuse.
+//!
+//! A freed huge block is kept in a small table (at most [`HUGE_SLOTS`]
+//! entries, under the pool's retained limit) and handed out again to a
+//! request of the same mapped size, or one at most 1/8 smaller — the same
+//! rounding bound as the size classes. The choice is the pure function
+//! [`pick`], which the meta backend uses too so its predictions match.
+
+use super::pagemap;
+use super::pool::PoolShared;
+use super::size_class::GRANULE;
+use super::span::{self, HUGE_CLASS};
+use crate::sync::{Ordering, RawLock, UnsafeCell};
+use core::ptr::{NonNull, null_mut};
+
+/// Cached huge mappings per pool.
+pub const HUGE_SLOTS: usize = 16;
+
+/// Index of the best cached length for a request that maps `need` bytes:
+/// the smallest `len` with `need ≤ len ≤ need + need/8`. Ties: the lowest index.
+pub fn pick(lens: &[usize], need: usize) -> Option<usize> {
+    let mut best: Option<usize> = None;
+    for (i, &len) in lens.iter().enumerate() {
+        if len >= need && len - need <= need / 8 && best.is_none_or(|b| len < lens[b]) {
+            best = Some(i);
+        }
+    }
+    best
+}
+
+#[derive(Debug)]
+struct Slots {
+    ptr: [usize; HUGE_SLOTS],
+    len: [usize; HUGE_SLOTS],
+    n: usize,
+}
+
+/// The cache.
+#[derive(Debug)]
+pub(crate) struct HugeCache {
+    lock: RawLock,
+    slots: UnsafeCell<Slots>,
+}
+
+// SAFETY: `slots` is only touched with `lock` held.
+unsafe impl Sync for HugeCache {}
+// SAFETY: as above.
+unsafe impl Send for HugeCache {}
+
+impl HugeCache {
+    pub(crate) const fn new() -> Self {
+        HugeCache { lock: RawLock::new(), slots: UnsafeCell::new(Slots { ptr: [0; HUGE_SLOTS], len: [0; HUGE_SLOTS], n: 0 }) }
+    }
+
+    fn locked<R>(&self, f: impl FnOnce(&mut Slots) -> R) -> R {
+        // SAFETY: the lock is held for the closure, so the `&mut` is unique.
+        self.lock.with(|| self.slots.with_mut(|p| f(unsafe { &mut *p })))
+    }
+
+    /// A block mapping `need` bytes (a granule multiple): cached, or fresh.
+    pub(crate) fn alloc(&self, pool: &PoolShared, need: usize) -> Option<NonNull<u8>> {
+        let hit = self.locked(|s| {
+            let i = pick(&s.len[..s.n], need)?;
+            let (p, l) = (s.ptr[i], s.len[i]);
+            s.n -= 1;
+            s.ptr[i] = s.ptr[s.n];
+            s.len[i] = s.len[s.n];
+            Some((p, l))
+        });
+        if let Some((p, l)) = hit {
+            pool.cached.fetch_sub(l, Ordering::Relaxed);
+            return NonNull::new(p as *mut u8);
+        }
+        map_huge(pool, need, false)
+    }
+
+    /// Takes a huge block back: cached if there is room under the limit,
+    /// else unmapped.
+    ///
+    /// # Safety
+    /// - `p` is a huge block of `pool`, not in use.
+    pub(crate) unsafe fn free(&self, pool: &PoolShared, p: NonNull<u8>, len: usize) {
+        let limit = pool.retain_limit.load(Ordering::Relaxed);
+        let kept = self.locked(|s| {
+            if s.n == HUGE_SLOTS || pool.cached.load(Ordering::Relaxed).saturating_add(len) > limit {
+                return false;
+            }
+            s.ptr[s.n] = p.as_ptr() as usize;
+            s.len[s.n] = len;
+            s.n += 1;
+            true
+        });
+        if kept {
+            pool.cached.fetch_add(len, Ordering::Relaxed);
+        } else {
+            // SAFETY: forwarded from the caller.
+            unsafe { unmap_huge(pool, p) };
+        }
+    }
+
+    /// Caches `count` fresh, populated blocks of `need` bytes (as many as fit).
+    pub(crate) fn prewarm(&self, pool: &PoolShared, need: usize, count: usize) -> Option<usize> {
+        let have = self.locked(|s| s.len[..s.n].iter().filter(|&&l| l == need).count());
+        let mut mapped = 0;
+        for _ in have..count.min(HUGE_SLOTS) {
+            let p = map_huge(pool, need, true)?;
+            mapped += need;
+            let kept = self.locked(|s| {
+                if s.n == HUGE_SLOTS {
+                    return false;
+                }
+                s.ptr[s.n] = p.as_ptr() as usize;
+                s.len[s.n] = need;
+                s.n += 1;
+                true
+            });
+            if kept {
+                pool.cached.fetch_add(need, Ordering::Relaxed);
+            } else {
+                // SAFETY: just mapped, never handed out.
+                unsafe { unmap_huge(pool, p) };
+                break;
+            }
+        }
+        Some(mapped)
+    }
+
+    /// Unmaps every cached block; returns the bytes.
+    pub(crate) fn trim(&self, pool: &PoolShared) -> usize {
+        let taken = self.locked(|s| {
+            let t = (s.ptr, s.n);
+            s.n = 0;
+            t
+        });
+        let mut bytes = 0;
+        for &p in &taken.0[..taken.1] {
+            let s = pagemap::lookup(p);
+            // SAFETY: cached huge blocks are live spans of ours.
+            let len = unsafe { (*s).len };
+            bytes += len;
+            // SAFETY: cached, so not in use.
+            unsafe { unmap_huge(pool, NonNull::new_unchecked(p as *mut u8)) };
+        }
+        pool.cached.fetch_sub(bytes, Ordering::Relaxed);
+        bytes
+    }
+}
+
+fn map_huge(pool: &PoolShared, len: usize, populate: bool) -> Option<NonNull<u8>> {
+    let p = crate::os::map_aligned(len, GRANULE, populate)?;
+    let rec = span::alloc_record();
+    if rec.is_null() {
+        // SAFETY: just mapped, unpublished.
+        unsafe { crate::os::unmap(p, len) };
+        return None;
+    }
+    // SAFETY: a fresh record we own.
+    unsafe {
+        (*rec).base = p.as_ptr() as usize;
+        (*rec).len = len;
+        (*rec).block = len;
+        (*rec).nblocks = 1;
+        (*rec).class = HUGE_CLASS;
+        (*rec).owner = pool as *const PoolShared as usize;
+        (*rec).next = null_mut();
+    }
+    if !pagemap::register(p.as_ptr() as usize, len, rec) {
+        // SAFETY: never published.
+        unsafe {
+            span::free_record(rec);
+            crate::os::unmap(p, len);
+        }
+        return None;
+    }
+    pool.reserved.fetch_add(len, Ordering::Relaxed);
+    pool.segments.fetch_add(1, Ordering::Relaxed);
+    pool.grows.fetch_add(1, Ordering::Relaxed);
+    Some(p)
+}
+
+/// # Safety
+/// - `p` is a huge block of `pool`, not in use and not cached.
+unsafe fn unmap_huge(pool: &PoolShared, p: NonNull<u8>) {
+    let rec = pagemap::lookup(p.as_ptr() as usize);
+    debug_assert!(!rec.is_null());
+    // SAFETY: `rec` is the block's live record (caller); after unregistering
+    // nothing finds it, so it can be recycled and the mapping dropped.
+    unsafe {
+        let len = (*rec).len;
+        pagemap::unregister(p.as_ptr() as usize, len);
+        span::free_record(rec);
+        crate::os::unmap(p, len);
+        pool.reserved.fetch_sub(len, Ordering::Relaxed);
+        pool.segments.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pick;
+
+    #[test]
+    fn pick_best_fit_within_an_eighth() {
+        assert_eq!(pick(&[], 100), None);
+        assert_eq!(pick(&[99, 113, 112, 104], 100), Some(3));
+        assert_eq!(pick(&[113], 100), None);
+        assert_eq!(pick(&[100, 100], 100), Some(0));
+    }
+}

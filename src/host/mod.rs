@@ -1,0 +1,35 @@
+//! The host pool: size classes → categories, spans, per-thread caches,
+//! cross-thread frees, prewarm and trim.
+//!
+//! - [`size_class`]: the classes and categories.
+//! - `pagemap`, `span`: a pointer alone finds its span record (owner pool,
+//!   class, size): size-less free, `usable_size`, foreign-pointer checks.
+//! - `central`: per-class central lists (lock-free frees in, locked refills out).
+//! - `thread_cache`: the hot path.
+//! - `huge`: blocks above 64 MiB, cached by size.
+//! - [`transfer`]: the lock-free cross-thread free list.
+pub mod size_class;
+pub mod transfer;
+
+#[cfg(not(tensorpool_loom))]
+mod central;
+#[cfg(not(tensorpool_loom))]
+pub mod huge;
+#[cfg(not(tensorpool_loom))]
+pub(crate) mod pagemap;
+#[cfg(not(tensorpool_loom))]
+mod pool;
+#[cfg(not(tensorpool_loom))]
+mod prewarm;
+#[cfg(not(tensorpool_loom))]
+pub(crate) mod span;
+#[cfg(not(tensorpool_loom))]
+pub(crate) mod thread_cache;
+
+#[cfg(not(tensorpool_loom))]
+pub use pool::{HostPool, HostPoolConfig, PoolStats};
+#[cfg(not(tensorpool_loom))]
+pub(crate) use pool::{PoolShared, global_pool};
+#[cfg(not(tensorpool_loom))]
+pub use prewarm::Prewarm;
+pub use size_class::Category;

@@ -1,0 +1,396 @@
+//! The pool: per-class central lists, the huge cache, and the public
+//! [`HostPool`] handle.
+//!
+//! A `HostPool` is a cheap, clonable handle (`Arc`) to a [`PoolShared`].
+//! Threads that use it keep a strong reference in their cache slot, so the
+//! shared state (and its mappings) lives until the last handle is dropped and
+//! every thread that cached it has exited or evicted it. Dropping the last
+//! handle flushes the calling thread's cache right away.
+
+use super::central::Central;
+use super::huge::HugeCache;
+use super::pagemap;
+use super::prewarm::Prewarm;
+use super::size_class::{MAX_ALIGN, NUM_CLASSES, class_for, class_size, huge_size};
+use super::span::HUGE_CLASS;
+use super::thread_cache::{self, ThreadCache};
+use crate::allocator::Device;
+use crate::error::{AllocError, LayoutProblem};
+use crate::sync::{AtomicUsize, CachePadded, Ordering};
+use core::alloc::Layout;
+use core::ptr::NonNull;
+use std::sync::Arc;
+
+/// The shared state of one pool.
+///
+/// Invariants: `reserved` is the sum of the lengths of this pool's live
+/// spans; `segments` their count; `cached` (approximately, it is updated
+/// after the lists) the bytes of blocks on central lists, uncarved span
+/// tails and the huge cache.
+#[derive(Debug)]
+pub(crate) struct PoolShared {
+    centrals: [CachePadded<Central>; NUM_CLASSES],
+    pub(crate) huge: HugeCache,
+    pub(crate) reserved: AtomicUsize,
+    pub(crate) segments: AtomicUsize,
+    pub(crate) grows: AtomicUsize,
+    pub(crate) cached: AtomicUsize,
+    pub(crate) retain_limit: AtomicUsize,
+}
+
+static GLOBAL: PoolShared = PoolShared::new();
+
+/// The process-wide pool behind the global allocator and the C ABI.
+#[inline(always)]
+pub(crate) fn global_pool() -> &'static PoolShared {
+    &GLOBAL
+}
+
+impl PoolShared {
+    pub(crate) const fn new() -> Self {
+        PoolShared {
+            centrals: [const { CachePadded(Central::new()) }; NUM_CLASSES],
+            huge: HugeCache::new(),
+            reserved: AtomicUsize::new(0),
+            segments: AtomicUsize::new(0),
+            grows: AtomicUsize::new(0),
+            cached: AtomicUsize::new(0),
+            retain_limit: AtomicUsize::new(usize::MAX),
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn central(&self, c: usize) -> &Central {
+        &self.centrals[c].0
+    }
+
+    /// A block for `layout` (size > 0). Never panics or allocates.
+    #[inline(always)]
+    pub(crate) fn alloc(&self, cache: Option<&mut ThreadCache>, layout: Layout) -> Result<NonNull<u8>, AllocError> {
+        if let Some(c) = class_for(layout.size(), layout.align()) {
+            let p = match cache {
+                Some(tc) => tc.alloc(self, c),
+                None => thread_cache::central_alloc(self, c),
+            };
+            return NonNull::new(p).ok_or_else(|| self.oom(layout.size()));
+        }
+        self.alloc_huge(layout)
+    }
+
+    #[cold]
+    fn alloc_huge(&self, layout: Layout) -> Result<NonNull<u8>, AllocError> {
+        let (size, align) = (layout.size(), layout.align());
+        if align > MAX_ALIGN {
+            return Err(AllocError::InvalidLayout { size, align, problem: LayoutProblem::AlignTooLarge { max: MAX_ALIGN } });
+        }
+        let need = huge_size(size).ok_or(AllocError::InvalidLayout { size, align, problem: LayoutProblem::SizeOverflow })?;
+        self.huge.alloc(self, need).ok_or_else(|| self.oom(size))
+    }
+
+    #[cold]
+    fn oom(&self, requested: usize) -> AllocError {
+        let reserved = self.reserved.load(Ordering::Relaxed);
+        AllocError::OutOfMemory {
+            device: Device::Host,
+            requested,
+            allocated: reserved.saturating_sub(self.cached.load(Ordering::Relaxed)),
+            reserved,
+            hint: Some("the OS refused a mapping; free memory or call trim()"),
+        }
+    }
+
+    /// Frees a block allocated with `layout`.
+    ///
+    /// # Safety
+    /// - `p` was returned by `alloc` of this pool with this `layout` and is
+    ///   not used again.
+    #[inline(always)]
+    pub(crate) unsafe fn free(&self, cache: Option<&mut ThreadCache>, p: NonNull<u8>, layout: Layout) {
+        if let Some(c) = class_for(layout.size(), layout.align()) {
+            // SAFETY: forwarded from the caller: a block of class `c` of ours.
+            unsafe {
+                match cache {
+                    Some(tc) => tc.free(self, c, p.as_ptr()),
+                    None => thread_cache::central_free(self, c, p.as_ptr()),
+                }
+            }
+            return;
+        }
+        // SAFETY: forwarded: a huge block of ours.
+        unsafe { self.free_huge(p) }
+    }
+
+    #[cold]
+    unsafe fn free_huge(&self, p: NonNull<u8>) {
+        let rec = pagemap::lookup(p.as_ptr() as usize);
+        debug_assert!(!rec.is_null());
+        // SAFETY: a live huge block of ours (caller), so its record is live.
+        let len = unsafe { (*rec).len };
+        // SAFETY: forwarded from the caller.
+        unsafe { self.huge.free(self, p, len) }
+    }
+
+    /// The block `p` starts, if it is one of this pool's: `(class, usable size)`
+    /// (`class == HUGE_CLASS` for huge blocks).
+    #[inline]
+    pub(crate) fn block_info(&self, p: usize) -> Option<(u16, usize)> {
+        let rec = pagemap::lookup(p);
+        if rec.is_null() {
+            return None;
+        }
+        // SAFETY: records are never unmapped; a stale read yields a record
+        // whose owner check fails or whose fields describe another span.
+        let r = unsafe { &*rec };
+        if r.owner != self as *const PoolShared as usize || !r.is_block_start(p) {
+            return None;
+        }
+        Some((r.class, r.block))
+    }
+
+    /// Frees a block without its size (C `free`).
+    ///
+    /// # Safety
+    /// - If `p` is a block of this pool, it is not in use any more.
+    pub(crate) unsafe fn free_unsized(&self, cache: Option<&mut ThreadCache>, p: NonNull<u8>) -> Result<(), AllocError> {
+        let (class, _) = self.block_info(p.as_ptr() as usize).ok_or(AllocError::ForeignPointer { addr: p.as_ptr() as usize })?;
+        // SAFETY: the pagemap says `p` starts a block of class `class` of ours.
+        unsafe {
+            if class == HUGE_CLASS {
+                self.free_huge(p);
+            } else {
+                let c = class as usize;
+                match cache {
+                    Some(tc) => tc.free(self, c, p.as_ptr()),
+                    None => thread_cache::central_free(self, c, p.as_ptr()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Trims every class and the huge cache. Returns bytes given back.
+    pub(crate) fn trim(&self) -> usize {
+        let mut bytes = self.huge.trim(self);
+        for c in 0..NUM_CLASSES {
+            bytes += self.central(c).trim(self, c, true);
+        }
+        bytes
+    }
+
+    pub(crate) fn prewarm(&self, plan: &Prewarm) -> Result<usize, AllocError> {
+        let mut mapped = 0;
+        for &(size, count) in plan.entries() {
+            let got = match class_for(size, 8) {
+                Some(c) => self.central(c).prewarm(self, c, count),
+                None => {
+                    let need = huge_size(size).ok_or(AllocError::InvalidLayout { size, align: 8, problem: LayoutProblem::SizeOverflow })?;
+                    self.huge.prewarm(self, need, count)
+                }
+            };
+            mapped += got.ok_or_else(|| self.oom(size))?;
+        }
+        Ok(mapped)
+    }
+}
+
+impl Drop for PoolShared {
+    fn drop(&mut self) {
+        self.huge.trim(self);
+        for c in 0..NUM_CLASSES {
+            // SAFETY: the last reference is going: no handle and no thread
+            // cache refers to this pool, so no block is cached elsewhere; blocks
+            // still handed out die with the pool (documented on `HostPool`).
+            unsafe { self.central(c).release_all(self) };
+        }
+    }
+}
+
+/// Configuration of a [`HostPool`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HostPoolConfig {
+    /// Bytes of free memory the pool may keep cached (huge blocks and blocks
+    /// of 1 MiB and up); beyond it, freed big blocks go back to the OS at
+    /// once. `None`: no limit (memory goes back on [`HostPool::trim`]).
+    pub retain_limit: Option<usize>,
+}
+
+/// Statistics of a pool (cheap to read: a few relaxed loads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolStats {
+    /// Bytes mapped from the OS.
+    pub reserved_bytes: usize,
+    /// Number of mappings.
+    pub segments: usize,
+    /// Free bytes held centrally (not counting thread caches), approximate.
+    pub cached_bytes: usize,
+    /// Mappings ever made (cache misses that went to the OS).
+    pub os_maps: usize,
+}
+
+/// A host memory pool: size classes, per-thread caches, prewarm and trim.
+///
+/// ```
+/// use tensorpool::host::HostPool;
+/// use core::alloc::Layout;
+/// let pool = HostPool::new();
+/// let l = Layout::from_size_align(600 << 10, 64).unwrap();
+/// let p = pool.allocate(l).unwrap();
+/// assert!(pool.usable_size(p.as_ptr()).unwrap() >= 600 << 10);
+/// // SAFETY: allocated just above with `l`, not used afterwards.
+/// unsafe { pool.deallocate(p, l) };
+/// ```
+///
+/// Every block of 4 KiB or more is at least 64-byte aligned, and page aligned
+/// from 32 KiB up, whatever alignment was asked. Dropping the last handle
+/// unmaps the pool's memory: pointers still handed out dangle (the backends
+/// keep the pool alive for as long as any of their allocations is live).
+#[derive(Debug, Clone)]
+pub struct HostPool {
+    shared: Arc<PoolShared>,
+}
+
+impl Default for HostPool {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HostPool {
+    /// A pool with the default configuration. Maps nothing.
+    pub fn new() -> Self {
+        Self::with_config(HostPoolConfig::default())
+    }
+
+    /// A pool with `config`. Maps nothing.
+    pub fn with_config(config: HostPoolConfig) -> Self {
+        let shared = Arc::new(PoolShared::new());
+        shared.retain_limit.store(config.retain_limit.unwrap_or(usize::MAX), Ordering::Relaxed);
+        HostPool { shared }
+    }
+
+    /// Allocates a block for `layout`. Size 0 gives a dangling, aligned
+    /// pointer that owns no memory.
+    #[inline]
+    pub fn allocate(&self, layout: Layout) -> Result<NonNull<u8>, AllocError> {
+        if layout.size() == 0 {
+            return Ok(dangling(layout));
+        }
+        thread_cache::with_pool_cache(&self.shared, |tc| self.shared.alloc(tc, layout))
+    }
+
+    /// Allocates a zeroed block for `layout`.
+    pub fn allocate_zeroed(&self, layout: Layout) -> Result<NonNull<u8>, AllocError> {
+        let p = self.allocate(layout)?;
+        // SAFETY: `p` is valid for `layout.size()` bytes (zero for dangling).
+        unsafe { p.as_ptr().write_bytes(0, layout.size()) };
+        Ok(p)
+    }
+
+    /// Frees a block.
+    ///
+    /// # Safety
+    /// - `ptr` was returned by [`allocate`](Self::allocate) (or
+    ///   `allocate_zeroed`) of this pool (any clone) with this `layout`, and
+    ///   is not used afterwards.
+    #[inline]
+    pub unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        if layout.size() == 0 {
+            return;
+        }
+        // SAFETY: forwarded from the caller.
+        thread_cache::with_pool_cache(&self.shared, |tc| unsafe { self.shared.free(tc, ptr, layout) })
+    }
+
+    /// Frees a block without its layout. A pointer this pool did not hand out
+    /// (or not at a block start) is an error and nothing changes.
+    ///
+    /// # Safety
+    /// - If `ptr` is a live block of this pool, it is not used afterwards.
+    pub unsafe fn free(&self, ptr: NonNull<u8>) -> Result<(), AllocError> {
+        // SAFETY: forwarded from the caller.
+        thread_cache::with_pool_cache(&self.shared, |tc| unsafe { self.shared.free_unsized(tc, ptr) })
+    }
+
+    /// The usable size of the block starting at `ptr`, if this pool owns it.
+    pub fn usable_size(&self, ptr: *const u8) -> Option<usize> {
+        self.shared.block_info(ptr as usize).map(|(_, s)| s)
+    }
+
+    /// Whether `ptr` starts a block of this pool.
+    pub fn owns(&self, ptr: *const u8) -> bool {
+        self.shared.block_info(ptr as usize).is_some()
+    }
+
+    /// Maps (and faults in) the blocks of `plan`. Returns the bytes mapped.
+    pub fn prewarm(&self, plan: &Prewarm) -> Result<usize, AllocError> {
+        self.shared.prewarm(plan)
+    }
+
+    /// Gives cached memory back to the OS: this thread's cache is flushed,
+    /// wholly free spans and cached huge blocks are unmapped, and the pages
+    /// of other free blocks of 8 KiB and up are discarded. Other threads'
+    /// caches (at most ~512 KiB per class each) are left alone. Returns the
+    /// bytes given back.
+    pub fn trim(&self) -> usize {
+        self.flush_thread_cache();
+        self.shared.trim()
+    }
+
+    /// Hands this thread's cached blocks back to the pool's central lists.
+    pub fn flush_thread_cache(&self) {
+        thread_cache::with_pool_cache(&self.shared, |tc| {
+            if let Some(tc) = tc {
+                tc.flush_all(&self.shared)
+            }
+        })
+    }
+
+    /// Sets (or clears) the retained-bytes limit.
+    pub fn set_retain_limit(&self, limit: Option<usize>) {
+        self.shared.retain_limit.store(limit.unwrap_or(usize::MAX), Ordering::Relaxed);
+    }
+
+    /// A statistics snapshot.
+    pub fn stats(&self) -> PoolStats {
+        let s = &self.shared;
+        PoolStats {
+            reserved_bytes: s.reserved.load(Ordering::Relaxed),
+            segments: s.segments.load(Ordering::Relaxed),
+            cached_bytes: s.cached.load(Ordering::Relaxed),
+            os_maps: s.grows.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The usable size a request would be served with (class rounding).
+    pub fn rounded_size(layout: Layout) -> Option<usize> {
+        super::size_class::usable_size_for(layout.size(), layout.align())
+    }
+
+    /// Blocks of class `c` held centrally (tests).
+    #[cfg(test)]
+    pub(crate) fn central_available(&self, size: usize) -> usize {
+        let c = super::size_class::class_of(size);
+        self.shared.central(c).available_for_test()
+    }
+}
+
+impl Drop for HostPool {
+    fn drop(&mut self) {
+        if Arc::strong_count(&self.shared) > 1 {
+            // Our thread's slot may hold the other reference: release it so the
+            // pool dies now rather than at thread exit.
+            thread_cache::release_pool_cache(&self.shared);
+        }
+    }
+}
+
+#[inline]
+fn dangling(layout: Layout) -> NonNull<u8> {
+    // An address equal to the alignment is non-null and aligned; it owns nothing.
+    NonNull::new(core::ptr::without_provenance_mut(layout.align())).unwrap_or(NonNull::dangling())
+}
+
+#[allow(dead_code)]
+fn _class_size_used(c: usize) -> usize {
+    class_size(c)
+}

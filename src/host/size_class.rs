@@ -1,0 +1,306 @@
+//! Size classes, their span geometry and the five policy categories.
+//!
+//! Classes: 8 B steps up to 64 B, then eight classes per power of two
+//! (`2^k · (1 + i/8)`), up to [`MAX_CLASS_SIZE`] = 64 MiB: 168 classes. A
+//! request of `s` bytes gets the smallest class `≥ s`, so rounding waste is
+//! below 1/9 ≈ 11.1 % from 64 B up (below 64 B the 8 B alignment step rules).
+//! Requests above 64 MiB are *huge*: rounded to [`GRANULE`] and cached by size.
+//!
+//! Invariants (checked by tests):
+//! - `class_size` is strictly increasing; `class_of(class_size(c)) == c`;
+//!   `class_of(s)` is the smallest class with `class_size ≥ s`.
+//! - every class ≥ 4 KiB is a multiple of 512 B (so ≥ 64 B aligned), every
+//!   class ≥ [`PAGE_ALIGNED_FROM`] is a multiple of 4 KiB (so page aligned,
+//!   spans being [`GRANULE`]-aligned).
+//! - a span of class `c` holds `blocks_per_span(c) ≥ 1` blocks and is a
+//!   multiple of [`GRANULE`].
+
+/// Number of size classes.
+pub const NUM_CLASSES: usize = 168;
+/// The largest class; bigger requests are huge blocks.
+pub const MAX_CLASS_SIZE: usize = 64 << 20;
+/// Spans are aligned to and sized in multiples of this (the pagemap granule).
+pub const GRANULE: usize = 64 << 10;
+/// The largest alignment the pool serves (spans are granule aligned).
+pub const MAX_ALIGN: usize = GRANULE;
+/// From this class size up every block is page (4 KiB) aligned at no cost:
+/// classes are `2^k·(1+i/8)` and for `k ≥ 15` the step `2^(k-3)` is a whole
+/// page. Below it, blocks of 4 KiB or more are still ≥ 512 B aligned.
+pub const PAGE_ALIGNED_FROM: usize = 32 << 10;
+
+const fn compute_sizes() -> [usize; NUM_CLASSES] {
+    let mut t = [0usize; NUM_CLASSES];
+    let mut i = 0;
+    while i < 8 {
+        t[i] = (i + 1) * 8;
+        i += 1;
+    }
+    let mut k = 6;
+    while i < NUM_CLASSES {
+        let mut m = 1;
+        while m <= 8 && i < NUM_CLASSES {
+            t[i] = (1usize << k) + m * (1usize << (k - 3));
+            m += 1;
+            i += 1;
+        }
+        k += 1;
+    }
+    t
+}
+
+/// Class sizes in bytes, indexed by class.
+pub const CLASS_SIZES: [usize; NUM_CLASSES] = compute_sizes();
+
+/// The smallest class that holds `size` bytes (`size ≤ MAX_CLASS_SIZE`; size 0
+/// maps to class 0).
+#[inline(always)]
+pub fn class_of(size: usize) -> usize {
+    debug_assert!(size <= MAX_CLASS_SIZE);
+    if size <= 64 {
+        return size.saturating_sub(1) >> 3;
+    }
+    let t = size - 1;
+    let k = (usize::BITS - 1 - t.leading_zeros()) as usize; // 2^k ≤ t < 2^(k+1), k ≥ 6
+    let m = (t >> (k - 3)) & 7;
+    8 + (k - 6) * 8 + m
+}
+
+/// Bytes in a block of class `c`.
+#[inline(always)]
+pub const fn class_size(c: usize) -> usize {
+    CLASS_SIZES[c]
+}
+
+/// The alignment every block of class `c` has (blocks sit at multiples of the
+/// class size from a granule-aligned span base).
+#[inline(always)]
+pub fn class_align(c: usize) -> usize {
+    let s = class_size(c);
+    let low = s & s.wrapping_neg();
+    if low > MAX_ALIGN { MAX_ALIGN } else { low }
+}
+
+/// The class for a `size`/`align` request: the smallest class that holds
+/// `size` and whose blocks are aligned to `align`. `None` if `size` is huge
+/// or `align` is above [`MAX_ALIGN`]. `align` must be a power of two.
+#[inline(always)]
+pub fn class_for(size: usize, align: usize) -> Option<usize> {
+    debug_assert!(align.is_power_of_two());
+    if size > MAX_CLASS_SIZE {
+        return None;
+    }
+    let c = class_of(size);
+    if align <= 8 || class_align(c) >= align {
+        return Some(c);
+    }
+    class_for_aligned(c, align)
+}
+
+#[cold]
+fn class_for_aligned(mut c: usize, align: usize) -> Option<usize> {
+    if align > MAX_ALIGN {
+        return None;
+    }
+    while c < NUM_CLASSES {
+        if class_align(c) >= align {
+            return Some(c);
+        }
+        c += 1;
+    }
+    None
+}
+
+/// Bytes a huge (`> MAX_CLASS_SIZE`) request maps: rounded to the granule.
+/// `None` on overflow.
+#[inline]
+pub fn huge_size(size: usize) -> Option<usize> {
+    size.checked_add(GRANULE - 1).map(|s| s & !(GRANULE - 1))
+}
+
+/// The usable size a `size`/`align` request is served with (its class size,
+/// or the huge rounding). `None` if it cannot be served (overflow, or an
+/// alignment above [`MAX_ALIGN`]).
+#[inline]
+pub fn usable_size_for(size: usize, align: usize) -> Option<usize> {
+    if align > MAX_ALIGN {
+        return None;
+    }
+    match class_for(size, align) {
+        Some(c) => Some(class_size(c)),
+        None => huge_size(size),
+    }
+}
+
+/// How many blocks one span of class `c` holds.
+#[inline]
+pub fn blocks_per_span(c: usize) -> usize {
+    let s = class_size(c);
+    if s <= 8 << 10 {
+        GRANULE / s
+    } else if s < 1 << 20 {
+        ((1 << 20) / s).max(1)
+    } else {
+        1
+    }
+}
+
+/// Bytes one span of class `c` maps (a multiple of [`GRANULE`]).
+#[inline]
+pub fn span_bytes(c: usize) -> usize {
+    let raw = blocks_per_span(c) * class_size(c);
+    (raw + GRANULE - 1) & !(GRANULE - 1)
+}
+
+/// Blocks a thread moves to or from the central lists at once: about
+/// 256 KiB of blocks, at least 1, at most 64.
+#[inline(always)]
+pub const fn batch_len(c: usize) -> u32 {
+    let n = (256 << 10) / class_size(c);
+    if n < 1 {
+        1
+    } else if n > 64 {
+        64
+    } else {
+        n as u32
+    }
+}
+
+/// Blocks a thread cache may hold for class `c` before it hands a batch back.
+/// For classes of 1 MiB and up that is one block: a free-then-alloc pair still
+/// hits, but a thread never sits on more than one idle big block per class.
+#[inline(always)]
+pub const fn cache_cap(c: usize) -> u32 {
+    let b = batch_len(c);
+    if b == 1 { 1 } else { 2 * b }
+}
+
+/// The five policy categories (by usable block size).
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Category {
+    /// ≤ 4 KiB
+    VerySmall = 0,
+    /// ≤ 64 KiB
+    Small = 1,
+    /// ≤ 1 MiB
+    Medium = 2,
+    /// ≤ 16 MiB
+    Large = 3,
+    /// > 16 MiB
+    VeryLarge = 4,
+}
+
+impl Category {
+    /// Number of categories.
+    pub const COUNT: usize = 5;
+    /// All categories, smallest first.
+    pub const ALL: [Category; 5] =
+        [Category::VerySmall, Category::Small, Category::Medium, Category::Large, Category::VeryLarge];
+    /// Upper bound of each category (the last one is unbounded).
+    pub const UPPER: [usize; 4] = [4 << 10, 64 << 10, 1 << 20, 16 << 20];
+
+    /// The category of a block of `bytes` bytes.
+    #[inline]
+    pub fn of_size(bytes: usize) -> Category {
+        match bytes {
+            0..=4096 => Category::VerySmall,
+            4097..=65536 => Category::Small,
+            65537..=1048576 => Category::Medium,
+            1048577..=16777216 => Category::Large,
+            _ => Category::VeryLarge,
+        }
+    }
+
+    /// Index 0..5.
+    #[inline]
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Lower-case name, for tables and logs.
+    pub fn name(self) -> &'static str {
+        ["very_small", "small", "medium", "large", "very_large"][self as usize]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_shape() {
+        assert_eq!(class_size(0), 8);
+        assert_eq!(class_size(7), 64);
+        assert_eq!(class_size(8), 72);
+        assert_eq!(class_size(NUM_CLASSES - 1), MAX_CLASS_SIZE);
+        for c in 1..NUM_CLASSES {
+            assert!(class_size(c) > class_size(c - 1));
+        }
+    }
+
+    #[test]
+    fn class_of_is_smallest_fitting() {
+        for c in 0..NUM_CLASSES {
+            let s = class_size(c);
+            assert_eq!(class_of(s), c, "size {s}");
+            if c > 0 {
+                assert_eq!(class_of(class_size(c - 1) + 1), c);
+            }
+        }
+        assert_eq!(class_of(0), 0);
+        assert_eq!(class_of(1), 0);
+        assert_eq!(class_of(600 << 10), class_of(600 << 10));
+        assert!(class_size(class_of(600 << 10)) >= 600 << 10);
+    }
+
+    #[test]
+    fn waste_bounded_from_64() {
+        // Exhaustive up to 1 MiB, then every class boundary.
+        let check = |s: usize| {
+            let cs = class_size(class_of(s));
+            assert!(cs >= s);
+            assert!((cs - s) * 9 <= cs, "size {s} → {cs}");
+        };
+        for s in 65..=(1 << 20) {
+            check(s);
+        }
+        for c in 8..NUM_CLASSES {
+            check(class_size(c - 1) + 1);
+        }
+    }
+
+    #[test]
+    fn alignment_rules() {
+        for c in 0..NUM_CLASSES {
+            let s = class_size(c);
+            if s >= 4096 {
+                assert_eq!(s % 512, 0, "{s}");
+                assert!(class_align(c) >= 64);
+            }
+            if s >= PAGE_ALIGNED_FROM || s == 4096 || s == 8192 || s == 16384 {
+                assert_eq!(s % 4096, 0, "{s}");
+                assert!(class_align(c) >= 4096);
+            }
+            assert_eq!(span_bytes(c) % GRANULE, 0);
+            assert!(blocks_per_span(c) * s <= span_bytes(c));
+            assert!(blocks_per_span(c) >= 1);
+        }
+        for align in [16, 32, 64, 128, 4096, 65536] {
+            for s in [1usize, 24, 100, 5000, 70000] {
+                let c = class_for(s, align).unwrap();
+                assert!(class_size(c) >= s && class_align(c) >= align);
+            }
+        }
+        assert_eq!(class_for(8, 1 << 17), None);
+        assert_eq!(class_for(MAX_CLASS_SIZE + 1, 8), None);
+    }
+
+    #[test]
+    fn categories() {
+        assert_eq!(Category::of_size(4096), Category::VerySmall);
+        assert_eq!(Category::of_size(4097), Category::Small);
+        assert_eq!(Category::of_size(1 << 20), Category::Medium);
+        assert_eq!(Category::of_size(16 << 20), Category::Large);
+        assert_eq!(Category::of_size(64 << 20), Category::VeryLarge);
+    }
+}

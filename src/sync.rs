@@ -1,0 +1,188 @@
+//! The one door for concurrency primitives.
+//!
+//! Every atomic, `UnsafeCell` and spin/yield hint the crate uses comes from
+//! here. Under `--cfg tensorpool_loom` the loom versions are re-exported so
+//! the lock-free structures ([`crate::host::transfer::TransferStack`],
+//! [`crate::meta::id::IdIssuer`], [`RawLock`]) can be model-checked
+//! (`ci/loom.sh`). Nothing in this module allocates, so all of it is usable
+//! inside `GlobalAlloc`.
+
+#[cfg(not(tensorpool_loom))]
+pub(crate) use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+
+#[cfg(tensorpool_loom)]
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+
+/// Tells the CPU (or loom) that we are spinning.
+#[inline]
+pub(crate) fn spin_hint() {
+    #[cfg(not(tensorpool_loom))]
+    std::hint::spin_loop();
+    #[cfg(tensorpool_loom)]
+    loom::hint::spin_loop();
+}
+
+/// Gives the rest of the time slice away. `sched_yield` does not allocate.
+#[inline]
+pub(crate) fn yield_now() {
+    #[cfg(not(tensorpool_loom))]
+    std::thread::yield_now();
+    #[cfg(tensorpool_loom)]
+    loom::thread::yield_now();
+}
+
+/// An `UnsafeCell` with loom's closure API, so code reads the same under both.
+#[cfg(not(tensorpool_loom))]
+#[derive(Debug)]
+pub(crate) struct UnsafeCell<T>(std::cell::UnsafeCell<T>);
+
+#[cfg(not(tensorpool_loom))]
+impl<T> UnsafeCell<T> {
+    pub(crate) const fn new(v: T) -> Self {
+        Self(std::cell::UnsafeCell::new(v))
+    }
+    #[inline]
+    pub(crate) fn with<R>(&self, f: impl FnOnce(*const T) -> R) -> R {
+        f(self.0.get())
+    }
+    #[inline]
+    pub(crate) fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
+        f(self.0.get())
+    }
+}
+
+#[cfg(tensorpool_loom)]
+pub(crate) use loom::cell::UnsafeCell;
+
+/// A test-and-test-and-set spin lock that yields to the scheduler when held.
+///
+/// Used only on slow paths (central refill, growth, trim, huge cache), never
+/// per allocation. Unlike `parking_lot` and `std::sync::Mutex` it has a raw
+/// `lock`/`unlock` pair, so `pthread_atfork` handlers can hold it across
+/// `fork()`, and it never allocates.
+///
+/// Invariant: `locked == true` exactly while one holder is between `lock`
+/// (or a successful `try_lock`) and `unlock`.
+#[derive(Debug)]
+pub(crate) struct RawLock {
+    locked: AtomicBool,
+}
+
+impl RawLock {
+    /// An unlocked lock.
+    #[cfg(not(tensorpool_loom))]
+    pub(crate) const fn new() -> Self {
+        Self { locked: AtomicBool::new(false) }
+    }
+    /// An unlocked lock.
+    #[cfg(tensorpool_loom)]
+    pub(crate) fn new() -> Self {
+        Self { locked: AtomicBool::new(false) }
+    }
+
+    /// Takes the lock, spinning briefly and then yielding.
+    #[inline]
+    pub(crate) fn lock(&self) {
+        if self.try_lock() {
+            return;
+        }
+        self.lock_slow();
+    }
+
+    #[cold]
+    fn lock_slow(&self) {
+        let mut spins = 0u32;
+        loop {
+            while self.locked.load(Ordering::Relaxed) {
+                if spins < 64 {
+                    spins += 1;
+                    spin_hint();
+                } else {
+                    yield_now();
+                }
+            }
+            if self.try_lock() {
+                return;
+            }
+        }
+    }
+
+    /// Takes the lock if it is free.
+    #[inline]
+    pub(crate) fn try_lock(&self) -> bool {
+        self.locked
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// Releases the lock.
+    ///
+    /// # Safety
+    /// - The caller holds the lock (took it with `lock` or a successful
+    ///   `try_lock` and has not released it since).
+    #[inline]
+    pub(crate) unsafe fn unlock(&self) {
+        debug_assert!(self.locked.load(Ordering::Relaxed));
+        self.locked.store(false, Ordering::Release);
+    }
+
+    /// Runs `f` with the lock held.
+    #[inline]
+    pub(crate) fn with<R>(&self, f: impl FnOnce() -> R) -> R {
+        struct Unlock<'a>(&'a RawLock);
+        impl Drop for Unlock<'_> {
+            fn drop(&mut self) {
+                // SAFETY: constructed only right after `lock()` below, so this
+                // guard's owner holds the lock.
+                unsafe { self.0.unlock() }
+            }
+        }
+        self.lock();
+        let _g = Unlock(self);
+        f()
+    }
+}
+
+/// Pads and aligns a value to the destructive-interference size, so that two
+/// of them never share a cache line (crossbeam-utils `CachePadded`, trimmed).
+///
+/// 128 B on x86-64 (the adjacent-line prefetcher pulls pairs of 64 B lines)
+/// and aarch64 (big cores have 128 B lines); 64 B elsewhere.
+#[cfg_attr(any(target_arch = "x86_64", target_arch = "aarch64"), repr(C, align(128)))]
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), repr(C, align(64)))]
+#[derive(Debug, Default)]
+pub(crate) struct CachePadded<T>(pub(crate) T);
+
+impl<T> core::ops::Deref for CachePadded<T> {
+    type Target = T;
+    #[inline]
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+#[cfg(all(test, not(tensorpool_loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_padded_spacing() {
+        let a = [CachePadded(0u8), CachePadded(1u8)];
+        let d = (&a[1] as *const _ as usize) - (&a[0] as *const _ as usize);
+        assert!(d >= 64 && d.is_power_of_two(), "spacing {d}");
+        assert_eq!(core::mem::align_of::<CachePadded<u8>>(), d);
+    }
+
+    #[test]
+    fn raw_lock_excludes() {
+        let l = RawLock::new();
+        assert!(l.try_lock());
+        assert!(!l.try_lock());
+        // SAFETY: taken just above.
+        unsafe { l.unlock() };
+        assert_eq!(l.with(|| 7), 7);
+        assert!(l.try_lock());
+        // SAFETY: taken just above.
+        unsafe { l.unlock() };
+    }
+}

@@ -33,3 +33,5 @@ pub(crate) use pool::{PoolShared, global_pool};
 #[cfg(not(tensorpool_loom))]
 pub use prewarm::Prewarm;
 pub use size_class::Category;
+#[cfg(test)]
+mod tests;

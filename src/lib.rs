@@ -50,4 +50,5 @@ pub use crate::{
 pub mod loom_exports {
     pub use crate::host::transfer::TransferStack;
     pub use crate::meta::id::IdIssuer;
+    pub use crate::sync::RawLock;
 }

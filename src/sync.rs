@@ -11,6 +11,7 @@
 pub(crate) use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 #[cfg(tensorpool_loom)]
+#[allow(unused_imports)]
 pub(crate) use loom::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 /// Tells the CPU (or loom) that we are spinning.
@@ -52,6 +53,7 @@ impl<T> UnsafeCell<T> {
 }
 
 #[cfg(tensorpool_loom)]
+#[allow(unused_imports)]
 pub(crate) use loom::cell::UnsafeCell;
 
 /// A test-and-test-and-set spin lock that yields to the scheduler when held.
@@ -64,25 +66,25 @@ pub(crate) use loom::cell::UnsafeCell;
 /// Invariant: `locked == true` exactly while one holder is between `lock`
 /// (or a successful `try_lock`) and `unlock`.
 #[derive(Debug)]
-pub(crate) struct RawLock {
+pub struct RawLock {
     locked: AtomicBool,
 }
 
 impl RawLock {
     /// An unlocked lock.
     #[cfg(not(tensorpool_loom))]
-    pub(crate) const fn new() -> Self {
+    pub const fn new() -> Self {
         Self { locked: AtomicBool::new(false) }
     }
     /// An unlocked lock.
     #[cfg(tensorpool_loom)]
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         Self { locked: AtomicBool::new(false) }
     }
 
     /// Takes the lock, spinning briefly and then yielding.
     #[inline]
-    pub(crate) fn lock(&self) {
+    pub fn lock(&self) {
         if self.try_lock() {
             return;
         }
@@ -109,7 +111,7 @@ impl RawLock {
 
     /// Takes the lock if it is free.
     #[inline]
-    pub(crate) fn try_lock(&self) -> bool {
+    pub fn try_lock(&self) -> bool {
         self.locked
             .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
             .is_ok()
@@ -121,14 +123,14 @@ impl RawLock {
     /// - The caller holds the lock (took it with `lock` or a successful
     ///   `try_lock` and has not released it since).
     #[inline]
-    pub(crate) unsafe fn unlock(&self) {
+    pub unsafe fn unlock(&self) {
         debug_assert!(self.locked.load(Ordering::Relaxed));
         self.locked.store(false, Ordering::Release);
     }
 
     /// Runs `f` with the lock held.
     #[inline]
-    pub(crate) fn with<R>(&self, f: impl FnOnce() -> R) -> R {
+    pub fn with<R>(&self, f: impl FnOnce() -> R) -> R {
         struct Unlock<'a>(&'a RawLock);
         impl Drop for Unlock<'_> {
             fn drop(&mut self) {
@@ -151,6 +153,7 @@ impl RawLock {
 #[cfg_attr(any(target_arch = "x86_64", target_arch = "aarch64"), repr(C, align(128)))]
 #[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), repr(C, align(64)))]
 #[derive(Debug, Default)]
+#[cfg_attr(tensorpool_loom, allow(dead_code))]
 pub(crate) struct CachePadded<T>(pub(crate) T);
 
 impl<T> core::ops::Deref for CachePadded<T> {

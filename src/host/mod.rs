@@ -8,6 +8,8 @@
 //! - `thread_cache`: the hot path.
 //! - `huge`: blocks above 64 MiB, cached by size.
 //! - [`transfer`]: the lock-free cross-thread free list.
+#[cfg(not(tensorpool_loom))]
+mod api2;
 pub mod size_class;
 pub mod transfer;
 

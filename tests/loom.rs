@@ -1,0 +1,123 @@
+//! Loom models of every lock-free structure: the cross-thread free list
+//! (`TransferStack`), the id issuer, and the spin lock guarding slow paths.
+//! Run by `ci/loom.sh` (`RUSTFLAGS="--cfg tensorpool_loom"`); empty otherwise.
+#![cfg(tensorpool_loom)]
+
+use loom::sync::Arc;
+use loom::thread;
+use tensorpool::host::transfer::FreeBlock;
+use tensorpool::loom_exports::{IdIssuer, RawLock, TransferStack};
+
+/// A block as the pool sees it (link word first) plus a payload that loom
+/// tracks: the pusher writes it before publishing, the taker reads it after
+/// taking, so a missing Release/Acquire edge is reported as a data race.
+#[repr(C)]
+struct Node {
+    link: FreeBlock,
+    payload: loom::cell::UnsafeCell<usize>,
+}
+
+fn node() -> *mut FreeBlock {
+    Box::into_raw(Box::new(Node { link: FreeBlock { next: core::ptr::null_mut() }, payload: loom::cell::UnsafeCell::new(0) })).cast()
+}
+
+/// Walks and frees a chain; returns the payloads.
+fn drain(mut h: *mut FreeBlock) -> Vec<usize> {
+    let mut v = Vec::new();
+    while !h.is_null() {
+        // SAFETY: taken chains are ours; nodes came from `Box::into_raw` of a
+        // `Node`, whose first field is the link.
+        let b = unsafe { Box::from_raw(h.cast::<Node>()) };
+        // SAFETY: the node is ours now; loom checks the access is ordered
+        // after the pusher's write.
+        v.push(b.payload.with(|p| unsafe { *p }));
+        h = b.link.next;
+    }
+    v
+}
+
+/// Two threads push chains while a third takes: every node comes out
+/// exactly once, chains intact.
+#[test]
+fn transfer_stack_pushes_and_takes() {
+    loom::model(|| {
+        let s = Arc::new(TransferStack::new());
+        let mut hs = Vec::new();
+        let mut pushed = Vec::new();
+        for len in [2usize, 1] {
+            let nodes: Vec<*mut FreeBlock> = (0..len).map(|_| node()).collect();
+            for w in nodes.windows(2) {
+                // SAFETY: fresh nodes, ours.
+                unsafe { (*w[0]).next = w[1] };
+            }
+            pushed.extend(nodes.iter().map(|&n| n as usize));
+            let (h, t) = (nodes[0] as usize, *nodes.last().unwrap() as usize);
+            let s = s.clone();
+            hs.push(thread::spawn(move || {
+                let mut n = h as *mut FreeBlock;
+                while !n.is_null() {
+                    // SAFETY: the chain is this thread's alone until pushed.
+                    unsafe {
+                        (*n.cast::<Node>()).payload.with_mut(|p| *p = n as usize);
+                        n = (*n).next;
+                    }
+                }
+                // SAFETY: the chain h..t is this thread's alone.
+                unsafe { s.push_chain(h as *mut FreeBlock, t as *mut FreeBlock) };
+            }));
+        }
+        let s2 = s.clone();
+        let taker = thread::spawn(move || drain(s2.take_all()));
+        for h in hs {
+            h.join().unwrap();
+        }
+        let mut got = taker.join().unwrap();
+        got.extend(drain(s.take_all()));
+        got.sort_unstable();
+        pushed.sort_unstable();
+        assert_eq!(got, pushed);
+    });
+}
+
+/// Ids are distinct and dense from 1 under concurrent issue.
+#[test]
+fn ids_are_unique() {
+    loom::model(|| {
+        let i = Arc::new(IdIssuer::new());
+        let hs: Vec<_> = (0..2)
+            .map(|_| {
+                let i = i.clone();
+                thread::spawn(move || [i.issue().unwrap().get(), i.issue().unwrap().get()])
+            })
+            .collect();
+        let mut all: Vec<u64> = hs.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        all.push(i.issue().unwrap().get());
+        all.sort_unstable();
+        assert_eq!(all, vec![1, 2, 3, 4, 5]);
+    });
+}
+
+/// The spin lock excludes: increments under it are never lost, and the
+/// data written under it is visible to the next holder.
+#[test]
+fn raw_lock_excludes() {
+    loom::model(|| {
+        let l = Arc::new((RawLock::new(), loom::cell::UnsafeCell::new(0u32)));
+        let hs: Vec<_> = (0..2)
+            .map(|_| {
+                let l = l.clone();
+                thread::spawn(move || {
+                    l.0.with(|| l.1.with_mut(|p| {
+                        // SAFETY: the lock is held, so this is the only access.
+                        unsafe { *p += 1 }
+                    }))
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+        // SAFETY: all writers joined.
+        assert_eq!(l.0.with(|| l.1.with(|p| unsafe { *p })), 2);
+    });
+}

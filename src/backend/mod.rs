@@ -1,1 +1,10 @@
 //! Backends implementing [`crate::TensorAllocator`].
+//!
+//! - [`HostBackend`]: host memory from the pool, with metadata and stats.
+//! - [`MetaBackend`]: metadata only; predicts what the host backend reserves.
+mod host;
+mod ledger;
+mod meta;
+
+pub use host::HostBackend;
+pub use meta::MetaBackend;

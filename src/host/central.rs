@@ -202,8 +202,8 @@ impl Central {
         inner.bump_left = nblocks;
         inner.bump_span = rec;
         pool.cached.fetch_add(nblocks * class_size(c), Ordering::Relaxed);
-        pool.reserved.fetch_add(len, Ordering::Relaxed);
-        pool.segments.fetch_add(1, Ordering::Relaxed);
+        pool.reserved.add(len as u64);
+        pool.segments.add(1);
         pool.grows.fetch_add(1, Ordering::Relaxed);
         true
     }
@@ -261,8 +261,8 @@ impl Central {
             pagemap::unregister(base, len);
             span::free_record(s);
             crate::os::unmap(core::ptr::NonNull::new_unchecked(base as *mut u8), len);
-            pool.reserved.fetch_sub(len, Ordering::Relaxed);
-            pool.segments.fetch_sub(1, Ordering::Relaxed);
+            pool.reserved.sub(len as u64);
+            pool.segments.sub(1);
             len
         }
     }

@@ -172,8 +172,8 @@ fn map_huge(pool: &PoolShared, len: usize, populate: bool) -> Option<NonNull<u8>
         }
         return None;
     }
-    pool.reserved.fetch_add(len, Ordering::Relaxed);
-    pool.segments.fetch_add(1, Ordering::Relaxed);
+    pool.reserved.add(len as u64);
+    pool.segments.add(1);
     pool.grows.fetch_add(1, Ordering::Relaxed);
     Some(p)
 }
@@ -190,8 +190,8 @@ unsafe fn unmap_huge(pool: &PoolShared, p: NonNull<u8>) {
         pagemap::unregister(p.as_ptr() as usize, len);
         span::free_record(rec);
         crate::os::unmap(p, len);
-        pool.reserved.fetch_sub(len, Ordering::Relaxed);
-        pool.segments.fetch_sub(1, Ordering::Relaxed);
+        pool.reserved.sub(len as u64);
+        pool.segments.sub(1);
     }
 }
 

@@ -20,6 +20,8 @@ pub mod huge;
 #[cfg(not(tensorpool_loom))]
 pub(crate) mod pagemap;
 #[cfg(not(tensorpool_loom))]
+pub mod model;
+#[cfg(not(tensorpool_loom))]
 mod pool;
 #[cfg(not(tensorpool_loom))]
 mod prewarm;

@@ -16,6 +16,7 @@ use super::span::HUGE_CLASS;
 use super::thread_cache::{self, ThreadCache};
 use crate::allocator::Device;
 use crate::error::{AllocError, LayoutProblem};
+use crate::stats::{AtomicStat, Stat};
 use crate::sync::{AtomicUsize, CachePadded, Ordering};
 use core::alloc::Layout;
 use core::ptr::NonNull;
@@ -31,8 +32,8 @@ use std::sync::Arc;
 pub(crate) struct PoolShared {
     centrals: [CachePadded<Central>; NUM_CLASSES],
     pub(crate) huge: HugeCache,
-    pub(crate) reserved: AtomicUsize,
-    pub(crate) segments: AtomicUsize,
+    pub(crate) reserved: AtomicStat,
+    pub(crate) segments: AtomicStat,
     pub(crate) grows: AtomicUsize,
     pub(crate) cached: AtomicUsize,
     pub(crate) retain_limit: AtomicUsize,
@@ -51,8 +52,8 @@ impl PoolShared {
         PoolShared {
             centrals: [const { CachePadded(Central::new()) }; NUM_CLASSES],
             huge: HugeCache::new(),
-            reserved: AtomicUsize::new(0),
-            segments: AtomicUsize::new(0),
+            reserved: AtomicStat::new(),
+            segments: AtomicStat::new(),
             grows: AtomicUsize::new(0),
             cached: AtomicUsize::new(0),
             retain_limit: AtomicUsize::new(usize::MAX),
@@ -89,7 +90,7 @@ impl PoolShared {
 
     #[cold]
     fn oom(&self, requested: usize) -> AllocError {
-        let reserved = self.reserved.load(Ordering::Relaxed);
+        let reserved = self.reserved.current() as usize;
         AllocError::OutOfMemory {
             device: Device::Host,
             requested,
@@ -225,6 +226,10 @@ pub struct PoolStats {
     pub cached_bytes: usize,
     /// Mappings ever made (cache misses that went to the OS).
     pub os_maps: usize,
+    /// Reserved bytes: current, peak, total mapped, total unmapped.
+    pub reserved: Stat,
+    /// Mappings: current, peak, total made, total unmapped.
+    pub segment: Stat,
 }
 
 /// A host memory pool: size classes, per-thread caches, prewarm and trim.
@@ -354,10 +359,12 @@ impl HostPool {
     pub fn stats(&self) -> PoolStats {
         let s = &self.shared;
         PoolStats {
-            reserved_bytes: s.reserved.load(Ordering::Relaxed),
-            segments: s.segments.load(Ordering::Relaxed),
+            reserved_bytes: s.reserved.current() as usize,
+            segments: s.segments.current() as usize,
             cached_bytes: s.cached.load(Ordering::Relaxed),
             os_maps: s.grows.load(Ordering::Relaxed),
+            reserved: s.reserved.get(),
+            segment: s.segments.get(),
         }
     }
 

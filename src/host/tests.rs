@@ -302,3 +302,59 @@ fn many_pools_on_one_thread_evict_cleanly() {
         }
     }
 }
+
+/// The model the meta backend uses predicts the real pool's reserved bytes
+/// exactly for single-thread alloc/free sequences (and stays an upper bound
+/// across trims).
+#[test]
+fn model_matches_pool() {
+    use super::model::PoolModel;
+    let mut rng = 0x5EEDu64;
+    let mut next = || {
+        rng = rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z ^ (z >> 27)
+    };
+    for limit in [None, Some(24 << 20)] {
+        let pool = HostPool::with_config(HostPoolConfig { retain_limit: limit });
+        let mut model = PoolModel::new(limit);
+        let mut live: Vec<(NonNull<u8>, Layout, usize)> = Vec::new();
+        for step in 0..6000 {
+            let x = next();
+            if x % 5 < 3 || live.is_empty() {
+                let size = match x % 7 {
+                    0..=2 => 1 + (x >> 8) as usize % 2048,
+                    3..=4 => 1 + (x >> 8) as usize % (600 << 10),
+                    5 => 1 + (x >> 8) as usize % (20 << 20),
+                    _ => (64 << 20) + (x >> 8) as usize % (40 << 20),
+                };
+                let l = layout(size, 1 << ((x >> 40) % 8));
+                let p = pool.allocate(l).unwrap();
+                let len = model.alloc(l.size(), l.align());
+                live.push((p, l, len));
+            } else {
+                let (p, l, len) = live.swap_remove((x >> 8) as usize % live.len());
+                // SAFETY: allocated above with `l`.
+                unsafe { pool.deallocate(p, l) };
+                model.free(l.size(), l.align(), len);
+            }
+            if step % 1500 == 1499 {
+                pool.trim();
+                model.trim();
+                assert!(model.reserved().current >= pool.stats().reserved.current, "model below pool after trim");
+            } else {
+                let (m, r) = (model.reserved(), pool.stats().reserved);
+                if step < 1500 {
+                    assert_eq!((m.current, m.peak), (r.current, r.peak), "step {step}, limit {limit:?}");
+                } else {
+                    assert!(m.current >= r.current, "step {step}: model {} below pool {}", m.current, r.current);
+                }
+            }
+        }
+        for (p, l, _) in live {
+            // SAFETY: allocated above with `l`.
+            unsafe { pool.deallocate(p, l) };
+        }
+    }
+}

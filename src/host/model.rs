@@ -1,0 +1,226 @@
+//! A model of the pool's memory accounting for one thread: no bytes, only
+//! the counts the pool keeps (thread-cache lengths, central free and
+//! uncarved blocks, spans, the huge cache), moved by the same rules as the
+//! real code in `thread_cache`, `central` and `huge`. The meta backend runs
+//! it to predict the reserved (and peak reserved) bytes a host backend would
+//! hold for the same requests; `tests::model_matches_pool` holds the two to
+//! equality.
+//!
+//! Exactness: alloc and free sequences from one thread are predicted exactly.
+//! After `trim`, the prediction is exact for classes of one block per span
+//! and for classes with nothing live, and an upper bound otherwise (which
+//! spans of a partly used class are wholly free depends on block placement,
+//! which the model does not track).
+
+use super::huge::{HUGE_SLOTS, pick};
+use super::size_class::{NUM_CLASSES, batch_len, blocks_per_span, cache_cap, class_for, class_size, huge_size, span_bytes};
+use crate::stats::Stat;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct ClassModel {
+    tc: usize,
+    free: usize,
+    bump: usize,
+    spans: usize,
+    live: usize,
+}
+
+/// The model.
+#[derive(Debug, Clone)]
+pub struct PoolModel {
+    classes: [ClassModel; NUM_CLASSES],
+    huge: Vec<usize>,
+    cached: usize,
+    retain_limit: usize,
+    reserved: Stat,
+    segments: Stat,
+    maps: u64,
+}
+
+impl PoolModel {
+    /// An empty pool with the given retained-bytes limit.
+    pub fn new(retain_limit: Option<usize>) -> Self {
+        PoolModel {
+            classes: [ClassModel::default(); NUM_CLASSES],
+            huge: Vec::new(),
+            cached: 0,
+            retain_limit: retain_limit.unwrap_or(usize::MAX),
+            reserved: Stat::default(),
+            segments: Stat::default(),
+            maps: 0,
+        }
+    }
+
+    fn map(&mut self, len: usize) {
+        self.reserved.current += len as u64;
+        self.reserved.allocated += len as u64;
+        self.reserved.peak = self.reserved.peak.max(self.reserved.current);
+        self.segments.current += 1;
+        self.segments.allocated += 1;
+        self.segments.peak = self.segments.peak.max(self.segments.current);
+        self.maps += 1;
+    }
+
+    fn unmap(&mut self, len: usize, n: usize) {
+        self.reserved.current -= (len * n) as u64;
+        self.reserved.freed += (len * n) as u64;
+        self.segments.current -= n as u64;
+        self.segments.freed += n as u64;
+    }
+
+    fn grow(&mut self, c: usize) {
+        let m = &mut self.classes[c];
+        m.free += m.bump;
+        m.bump = blocks_per_span(c);
+        m.spans += 1;
+        self.cached += blocks_per_span(c) * class_size(c);
+        self.map(span_bytes(c));
+    }
+
+    /// Allocates `size`/`align` (both valid for the pool, size ≥ 1); returns
+    /// the mapped length of the block (its class size, or the huge mapping).
+    pub fn alloc(&mut self, size: usize, align: usize) -> usize {
+        let Some(c) = class_for(size, align) else {
+            let need = huge_size(size).unwrap_or(usize::MAX);
+            if let Some(i) = pick(&self.huge, need) {
+                let len = self.huge.swap_remove(i);
+                self.cached -= len;
+                return len;
+            }
+            self.map(need);
+            return need;
+        };
+        self.classes[c].live += 1;
+        if self.classes[c].tc > 0 {
+            self.classes[c].tc -= 1;
+            return class_size(c);
+        }
+        // Refill, as `Central::refill`.
+        let want = batch_len(c) as usize;
+        let m = &mut self.classes[c];
+        let mut n = want.min(m.free);
+        m.free -= n;
+        if n == 0 && m.bump == 0 {
+            self.grow(c);
+        }
+        let m = &mut self.classes[c];
+        let carve = (want - n).min(m.bump);
+        m.bump -= carve;
+        n += carve;
+        m.tc = n - 1;
+        self.cached -= n * class_size(c);
+        class_size(c)
+    }
+
+    /// Frees a block allocated with `size`/`align` whose mapped length was `len`.
+    pub fn free(&mut self, size: usize, align: usize, len: usize) {
+        let Some(c) = class_for(size, align) else {
+            if self.huge.len() == HUGE_SLOTS || self.cached.saturating_add(len) > self.retain_limit {
+                self.unmap(len, 1);
+            } else {
+                self.huge.push(len);
+                self.cached += len;
+            }
+            return;
+        };
+        self.classes[c].live -= 1;
+        if self.classes[c].tc as u32 >= cache_cap(c) {
+            let k = (batch_len(c) as usize).min(self.classes[c].tc);
+            self.give_back(c, k);
+        }
+        self.classes[c].tc += 1;
+    }
+
+    fn give_back(&mut self, c: usize, k: usize) {
+        self.classes[c].tc -= k;
+        self.classes[c].free += k;
+        self.cached += k * class_size(c);
+        if blocks_per_span(c) == 1 {
+            while self.cached > self.retain_limit && self.classes[c].free > 0 {
+                self.classes[c].free -= 1;
+                self.classes[c].spans -= 1;
+                self.cached -= class_size(c);
+                self.unmap(span_bytes(c), 1);
+            }
+        }
+    }
+
+    /// `HostPool::trim` from the modelled thread.
+    pub fn trim(&mut self) {
+        for c in 0..NUM_CLASSES {
+            let k = self.classes[c].tc;
+            if k > 0 {
+                self.give_back(c, k);
+            }
+        }
+        let huge: usize = self.huge.drain(..).map(|l| {
+            self.reserved.current -= l as u64;
+            self.reserved.freed += l as u64;
+            self.segments.current -= 1;
+            self.segments.freed += 1;
+            l
+        }).sum();
+        self.cached -= huge;
+        for c in 0..NUM_CLASSES {
+            let m = self.classes[c];
+            let released = if m.live == 0 {
+                m.spans
+            } else if blocks_per_span(c) == 1 {
+                m.free + m.bump
+            } else {
+                0
+            };
+            if released > 0 {
+                let free_blocks = if m.live == 0 { m.free + m.bump } else { released };
+                self.cached -= free_blocks * class_size(c);
+                let m = &mut self.classes[c];
+                m.spans -= released;
+                if m.live == 0 {
+                    m.free = 0;
+                    m.bump = 0;
+                } else {
+                    m.free = 0;
+                    m.bump = 0;
+                }
+                self.unmap(span_bytes(c), released);
+            }
+        }
+    }
+
+    /// Prewarms `count` blocks of `size`, as `HostPool::prewarm`.
+    pub fn prewarm(&mut self, size: usize, count: usize) {
+        match class_for(size, 8) {
+            Some(c) => {
+                while self.classes[c].free + self.classes[c].bump < count {
+                    self.grow(c);
+                }
+            }
+            None => {
+                let need = huge_size(size).unwrap_or(usize::MAX);
+                let have = self.huge.iter().filter(|&&l| l == need).count();
+                for _ in have..count.min(HUGE_SLOTS) {
+                    self.map(need);
+                    if self.huge.len() == HUGE_SLOTS {
+                        self.unmap(need, 1);
+                        break;
+                    }
+                    self.huge.push(need);
+                    self.cached += need;
+                }
+            }
+        }
+    }
+
+    /// Reserved bytes: current, peak, totals.
+    pub fn reserved(&self) -> Stat {
+        self.reserved
+    }
+    /// Segments: current, peak, totals.
+    pub fn segments(&self) -> Stat {
+        self.segments
+    }
+    /// Mappings made.
+    pub fn maps(&self) -> u64 {
+        self.maps
+    }
+}

@@ -1,2 +1,24 @@
-//! Tensor metadata: ids, 64-byte records and the metadata table.
+//! Tensor metadata: ids ([`id`]), 64-byte records ([`record`]), the
+//! metadata table ([`table`]) and its batch scans in scalar, AVX2 and NEON
+//! versions ([`batch`]).
+//!
+//! Under `--cfg tensorpool_loom` only [`id`] is built (it is loom-modelled).
 pub mod id;
+
+#[cfg(not(tensorpool_loom))]
+pub mod batch;
+#[cfg(not(tensorpool_loom))]
+pub mod hash;
+#[cfg(not(tensorpool_loom))]
+pub mod record;
+#[cfg(not(tensorpool_loom))]
+pub mod table;
+
+pub use id::{IdIssuer, TensorId};
+#[cfg(not(tensorpool_loom))]
+pub use {
+    batch::{BatchBackend, UnsupportedBackend},
+    id::next_id,
+    record::TensorMeta,
+    table::{MetaTable, NewTensor, TensorKey},
+};

@@ -1,0 +1,666 @@
+//! [`MetaTable`]: tensor id → 64-byte record, generation-checked, with exact
+//! concurrent batch operations.
+//!
+//! # Slots and keys
+//! A tensor lives in a *slot*; its [`TensorKey`] is `(id, slot)`. Ids are
+//! never reused, so the id is the slot's generation: a key is valid iff the
+//! slot's id column holds `key.id` (vacant slots hold 0). A stale key is
+//! therefore an error (`None`, nothing changes), never another tensor's
+//! record.
+//!
+//! Slots never move: storage is a fixed directory of [`DIR_LEN`] pointers to
+//! lazily allocated chunks of [`CHUNK`] slots, so readers index without a
+//! lock. Insert and remove take a mutex (slow path); `get`, `touch` and the
+//! scans take none.
+//!
+//! # Layout
+//! Each chunk holds, per slot, a 64-byte record cell (eight atomic words,
+//! [`TensorMeta::to_words`]) and beside it structure-of-arrays hot columns:
+//! `ids` (u64), `last` (last access, u64), `count` (access count, u64),
+//! `size` (u64) and `tag` (u32: live, pinned, size category, flags, device;
+//! see [`crate::meta::batch`]). The counters live only in the columns; a
+//! record read out of the table carries their current values.
+//!
+//! LAYOUT_FIGURES
+//!
+//! # Concurrency
+//! Invariants (checked by [`MetaTable::check_invariants`]):
+//! `live == |{slot < hw : ids[slot] != 0}|`,
+//! `hw == live + |free| + |limbo_cur| + |limbo_prev|`,
+//! `tag[slot] & LIVE != 0 ⇔ ids[slot] != 0` (outside insert/remove).
+//!
+//! - **get** is a seqlock read: id (Acquire) = key.id, the words, an Acquire
+//!   fence, id again = key.id. Insert writes a reused slot's words only
+//!   after a Release fence that follows the removal's id store, so a read
+//!   that saw any new word sees the id change and returns `None`.
+//! - **touch** checks `ids[slot] == key.id` and then adds with one atomic
+//!   `fetch_add` per *distinct* slot (duplicates are counted first), and a
+//!   `fetch_max` on `last` only when it would raise it. No increment is
+//!   lost. A slot that was checked must not be handed to another tensor
+//!   before the add lands: removed slots wait in *limbo* for a grace
+//!   period. Touch and scans *pin* the current epoch (a counter in one of
+//!   [`SHARDS`] cache-padded cells, picked by the thread's stack address);
+//!   insert advances the epoch only when nobody is pinned in the previous
+//!   one, and reuses a slot only two epochs after its removal. Insert never
+//!   waits: with no reusable slot it takes a fresh one.
+//! - **Scans** (lru, touched_before, usage, decay) pin too, read the
+//!   columns through the chosen [`BatchBackend`], and under concurrent
+//!   insert/remove report each tensor as it was at some moment of the scan
+//!   (they are not snapshots). Decay calls are serialized with each other.
+
+use crate::allocator::{DType, Device, Shape, TensorFlags};
+use crate::host::size_class::Category;
+use crate::meta::batch::{self, BatchBackend, LIVE, PINNED, UnsupportedBackend};
+use crate::meta::id::TensorId;
+use crate::meta::record::TensorMeta;
+use crate::stats::CategoryUsage;
+use crate::sync::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, CachePadded, Ordering, fence};
+use parking_lot::Mutex;
+use std::collections::BinaryHeap;
+
+/// log2 of [`CHUNK`].
+const CHUNK_BITS: u32 = 12;
+/// Slots per chunk.
+pub const CHUNK: usize = 1 << CHUNK_BITS;
+/// Chunks in the directory.
+pub const DIR_LEN: usize = 1 << 14;
+/// The most slots a table can hold (64 Mi).
+pub const MAX_SLOTS: usize = CHUNK * DIR_LEN;
+/// Epoch counter shards (threads pin one each, by stack address).
+pub const SHARDS: usize = 8;
+/// Batches at least this long count duplicates before adding (fewer atomics);
+/// shorter ones add per key. Chosen by `benches/meta_simd.rs` (touch group).
+const AGGREGATE_FROM: usize = 64;
+
+/// Identifies a tensor in a [`MetaTable`]: its id and its slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TensorKey {
+    /// The tensor id (the slot's generation).
+    pub id: TensorId,
+    /// The slot.
+    pub slot: u32,
+}
+
+/// What [`MetaTable::insert`] records about a new tensor.
+#[derive(Clone, Copy, Debug)]
+pub struct NewTensor {
+    /// Requested bytes.
+    pub size: u64,
+    /// Alignment in bytes.
+    pub align: u64,
+    /// Where the bytes live.
+    pub device: Device,
+    /// Shape, if known.
+    pub shape: Option<Shape>,
+    /// Element type, if known.
+    pub dtype: Option<DType>,
+    /// Flags (pinned, weight, temporary).
+    pub flags: TensorFlags,
+    /// The address (or offset) of the bytes; hashed into the record.
+    pub addr: u64,
+}
+
+impl NewTensor {
+    /// `size` bytes on `device`, default alignment, no shape, no flags.
+    pub fn bytes(size: u64, device: Device) -> Self {
+        NewTensor {
+            size,
+            align: crate::allocator::DEFAULT_ALIGN as u64,
+            device,
+            shape: None,
+            dtype: None,
+            flags: TensorFlags::default(),
+            addr: 0,
+        }
+    }
+}
+
+/// One 64-byte record, stored as atomic words so that readers may copy it
+/// while insert rewrites a reused slot (the seqlock in [`MetaTable::get`]).
+#[repr(C, align(64))]
+struct RecordCell([AtomicU64; 8]);
+
+/// [`CHUNK`] slots: hot columns and record cells. Zeroed memory is a valid
+/// chunk of vacant slots.
+#[repr(C)]
+struct Chunk {
+    ids: [AtomicU64; CHUNK],
+    last: [AtomicU64; CHUNK],
+    count: [AtomicU64; CHUNK],
+    size: [AtomicU64; CHUNK],
+    tag: [AtomicU32; CHUNK],
+    records: [RecordCell; CHUNK],
+}
+
+/// Free-slot bookkeeping, under [`MetaTable::slots`].
+#[derive(Debug, Default)]
+struct Slots {
+    /// Reusable now.
+    free: Vec<u32>,
+    /// Removed during the current epoch.
+    limbo_cur: Vec<u32>,
+    /// Removed during the previous epoch.
+    limbo_prev: Vec<u32>,
+}
+
+/// Epoch-based grace periods for slot reuse (see the module docs).
+struct Grace {
+    epoch: AtomicU64,
+    /// `active[shard][epoch & 1]`: threads pinned in that epoch parity.
+    active: [CachePadded<[AtomicUsize; 2]>; SHARDS],
+}
+
+/// A pinned epoch; unpins on drop.
+struct Pin<'a> {
+    cell: &'a AtomicUsize,
+}
+
+impl Drop for Pin<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        self.cell.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Grace {
+    fn new() -> Self {
+        Grace {
+            epoch: AtomicU64::new(0),
+            active: core::array::from_fn(|_| CachePadded([AtomicUsize::new(0), AtomicUsize::new(0)])),
+        }
+    }
+
+    /// Pins the current epoch: until the guard drops, no slot removed while
+    /// (or after) it is held is handed out again.
+    #[inline]
+    fn pin(&self) -> Pin<'_> {
+        // Threads' stacks are megabytes apart, so the stack address picks a
+        // shard that is stable for the thread and rarely shared.
+        let probe = 0u8;
+        let shard = ((core::ptr::addr_of!(probe).addr() >> 20).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 61) % SHARDS;
+        loop {
+            let e = self.epoch.load(Ordering::SeqCst);
+            let cell = &self.active[shard][(e & 1) as usize];
+            cell.fetch_add(1, Ordering::SeqCst);
+            // Re-check: if the epoch moved between the load and the
+            // increment, the advancer may have missed us; retry.
+            if self.epoch.load(Ordering::SeqCst) == e {
+                return Pin { cell };
+            }
+            cell.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Advances the epoch if nobody is pinned in the previous one. Called
+    /// only with the table's slot lock held (one advancer at a time).
+    fn try_advance(&self) -> bool {
+        let e = self.epoch.load(Ordering::SeqCst);
+        // The previous epoch, e - 1, has the parity of e + 1.
+        let prev = ((e + 1) & 1) as usize;
+        if self.active.iter().any(|a| a[prev].load(Ordering::SeqCst) != 0) {
+            return false;
+        }
+        self.epoch.store(e + 1, Ordering::SeqCst);
+        true
+    }
+}
+
+/// Scratch space for counting duplicates in a touch batch.
+#[derive(Debug, Default)]
+struct TouchScratch {
+    /// Occurrences per slot in the current batch; all zero between batches.
+    counts: Vec<u32>,
+    /// Slots with a non-zero count, in first-seen order.
+    distinct: Vec<u32>,
+}
+
+/// Tensor id → metadata, with exact concurrent batch operations. See the
+/// module docs for layout and concurrency. `Send + Sync`; every method
+/// takes `&self`.
+pub struct MetaTable {
+    /// Chunk pointers: null until allocated, then fixed until drop.
+    dir: Box<[AtomicPtr<Chunk>]>,
+    /// Slots ever handed out (the high-water mark); slots `>= hw` are vacant.
+    hw: AtomicUsize,
+    /// Live tensors.
+    live: AtomicUsize,
+    /// The [`BatchBackend`] code the scans use.
+    backend: AtomicUsize,
+    grace: Grace,
+    slots: Mutex<Slots>,
+    scratch: Mutex<Vec<TouchScratch>>,
+    decay_lock: Mutex<()>,
+}
+
+impl core::fmt::Debug for MetaTable {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("MetaTable")
+            .field("live", &self.live())
+            .field("high_water", &self.high_water())
+            .field("backend", &self.backend())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for MetaTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[inline]
+fn split(slot: u32) -> (usize, usize) {
+    ((slot >> CHUNK_BITS) as usize, slot as usize & (CHUNK - 1))
+}
+
+#[inline]
+fn bump_last(last: &AtomicU64, now: u64) {
+    // Most touches in a batch share `now`: skip the RMW when it would not raise.
+    if last.load(Ordering::Relaxed) < now {
+        last.fetch_max(now, Ordering::Relaxed);
+    }
+}
+
+impl MetaTable {
+    /// An empty table. Reserves only the chunk directory (128 KiB); chunks
+    /// (about 400 KiB per 4096 slots) are allocated as slots are first used.
+    pub fn new() -> Self {
+        MetaTable {
+            dir: (0..DIR_LEN).map(|_| AtomicPtr::new(core::ptr::null_mut())).collect(),
+            hw: AtomicUsize::new(0),
+            live: AtomicUsize::new(0),
+            backend: AtomicUsize::new(BatchBackend::detected().to_code()),
+            grace: Grace::new(),
+            slots: Mutex::new(Slots::default()),
+            scratch: Mutex::new(Vec::new()),
+            decay_lock: Mutex::new(()),
+        }
+    }
+
+    /// The backend the scans use (initially [`BatchBackend::detected`]).
+    pub fn backend(&self) -> BatchBackend {
+        BatchBackend::from_code(self.backend.load(Ordering::Relaxed))
+    }
+
+    /// Makes the scans use `b` from now on (e.g. `BatchBackend::Scalar` to
+    /// compare, or to avoid SIMD); an error, changing nothing, if this CPU
+    /// or build cannot run it.
+    pub fn set_backend(&self, b: BatchBackend) -> Result<(), UnsupportedBackend> {
+        if !b.is_supported() {
+            return Err(UnsupportedBackend(b));
+        }
+        self.backend.store(b.to_code(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Live tensors.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Slots ever handed out (live, freed and waiting); the scans read this many.
+    pub fn high_water(&self) -> usize {
+        self.hw.load(Ordering::Acquire)
+    }
+
+    #[inline]
+    fn chunk(&self, ci: usize) -> Option<&Chunk> {
+        let p = self.dir.get(ci)?.load(Ordering::Acquire);
+        // SAFETY: 1. a non-null directory entry points to a zero-initialized
+        // `Chunk` allocated by `alloc_chunk` and published with Release (the
+        // Acquire above pairs with it); 2. it is freed only in `Drop`, which
+        // has `&mut self`, so it outlives this `&self` borrow; 3. all its
+        // fields are atomics, so shared references are fine.
+        unsafe { p.as_ref() }
+    }
+
+    /// The chunk and index of `key`'s slot if the key is live now.
+    #[inline]
+    fn live_slot(&self, key: TensorKey) -> Option<(&Chunk, usize)> {
+        let (ci, i) = split(key.slot);
+        let c = self.chunk(ci)?;
+        (c.ids[i].load(Ordering::Acquire) == key.id.get()).then_some((c, i))
+    }
+
+    /// Calls `f(first_slot, chunk, len)` for each allocated chunk below the
+    /// high-water mark.
+    #[inline]
+    fn for_each_chunk(&self, mut f: impl FnMut(usize, &Chunk, usize)) {
+        let hw = self.high_water();
+        for ci in 0..hw.div_ceil(CHUNK) {
+            if let Some(c) = self.chunk(ci) {
+                f(ci * CHUNK, c, (hw - ci * CHUNK).min(CHUNK));
+            }
+        }
+    }
+
+    /// Allocates chunk `ci` if it is not yet. Slot lock held.
+    fn alloc_chunk(&self, ci: usize) {
+        let entry = &self.dir[ci];
+        if !entry.load(Ordering::Relaxed).is_null() {
+            return;
+        }
+        let layout = std::alloc::Layout::new::<Chunk>();
+        // SAFETY: 1. `Chunk` has non-zero size.
+        let p = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<Chunk>();
+        if p.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        entry.store(p, Ordering::Release);
+    }
+
+    /// A slot for a new tensor. Slot lock held.
+    fn take_slot(&self, st: &mut Slots) -> u32 {
+        // Up to two epoch advances move the oldest limbo slots to `free`.
+        for _ in 0..2 {
+            if let Some(s) = st.free.pop() {
+                return s;
+            }
+            if self.grace.try_advance() {
+                st.free.append(&mut st.limbo_prev);
+                core::mem::swap(&mut st.limbo_prev, &mut st.limbo_cur);
+            }
+        }
+        if let Some(s) = st.free.pop() {
+            return s;
+        }
+        let s = self.hw.load(Ordering::Relaxed);
+        assert!(s < MAX_SLOTS, "MetaTable full: {MAX_SLOTS} slots");
+        self.alloc_chunk(s >> CHUNK_BITS);
+        // Release: a scan that reads the new high-water mark sees the chunk.
+        self.hw.store(s + 1, Ordering::Release);
+        s as u32
+    }
+
+    /// Records a new tensor; reuses freed slots once no reader can still
+    /// hold them. Panics only if the table is full ([`MAX_SLOTS`]).
+    pub fn insert(&self, id: TensorId, t: &NewTensor) -> TensorKey {
+        let words = TensorMeta::new(id, t).to_words();
+        let cat = Category::of_size(usize::try_from(t.size).unwrap_or(usize::MAX));
+        let tag = batch::live_tag(t.flags.0, cat, t.device.code());
+        let mut st = self.slots.lock();
+        let slot = self.take_slot(&mut st);
+        let (ci, i) = split(slot);
+        let c = self.chunk(ci).expect("take_slot allocates the chunk");
+        // The seqlock's writer side: the removal's id store (before the lock
+        // we hold) is ordered before every word written below.
+        fence(Ordering::Release);
+        for (cell, w) in c.records[i].0.iter().zip(words) {
+            cell.store(w, Ordering::Relaxed);
+        }
+        c.count[i].store(0, Ordering::Relaxed);
+        c.last[i].store(0, Ordering::Relaxed);
+        c.size[i].store(t.size, Ordering::Relaxed);
+        c.tag[i].store(tag, Ordering::Release);
+        // Publishes the slot: a reader that sees this id sees all of the above.
+        c.ids[i].store(id.get(), Ordering::Release);
+        self.live.fetch_add(1, Ordering::Relaxed);
+        drop(st);
+        TensorKey { id, slot }
+    }
+
+    /// Removes a tensor and returns its last record; `None` (and nothing
+    /// changes) for a stale, freed or unknown key.
+    pub fn remove(&self, key: TensorKey) -> Option<TensorMeta> {
+        let (ci, i) = split(key.slot);
+        let mut st = self.slots.lock();
+        let c = self.chunk(ci)?;
+        if c.ids[i].load(Ordering::Relaxed) != key.id.get() {
+            return None;
+        }
+        let m = Self::read_record(c, i);
+        c.ids[i].store(0, Ordering::Relaxed);
+        c.tag[i].store(0, Ordering::Release);
+        st.limbo_cur.push(key.slot);
+        self.live.fetch_sub(1, Ordering::Relaxed);
+        Some(m)
+    }
+
+    fn read_record(c: &Chunk, i: usize) -> TensorMeta {
+        let w: [u64; 8] = core::array::from_fn(|j| c.records[i].0[j].load(Ordering::Relaxed));
+        TensorMeta::from_words(w).with_counters(c.count[i].load(Ordering::Relaxed), c.last[i].load(Ordering::Relaxed))
+    }
+
+    /// The record of a live tensor, with its current counters; `None` if
+    /// the key is stale. Lock-free.
+    pub fn get(&self, key: TensorKey) -> Option<TensorMeta> {
+        let (c, i) = self.live_slot(key)?;
+        let m = Self::read_record(c, i);
+        // The seqlock's reader side: if any load above saw a write of a
+        // later tenant, this fence makes the id load below see the change.
+        fence(Ordering::Acquire);
+        (c.ids[i].load(Ordering::Relaxed) == key.id.get()).then_some(m)
+    }
+
+    /// Counts one access per occurrence of each key (duplicates count every
+    /// time) and raises `last_access` to `now`; stale keys are ignored.
+    /// Exact when many threads touch the same tensors at once.
+    pub fn touch(&self, keys: &[TensorKey], now: u64) {
+        if keys.is_empty() {
+            return;
+        }
+        let _pin = self.grace.pin();
+        if keys.len() < AGGREGATE_FROM {
+            for &k in keys {
+                if let Some((c, i)) = self.live_slot(k) {
+                    c.count[i].fetch_add(1, Ordering::Relaxed);
+                    bump_last(&c.last[i], now);
+                }
+            }
+            return;
+        }
+        let mut sc = self.scratch.lock().pop().unwrap_or_default();
+        // At most 2^31 keys per round keeps every per-slot count in a u32.
+        for part in keys.chunks(1 << 31) {
+            self.touch_counted(part, now, &mut sc);
+        }
+        self.scratch.lock().push(sc);
+    }
+
+    /// Touch by counting duplicates first: one `fetch_add` per distinct slot.
+    fn touch_counted(&self, keys: &[TensorKey], now: u64, sc: &mut TouchScratch) {
+        for &k in keys {
+            if self.live_slot(k).is_none() {
+                continue;
+            }
+            let s = k.slot as usize;
+            if s >= sc.counts.len() {
+                sc.counts.resize(self.high_water().max(s + 1), 0);
+            }
+            if sc.counts[s] == 0 {
+                sc.distinct.push(k.slot);
+            }
+            sc.counts[s] += 1;
+        }
+        for &slot in &sc.distinct {
+            let n = core::mem::take(&mut sc.counts[slot as usize]);
+            let (ci, i) = split(slot);
+            // The slot was live when counted and the pin keeps it from being
+            // reused, so the add lands on that tensor (or on a vacant slot,
+            // if it was removed meanwhile: a touch after removal, ignored).
+            if let Some(c) = self.chunk(ci) {
+                c.count[i].fetch_add(u64::from(n), Ordering::Relaxed);
+                bump_last(&c.last[i], now);
+            }
+        }
+        sc.distinct.clear();
+    }
+
+    /// Into `out` (cleared first): the `k` least-recently-used live,
+    /// unpinned tensors, oldest first (ties by slot).
+    pub fn lru(&self, k: usize, out: &mut Vec<TensorKey>) {
+        out.clear();
+        if k == 0 {
+            return;
+        }
+        let _pin = self.grace.pin();
+        let b = self.backend();
+        // Max-heap of the k best (last, slot, id) so far.
+        let mut heap: BinaryHeap<(u64, u32, u64)> = BinaryHeap::with_capacity(k.min(1 << 16) + 1);
+        let mut thr = u64::MAX;
+        self.for_each_chunk(|base, c, n| {
+            thr = batch::select_le(b, &c.tag[..n], &c.last[..n], LIVE | PINNED, LIVE, thr, |i, l| {
+                let id = c.ids[i].load(Ordering::Acquire);
+                let cand = (l, (base + i) as u32, id);
+                if id != 0 {
+                    if heap.len() < k {
+                        heap.push(cand);
+                    } else if heap.peek().is_some_and(|top| cand < *top) {
+                        heap.pop();
+                        heap.push(cand);
+                    }
+                }
+                // Later slots only win with a strictly older last access.
+                match heap.peek() {
+                    Some(top) if heap.len() == k => top.0.saturating_sub(1),
+                    _ => u64::MAX,
+                }
+            });
+        });
+        out.extend(heap.into_sorted_vec().into_iter().filter_map(|(_, slot, id)| Some(TensorKey { id: TensorId::from_raw(id)?, slot })));
+    }
+
+    /// Into `out` (cleared first): every live tensor with `last_access < t`,
+    /// by slot.
+    pub fn touched_before(&self, t: u64, out: &mut Vec<TensorKey>) {
+        out.clear();
+        let Some(thr) = t.checked_sub(1) else { return };
+        let _pin = self.grace.pin();
+        let b = self.backend();
+        self.for_each_chunk(|base, c, n| {
+            batch::select_le(b, &c.tag[..n], &c.last[..n], LIVE, LIVE, thr, |i, _| {
+                if let Some(id) = TensorId::from_raw(c.ids[i].load(Ordering::Acquire)) {
+                    out.push(TensorKey { id, slot: (base + i) as u32 });
+                }
+                thr
+            });
+        });
+    }
+
+    /// Live tensors and requested bytes per size category
+    /// ([`Category::of_size`] of the requested size), indexed by [`Category::index`].
+    pub fn usage_by_category(&self) -> [CategoryUsage; Category::COUNT] {
+        let _pin = self.grace.pin();
+        let b = self.backend();
+        let mut acc = [CategoryUsage::default(); Category::COUNT];
+        self.for_each_chunk(|_, c, n| batch::usage(b, &c.tag[..n], &c.size[..n], &mut acc));
+        acc
+    }
+
+    /// Live tensors and requested bytes per device, sorted by [`Device::code`].
+    pub fn usage_by_device(&self) -> Vec<(Device, CategoryUsage)> {
+        let _pin = self.grace.pin();
+        let mut acc = Vec::new();
+        self.for_each_chunk(|_, c, n| batch::usage_by_device(&c.tag[..n], &c.size[..n], &mut acc));
+        acc.into_iter().map(|(code, u)| (Device::from_code(code), u)).collect()
+    }
+
+    /// `access_count >>= shift` for every tensor (`shift >= 64` zeroes).
+    /// Touches running meanwhile are not lost (see [`crate::meta::batch`]).
+    pub fn decay(&self, shift: u32) {
+        if shift == 0 {
+            return;
+        }
+        let _serial = self.decay_lock.lock();
+        let _pin = self.grace.pin();
+        let b = self.backend();
+        self.for_each_chunk(|_, c, n| batch::decay(b, &c.count[..n], shift));
+    }
+
+    /// Checks the invariants in the module docs; panics with the first one
+    /// broken. Takes the slot lock; meant for tests and debug builds.
+    pub fn check_invariants(&self) {
+        let st = self.slots.lock();
+        let hw = self.high_water();
+        let mut live = 0;
+        self.for_each_chunk(|base, c, n| {
+            for i in 0..n {
+                let id = c.ids[i].load(Ordering::Acquire);
+                let tag = c.tag[i].load(Ordering::Acquire);
+                assert_eq!(id != 0, tag & LIVE != 0, "slot {}: id {id} but tag {tag:#x}", base + i);
+                if id != 0 {
+                    live += 1;
+                    let rec = TensorMeta::from_words(core::array::from_fn(|j| c.records[i].0[j].load(Ordering::Relaxed)));
+                    assert_eq!(rec.id().get(), id, "slot {}: record id", base + i);
+                    assert_eq!(rec.size(), c.size[i].load(Ordering::Relaxed), "slot {}: size column", base + i);
+                    assert_eq!(rec.pinned(), tag & PINNED != 0, "slot {}: pinned bit", base + i);
+                }
+            }
+        });
+        assert_eq!(live, self.live(), "live counter");
+        let waiting = st.free.len() + st.limbo_cur.len() + st.limbo_prev.len();
+        assert_eq!(hw, live + waiting, "hw == live + free + limbo");
+    }
+}
+
+impl Drop for MetaTable {
+    fn drop(&mut self) {
+        for e in self.dir.iter() {
+            let p = e.load(Ordering::Relaxed);
+            if !p.is_null() {
+                // SAFETY: 1. `p` came from `alloc_zeroed` with this layout in
+                // `alloc_chunk` and is freed only here, once; 2. `&mut self`:
+                // no reference into the chunk is alive.
+                unsafe { std::alloc::dealloc(p.cast(), std::alloc::Layout::new::<Chunk>()) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(v: u64) -> TensorId {
+        TensorId::from_raw(v).unwrap()
+    }
+
+    #[test]
+    fn insert_get_remove_and_stale_keys() {
+        let t = MetaTable::new();
+        let a = t.insert(id(1), &NewTensor::bytes(100, Device::Host));
+        let b = t.insert(id(2), &NewTensor::bytes(5000, Device::Cuda(1)));
+        assert_eq!(t.live(), 2);
+        assert_eq!(t.get(a).unwrap().size(), 100);
+        assert_eq!(t.get(b).unwrap().device(), Device::Cuda(1));
+        assert_eq!(t.remove(a).unwrap().id(), id(1));
+        assert!(t.remove(a).is_none() && t.get(a).is_none());
+        // The slot is reused for a new id; the old key stays stale.
+        let c = t.insert(id(3), &NewTensor::bytes(7, Device::Host));
+        assert_eq!(c.slot, a.slot);
+        assert!(t.get(a).is_none() && t.remove(a).is_none());
+        assert_eq!(t.get(c).unwrap().size(), 7);
+        assert!(t.get(TensorKey { id: id(2), slot: 1_000_000 }).is_none());
+        t.check_invariants();
+    }
+
+    #[test]
+    fn touch_counts_duplicates_and_keeps_max_time() {
+        let t = MetaTable::new();
+        let a = t.insert(id(10), &NewTensor::bytes(1, Device::Host));
+        t.touch(&[a; 8], 5);
+        t.touch(&[a], 3);
+        let m = t.get(a).unwrap();
+        assert_eq!((m.access_count(), m.last_access()), (9, 5));
+        let many = vec![a; AGGREGATE_FROM * 3];
+        t.touch(&many, 9);
+        assert_eq!(t.get(a).unwrap().access_count(), 9 + many.len() as u64);
+        t.decay(1);
+        assert_eq!(t.get(a).unwrap().access_count(), (9 + many.len() as u64) >> 1);
+    }
+
+    #[test]
+    fn reuse_waits_for_pinned_readers() {
+        let t = MetaTable::new();
+        let a = t.insert(id(1), &NewTensor::bytes(1, Device::Host));
+        let pin = t.grace.pin();
+        t.remove(a).unwrap();
+        let b = t.insert(id(2), &NewTensor::bytes(1, Device::Host));
+        assert_ne!(b.slot, a.slot, "a pinned reader may still hold slot {}", a.slot);
+        drop(pin);
+        t.remove(b).unwrap();
+        let c = t.insert(id(3), &NewTensor::bytes(1, Device::Host));
+        assert!(c.slot == a.slot || c.slot == b.slot);
+        t.check_invariants();
+    }
+}

@@ -114,7 +114,10 @@ impl Shape {
         if dims.len() > Self::MAX_RANK {
             return None;
         }
-        let mut s = Shape { dims: [0; Self::MAX_RANK], rank: dims.len() as u8 };
+        let mut s = Shape {
+            dims: [0; Self::MAX_RANK],
+            rank: dims.len() as u8,
+        };
         for (d, &v) in s.dims.iter_mut().zip(dims) {
             *d = v as u64;
         }
@@ -192,15 +195,31 @@ impl AllocRequest {
 
     /// `size` bytes at `align` (checked when allocating, not here).
     pub fn new(size: usize, align: usize) -> Self {
-        Self { size, align, zeroed: false, stream: None, shape: None, dtype: None, flags: TensorFlags::default() }
+        Self {
+            size,
+            align,
+            zeroed: false,
+            stream: None,
+            shape: None,
+            dtype: None,
+            flags: TensorFlags::default(),
+        }
     }
 
     /// A tensor of `shape` and `dtype`, at [`DEFAULT_ALIGN`].
     pub fn tensor(shape: &[usize], dtype: DType) -> Result<Self, AllocError> {
-        let overflow = || AllocError::InvalidLayout { size: usize::MAX, align: DEFAULT_ALIGN, problem: LayoutProblem::ShapeOverflow };
-        let s = Shape::new(shape).ok_or(AllocError::Unsupported { what: "tensor rank above 8" })?;
+        let overflow = || AllocError::InvalidLayout {
+            size: usize::MAX,
+            align: DEFAULT_ALIGN,
+            problem: LayoutProblem::ShapeOverflow,
+        };
+        let s = Shape::new(shape).ok_or(AllocError::Unsupported {
+            what: "tensor rank above 8",
+        })?;
         let numel = s.numel().ok_or_else(overflow)?;
-        let bytes = numel.checked_mul(dtype.size() as u64).ok_or_else(overflow)?;
+        let bytes = numel
+            .checked_mul(dtype.size() as u64)
+            .ok_or_else(overflow)?;
         let size = usize::try_from(bytes).map_err(|_| overflow())?;
         let mut r = Self::bytes(size);
         r.shape = Some(s);
@@ -232,7 +251,11 @@ impl AllocRequest {
     /// Checks what every backend checks: a power-of-two alignment.
     pub fn check_align(&self) -> Result<(), AllocError> {
         if !self.align.is_power_of_two() {
-            return Err(AllocError::InvalidLayout { size: self.size, align: self.align, problem: LayoutProblem::AlignNotPowerOfTwo });
+            return Err(AllocError::InvalidLayout {
+                size: self.size,
+                align: self.align,
+                problem: LayoutProblem::AlignNotPowerOfTwo,
+            });
         }
         Ok(())
     }
@@ -273,8 +296,22 @@ unsafe impl Sync for Allocation {}
 
 impl Allocation {
     /// For backend implementors: `tag` is the backend's own (a table slot, say).
-    pub fn new(id: TensorId, addr: Addr, size: usize, align: usize, device: Device, tag: u64) -> Self {
-        Self { id, addr, size, align, device, tag }
+    pub fn new(
+        id: TensorId,
+        addr: Addr,
+        size: usize,
+        align: usize,
+        device: Device,
+        tag: u64,
+    ) -> Self {
+        Self {
+            id,
+            addr,
+            size,
+            align,
+            device,
+            tag,
+        }
     }
     /// The tensor id.
     pub fn id(&self) -> TensorId {
@@ -359,7 +396,9 @@ pub struct TensorBuf {
 
 impl core::fmt::Debug for TensorBuf {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("TensorBuf").field("alloc", &self.alloc).finish_non_exhaustive()
+        f.debug_struct("TensorBuf")
+            .field("alloc", &self.alloc)
+            .finish_non_exhaustive()
     }
 }
 
@@ -367,7 +406,10 @@ impl TensorBuf {
     /// Allocates `req` from `backend`.
     pub fn new(backend: &Arc<dyn TensorAllocator>, req: &AllocRequest) -> Result<Self, AllocError> {
         let alloc = backend.allocate(req)?;
-        Ok(Self { alloc, backend: backend.clone() })
+        Ok(Self {
+            alloc,
+            backend: backend.clone(),
+        })
     }
     /// The allocation.
     pub fn allocation(&self) -> &Allocation {
@@ -427,7 +469,14 @@ mod tests {
 
     #[test]
     fn device_codes_round_trip() {
-        for d in [Device::Host, Device::Meta, Device::Disk, Device::Cuda(0), Device::Cuda(7), Device::Remote(3)] {
+        for d in [
+            Device::Host,
+            Device::Meta,
+            Device::Disk,
+            Device::Cuda(0),
+            Device::Cuda(7),
+            Device::Remote(3),
+        ] {
             assert_eq!(Device::from_code(d.code()), d);
         }
     }
@@ -439,7 +488,13 @@ mod tests {
         assert_eq!(r.shape.unwrap().dims(), &[2, 3, 4]);
         assert_eq!(r.shape.unwrap().contiguous_strides()[..3], [12, 4, 1]);
         let e = AllocRequest::tensor(&[usize::MAX, 2], DType::F32).unwrap_err();
-        assert!(matches!(e, AllocError::InvalidLayout { problem: LayoutProblem::ShapeOverflow, .. }));
+        assert!(matches!(
+            e,
+            AllocError::InvalidLayout {
+                problem: LayoutProblem::ShapeOverflow,
+                ..
+            }
+        ));
         assert!(AllocRequest::new(8, 3).check_align().is_err());
     }
 }

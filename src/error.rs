@@ -26,8 +26,13 @@ impl core::fmt::Display for LayoutProblem {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             LayoutProblem::AlignNotPowerOfTwo => write!(f, "alignment is not a power of two"),
-            LayoutProblem::AlignTooLarge { max } => write!(f, "alignment is above the maximum of {max} bytes"),
-            LayoutProblem::SizeOverflow => write!(f, "size overflows when rounded up to the backend's granularity"),
+            LayoutProblem::AlignTooLarge { max } => {
+                write!(f, "alignment is above the maximum of {max} bytes")
+            }
+            LayoutProblem::SizeOverflow => write!(
+                f,
+                "size overflows when rounded up to the backend's granularity"
+            ),
             LayoutProblem::ShapeOverflow => write!(f, "element count times element size overflows"),
         }
     }
@@ -92,7 +97,9 @@ pub enum AllocError {
     },
     /// The id is not live: freed already (double free), never issued here, or
     /// its slot now belongs to another tensor.
-    #[error("unknown or stale tensor id {id} on {device} (double free, or not allocated by this backend)")]
+    #[error(
+        "unknown or stale tensor id {id} on {device} (double free, or not allocated by this backend)"
+    )]
     UnknownId {
         /// The id as given.
         id: u64,
@@ -116,7 +123,9 @@ pub enum AllocError {
         addr: usize,
     },
     /// The allocation's recorded size/alignment disagree with the backend's.
-    #[error("allocation {id} says {size} B / align {align}, but the backend recorded {recorded_size} B / align {recorded_align}")]
+    #[error(
+        "allocation {id} says {size} B / align {align}, but the backend recorded {recorded_size} B / align {recorded_align}"
+    )]
     LayoutMismatch {
         /// The id.
         id: u64,
@@ -140,7 +149,10 @@ pub enum AllocError {
 impl AllocError {
     /// Whether retrying later (after frees or a `trim`) may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, AllocError::OutOfMemory { .. } | AllocError::LimitExceeded { .. })
+        matches!(
+            self,
+            AllocError::OutOfMemory { .. } | AllocError::LimitExceeded { .. }
+        )
     }
 }
 
@@ -162,7 +174,11 @@ mod tests {
             assert!(s.contains(part), "{s}");
         }
         assert!(e.is_retryable());
-        let e = AllocError::InvalidLayout { size: 3, align: 3, problem: LayoutProblem::AlignNotPowerOfTwo };
+        let e = AllocError::InvalidLayout {
+            size: 3,
+            align: 3,
+            problem: LayoutProblem::AlignNotPowerOfTwo,
+        };
         assert!(e.to_string().contains("power of two"));
         assert!(!e.is_retryable());
     }

@@ -14,7 +14,11 @@
 //! See `DESIGN.md` in the repository for the layering; each layer calls only
 //! down.
 #![deny(unsafe_op_in_unsafe_fn)]
-#![warn(missing_docs, missing_debug_implementations, clippy::undocumented_unsafe_blocks)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    clippy::undocumented_unsafe_blocks
+)]
 
 pub(crate) mod sync;
 
@@ -33,10 +37,15 @@ pub(crate) mod os;
 #[cfg(not(tensorpool_loom))]
 pub mod stats;
 
+/// Resident set size of this process in bytes (Linux; `None` elsewhere).
+/// Reads `/proc/self/statm` with raw syscalls: it never allocates.
+#[cfg(not(tensorpool_loom))]
+pub use crate::os::resident_bytes;
 #[cfg(not(tensorpool_loom))]
 pub use crate::{
     allocator::{
-        AllocRequest, Allocation, Addr, DType, Device, Shape, TensorAllocator, TensorBuf, TensorFlags, ViewError,
+        Addr, AllocRequest, Allocation, DType, Device, Shape, TensorAllocator, TensorBuf,
+        TensorFlags, ViewError,
     },
     error::{AllocError, LayoutProblem},
     limit::Limited,

@@ -23,7 +23,12 @@ pub struct Limited<A> {
 impl<A: TensorAllocator> Limited<A> {
     /// Wraps `inner` with a limit of `limit` bytes.
     pub fn new(inner: A, limit: usize) -> Self {
-        Self { inner, limit, used: AtomicUsize::new(0), refused: AtomicU64::new(0) }
+        Self {
+            inner,
+            limit,
+            used: AtomicUsize::new(0),
+            refused: AtomicU64::new(0),
+        }
     }
     /// The limit in bytes.
     pub fn limit(&self) -> usize {
@@ -55,15 +60,30 @@ unsafe impl<A: TensorAllocator> TensorAllocator for Limited<A> {
         let size = req.size;
         let device = self.device();
         if size > self.limit {
-            return Err(self.refuse(AllocError::NeverFits { device, requested: size, limit: self.limit }));
+            return Err(self.refuse(AllocError::NeverFits {
+                device,
+                requested: size,
+                limit: self.limit,
+            }));
         }
         let mut cur = self.used.load(Ordering::Relaxed);
         loop {
             if cur + size > self.limit {
                 let reserved = self.inner.stats().reserved_bytes.current as usize;
-                return Err(self.refuse(AllocError::LimitExceeded { device, requested: size, allocated: cur, reserved, limit: self.limit }));
+                return Err(self.refuse(AllocError::LimitExceeded {
+                    device,
+                    requested: size,
+                    allocated: cur,
+                    reserved,
+                    limit: self.limit,
+                }));
             }
-            match self.used.compare_exchange_weak(cur, cur + size, Ordering::AcqRel, Ordering::Relaxed) {
+            match self.used.compare_exchange_weak(
+                cur,
+                cur + size,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => break,
                 Err(a) => cur = a,
             }

@@ -22,7 +22,16 @@ pub(crate) fn map_aligned(len: usize, align: usize, populate: bool) -> Option<No
     }
     // SAFETY: an anonymous private mapping at an address of the kernel's
     // choosing touches no existing memory.
-    let raw = unsafe { libc::mmap(core::ptr::null_mut(), over, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
+    let raw = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            over,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            -1,
+            0,
+        )
+    };
     if raw == libc::MAP_FAILED {
         return None;
     }
@@ -78,7 +87,12 @@ pub(crate) unsafe fn discard(ptr: *mut u8, len: usize) -> usize {
 pub fn resident_bytes() -> Option<usize> {
     let mut buf = [0u8; 128];
     // SAFETY: a NUL-terminated literal path; the fd is closed below.
-    let fd = unsafe { libc::open(c"/proc/self/statm".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    let fd = unsafe {
+        libc::open(
+            c"/proc/self/statm".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
     if fd < 0 {
         return None;
     }
@@ -92,7 +106,11 @@ pub fn resident_bytes() -> Option<usize> {
     let text = &buf[..n as usize];
     let mut fields = text.split(|&b| b == b' ');
     fields.next()?;
-    let pages = fields.next()?.iter().take_while(|b| b.is_ascii_digit()).fold(0usize, |a, &b| a * 10 + usize::from(b - b'0'));
+    let pages = fields
+        .next()?
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .fold(0usize, |a, &b| a * 10 + usize::from(b - b'0'));
     Some(pages * PAGE)
 }
 

@@ -71,7 +71,12 @@ impl AtomicStat {
     /// All zero.
     #[cfg(not(tensorpool_loom))]
     pub const fn new() -> Self {
-        Self { current: AtomicU64::new(0), peak: AtomicU64::new(0), allocated: AtomicU64::new(0), freed: AtomicU64::new(0) }
+        Self {
+            current: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+            allocated: AtomicU64::new(0),
+            freed: AtomicU64::new(0),
+        }
     }
 
     /// Adds `n`; returns the new current value.
@@ -98,7 +103,8 @@ impl AtomicStat {
 
     /// Sets the peak to the current value.
     pub fn reset_peak(&self) {
-        self.peak.store(self.current.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.peak
+            .store(self.current.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
     /// A snapshot.
@@ -123,7 +129,15 @@ mod tests {
         s.add(5);
         s.sub(12);
         let g = s.get();
-        assert_eq!(g, Stat { current: 3, peak: 15, allocated: 15, freed: 12 });
+        assert_eq!(
+            g,
+            Stat {
+                current: 3,
+                peak: 15,
+                allocated: 15,
+                freed: 12
+            }
+        );
         s.reset_peak();
         assert_eq!(s.get().peak, 3);
     }

@@ -8,11 +8,16 @@
 //! inside `GlobalAlloc`.
 
 #[cfg(not(tensorpool_loom))]
-pub(crate) use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
+pub(crate) use std::sync::atomic::{
+    AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
+};
 
 #[cfg(tensorpool_loom)]
-#[allow(unused_imports)] // AtomicU32 and fence serve only the metadata table, which loom builds leave out.
-pub(crate) use loom::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
+#[allow(unused_imports)]
+// AtomicU32 and fence serve only the metadata table, which loom builds leave out.
+pub(crate) use loom::sync::atomic::{
+    AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
+};
 
 /// Tells the CPU (or loom) that we are spinning.
 #[inline]
@@ -43,10 +48,6 @@ impl<T> UnsafeCell<T> {
         Self(std::cell::UnsafeCell::new(v))
     }
     #[inline]
-    pub(crate) fn with<R>(&self, f: impl FnOnce(*const T) -> R) -> R {
-        f(self.0.get())
-    }
-    #[inline]
     pub(crate) fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
         f(self.0.get())
     }
@@ -74,12 +75,16 @@ impl RawLock {
     /// An unlocked lock.
     #[cfg(not(tensorpool_loom))]
     pub const fn new() -> Self {
-        Self { locked: AtomicBool::new(false) }
+        Self {
+            locked: AtomicBool::new(false),
+        }
     }
     /// An unlocked lock.
     #[cfg(tensorpool_loom)]
     pub fn new() -> Self {
-        Self { locked: AtomicBool::new(false) }
+        Self {
+            locked: AtomicBool::new(false),
+        }
     }
 
     /// Takes the lock, spinning briefly and then yielding.
@@ -150,8 +155,14 @@ impl RawLock {
 ///
 /// 128 B on x86-64 (the adjacent-line prefetcher pulls pairs of 64 B lines)
 /// and aarch64 (big cores have 128 B lines); 64 B elsewhere.
-#[cfg_attr(any(target_arch = "x86_64", target_arch = "aarch64"), repr(C, align(128)))]
-#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), repr(C, align(64)))]
+#[cfg_attr(
+    any(target_arch = "x86_64", target_arch = "aarch64"),
+    repr(C, align(128))
+)]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    repr(C, align(64))
+)]
 #[derive(Debug, Default)]
 #[cfg_attr(tensorpool_loom, allow(dead_code))]
 pub(crate) struct CachePadded<T>(pub(crate) T);

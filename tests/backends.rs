@@ -5,7 +5,10 @@
 use std::sync::Arc;
 use tensorpool::backend::{HostBackend, MetaBackend};
 use tensorpool::host::Category;
-use tensorpool::{AllocError, AllocRequest, Allocation, DType, Device, LayoutProblem, Limited, TensorAllocator, TensorBuf, TensorFlags};
+use tensorpool::{
+    AllocError, AllocRequest, Allocation, DType, Device, LayoutProblem, Limited, TensorAllocator,
+    TensorBuf, TensorFlags,
+};
 
 fn host() -> Arc<dyn TensorAllocator> {
     Arc::new(HostBackend::new())
@@ -14,22 +17,42 @@ fn host() -> Arc<dyn TensorAllocator> {
 #[test]
 fn object_safe_and_typed_views() {
     let b = host();
-    let mut t = TensorBuf::new(&b, &AllocRequest::tensor(&[4, 256], DType::F32).unwrap().zeroed()).unwrap();
+    let mut t = TensorBuf::new(
+        &b,
+        &AllocRequest::tensor(&[4, 256], DType::F32)
+            .unwrap()
+            .zeroed(),
+    )
+    .unwrap();
     assert!(t.as_slice::<f32>().unwrap().iter().all(|&x| x == 0.0));
-    t.as_mut_slice::<f32>().unwrap().iter_mut().enumerate().for_each(|(i, x)| *x = i as f32);
+    t.as_mut_slice::<f32>()
+        .unwrap()
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, x)| *x = i as f32);
     assert_eq!(t.as_slice::<f32>().unwrap()[1023], 1023.0);
     assert_eq!(t.as_slice::<u8>().unwrap().len(), 4096);
     assert_eq!(b.stats().allocation.current, 1);
     drop(t);
     let s = b.stats();
-    assert_eq!((s.allocation.current, s.allocated_bytes.current, s.allocated_bytes.peak), (0, 0, 4096));
+    assert_eq!(
+        (
+            s.allocation.current,
+            s.allocated_bytes.current,
+            s.allocated_bytes.peak
+        ),
+        (0, 0, 4096)
+    );
 }
 
 #[test]
 fn meta_views_are_refused() {
     let b: Arc<dyn TensorAllocator> = Arc::new(MetaBackend::new());
     let t = TensorBuf::new(&b, &AllocRequest::bytes(64)).unwrap();
-    assert!(matches!(t.as_slice::<u8>(), Err(tensorpool::ViewError::NotHost(Device::Meta))));
+    assert!(matches!(
+        t.as_slice::<u8>(),
+        Err(tensorpool::ViewError::NotHost(Device::Meta))
+    ));
 }
 
 #[test]
@@ -39,7 +62,11 @@ fn zero_size_is_a_unique_id_without_memory() {
     let a2 = b.allocate(&AllocRequest::bytes(0)).unwrap();
     assert_ne!(a1.id(), a2.id());
     assert_eq!(a1.host_ptr(), None);
-    assert_eq!(b.pool().stats().reserved_bytes, 0, "zero-size touched memory");
+    assert_eq!(
+        b.pool().stats().reserved_bytes,
+        0,
+        "zero-size touched memory"
+    );
     // SAFETY: no memory involved.
     unsafe {
         b.deallocate(&a1).unwrap();
@@ -49,14 +76,47 @@ fn zero_size_is_a_unique_id_without_memory() {
 
 #[test]
 fn bad_layouts_are_typed_errors() {
-    for b in [host(), Arc::new(MetaBackend::new()) as Arc<dyn TensorAllocator>] {
+    for b in [
+        host(),
+        Arc::new(MetaBackend::new()) as Arc<dyn TensorAllocator>,
+    ] {
         let e = b.allocate(&AllocRequest::new(64, 48)).unwrap_err();
-        assert!(matches!(e, AllocError::InvalidLayout { size: 64, align: 48, problem: LayoutProblem::AlignNotPowerOfTwo }), "{e}");
+        assert!(
+            matches!(
+                e,
+                AllocError::InvalidLayout {
+                    size: 64,
+                    align: 48,
+                    problem: LayoutProblem::AlignNotPowerOfTwo
+                }
+            ),
+            "{e}"
+        );
         let e = b.allocate(&AllocRequest::new(64, 1 << 20)).unwrap_err();
-        assert!(matches!(e, AllocError::InvalidLayout { problem: LayoutProblem::AlignTooLarge { max: 65536 }, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                AllocError::InvalidLayout {
+                    problem: LayoutProblem::AlignTooLarge { max: 65536 },
+                    ..
+                }
+            ),
+            "{e}"
+        );
         assert!(e.to_string().contains("65536"));
-        let e = b.allocate(&AllocRequest::new(usize::MAX - 100, 64)).unwrap_err();
-        assert!(matches!(e, AllocError::InvalidLayout { problem: LayoutProblem::SizeOverflow, .. }), "{e}");
+        let e = b
+            .allocate(&AllocRequest::new(usize::MAX - 100, 64))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AllocError::InvalidLayout {
+                    problem: LayoutProblem::SizeOverflow,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         assert!(!e.is_retryable());
         assert!(AllocRequest::tensor(&[1 << 40, 1 << 40], DType::F64).is_err());
         assert_eq!(b.stats().allocation.current, 0);
@@ -69,15 +129,34 @@ fn limit_errors_name_request_allocated_reserved_limit() {
     let a = b.allocate(&AllocRequest::bytes(700 << 10)).unwrap();
     let e = b.allocate(&AllocRequest::bytes(400 << 10)).unwrap_err();
     match &e {
-        AllocError::LimitExceeded { requested, allocated, reserved, limit, device } => {
-            assert_eq!((*requested, *allocated, *limit, *device), (400 << 10, 700 << 10, 1 << 20, Device::Host));
+        AllocError::LimitExceeded {
+            requested,
+            allocated,
+            reserved,
+            limit,
+            device,
+        } => {
+            assert_eq!(
+                (*requested, *allocated, *limit, *device),
+                (400 << 10, 700 << 10, 1 << 20, Device::Host)
+            );
             assert!(*reserved >= 700 << 10);
         }
         e => panic!("{e}"),
     }
     assert!(e.is_retryable());
     let e = b.allocate(&AllocRequest::bytes(2 << 20)).unwrap_err();
-    assert!(matches!(e, AllocError::NeverFits { requested: 2097152, limit: 1048576, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            AllocError::NeverFits {
+                requested: 2097152,
+                limit: 1048576,
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert!(!e.is_retryable());
     assert_eq!(b.stats().num_ooms, 2);
     // SAFETY: live allocation, not used afterwards.
@@ -98,7 +177,16 @@ fn double_free_and_stale_ids_change_nothing() {
     let before = (b.stats(), b.table().live());
     // SAFETY: a double free is refused before anything is touched.
     let e = unsafe { b.deallocate(&a) }.unwrap_err();
-    assert!(matches!(e, AllocError::UnknownId { device: Device::Host, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            AllocError::UnknownId {
+                device: Device::Host,
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert_eq!((b.stats(), b.table().live()), before);
     // The slot is reused by a new tensor: the old id still cannot free it.
     let c = b.allocate(&AllocRequest::bytes(4096)).unwrap();
@@ -108,7 +196,8 @@ fn double_free_and_stale_ids_change_nothing() {
     // A forged allocation with a live id but the wrong size is refused too.
     let forged = Allocation::new(keep.id(), keep.addr(), 8, 64, Device::Host, keep.tag());
     // SAFETY: refused before anything is freed.
-    assert!(matches!(unsafe { b.deallocate(&forged) }, Err(AllocError::LayoutMismatch { .. })));
+    let r = unsafe { b.deallocate(&forged) };
+    assert!(matches!(r, Err(AllocError::LayoutMismatch { .. })));
     // SAFETY: live, not used afterwards.
     unsafe {
         b.deallocate(&c).unwrap();
@@ -126,10 +215,23 @@ fn wrong_backend_is_refused() {
     let x = m.allocate(&AllocRequest::bytes(128)).unwrap();
     // SAFETY: each call is refused before anything is freed.
     unsafe {
-        assert!(matches!(m.deallocate(&a), Err(AllocError::WrongDevice { expected: Device::Meta, found: Device::Host, .. })));
-        assert!(matches!(h.deallocate(&x), Err(AllocError::WrongDevice { .. })));
+        assert!(matches!(
+            m.deallocate(&a),
+            Err(AllocError::WrongDevice {
+                expected: Device::Meta,
+                found: Device::Host,
+                ..
+            })
+        ));
+        assert!(matches!(
+            h.deallocate(&x),
+            Err(AllocError::WrongDevice { .. })
+        ));
         // Same device, other backend: its table does not know the id.
-        assert!(matches!(h2.deallocate(&a), Err(AllocError::UnknownId { .. })));
+        assert!(matches!(
+            h2.deallocate(&a),
+            Err(AllocError::UnknownId { .. })
+        ));
         h.deallocate(&a).unwrap();
         m.deallocate(&x).unwrap();
     }
@@ -139,7 +241,10 @@ fn wrong_backend_is_refused() {
 fn six_hundred_kib_and_every_category() {
     let b = HostBackend::new();
     let sizes = [100usize, 5000, 600 << 10, 3 << 20, 40 << 20];
-    let allocs: Vec<_> = sizes.iter().map(|&s| b.allocate(&AllocRequest::bytes(s)).unwrap()).collect();
+    let allocs: Vec<_> = sizes
+        .iter()
+        .map(|&s| b.allocate(&AllocRequest::bytes(s)).unwrap())
+        .collect();
     let per = b.stats().per_category;
     for (i, &s) in sizes.iter().enumerate() {
         let c = Category::of_size(s).index();
@@ -185,7 +290,10 @@ fn ten_thousand_cycles_return_to_zero() {
         x ^= x >> 7;
         x ^= x << 17;
         if x % 3 != 0 || live.is_empty() {
-            live.push(b.allocate(&AllocRequest::bytes(1 + (x as usize % (256 << 10)))).unwrap());
+            live.push(
+                b.allocate(&AllocRequest::bytes(1 + (x as usize % (256 << 10))))
+                    .unwrap(),
+            );
         } else {
             let a = live.swap_remove(x as usize % live.len());
             // SAFETY: live, not used afterwards.
@@ -201,26 +309,52 @@ fn ten_thousand_cycles_return_to_zero() {
         unsafe { b.deallocate(&a) }.unwrap();
     }
     let s = b.stats();
-    assert_eq!((s.allocated_bytes.current, s.active_bytes.current, s.allocation.current), (0, 0, 0));
+    assert_eq!(
+        (
+            s.allocated_bytes.current,
+            s.active_bytes.current,
+            s.allocation.current
+        ),
+        (0, 0, 0)
+    );
     assert_eq!(b.table().live(), 0);
     assert_eq!(s.per_category.iter().map(|c| c.count).sum::<u64>(), 0);
 }
 
 #[test]
 fn meta_forty_gigabytes_keeps_shape_without_rss() {
-    let rss = || std::fs::read_to_string("/proc/self/statm").unwrap().split(' ').nth(1).unwrap().parse::<usize>().unwrap() * 4096;
+    let rss = || {
+        std::fs::read_to_string("/proc/self/statm")
+            .unwrap()
+            .split(' ')
+            .nth(1)
+            .unwrap()
+            .parse::<usize>()
+            .unwrap()
+            * 4096
+    };
     let m = MetaBackend::new();
     let before = rss();
     let req = AllocRequest::tensor(&[100_000, 100_000], DType::F32).unwrap();
     assert_eq!(req.size, 40_000_000_000);
     let a = m.allocate(&req).unwrap();
-    let rec = m.table().get(tensorpool::meta::TensorKey { id: a.id(), slot: a.tag() as u32 }).unwrap();
+    let rec = m
+        .table()
+        .get(tensorpool::meta::TensorKey {
+            id: a.id(),
+            slot: a.tag() as u32,
+        })
+        .unwrap();
     assert_eq!(rec.numel(), Some(10_000_000_000));
     assert_eq!(rec.dtype(), Some(DType::F32));
     assert_eq!(rec.leading_dims(), [100_000, 100_000]);
     let s = m.stats();
     assert!(s.reserved_bytes.current >= 40_000_000_000);
-    assert!(rss() < before + (16 << 20), "RSS grew by {}", rss() - before);
+    assert!(
+        rss() < before + (16 << 20),
+        "RSS grew by {}",
+        rss() - before
+    );
     // SAFETY: no memory involved.
     unsafe { m.deallocate(&a) }.unwrap();
 }
@@ -233,7 +367,9 @@ fn meta_predicts_host_reserved_and_peak() {
     let mut ml = Vec::new();
     let mut x = 99u64;
     for step in 0..4000 {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let r = x >> 33;
         if r % 5 < 3 || hl.is_empty() {
             let size = match r % 6 {
@@ -241,7 +377,11 @@ fn meta_predicts_host_reserved_and_peak() {
                 3 | 4 => 1 + (r as usize >> 3) % (2 << 20),
                 _ => 1 + (r as usize >> 3) % (90 << 20),
             };
-            let req = AllocRequest::new(size, 1 << (r % 9)).flags(if r % 11 == 0 { TensorFlags::PINNED } else { 0 });
+            let req = AllocRequest::new(size, 1 << (r % 9)).flags(if r % 11 == 0 {
+                TensorFlags::PINNED
+            } else {
+                0
+            });
             hl.push(h.allocate(&req).unwrap());
             ml.push(m.allocate(&req).unwrap());
         } else {

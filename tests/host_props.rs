@@ -50,7 +50,9 @@ fn op_strategy() -> impl Strategy<Value = Op> {
 
 /// Pattern bytes: first and last 64 bytes and one in every 4 KiB (sizes go to 70 MiB).
 fn offsets(len: usize) -> impl Iterator<Item = usize> {
-    (0..len.min(64)).chain(len.saturating_sub(64)..len).chain((0..len).step_by(4096))
+    (0..len.min(64))
+        .chain(len.saturating_sub(64)..len)
+        .chain((0..len).step_by(4096))
 }
 
 fn write(p: NonNull<u8>, len: usize, seed: u8) {
@@ -64,7 +66,14 @@ fn verify(p: NonNull<u8>, len: usize, seed: u8) -> Result<(), TestCaseError> {
     for o in offsets(len) {
         // SAFETY: as in `write`.
         let b = unsafe { p.as_ptr().add(o).read() };
-        prop_assert_eq!(b, seed.wrapping_add(o as u8), "block {:p} len {} offset {}", p, len, o);
+        prop_assert_eq!(
+            b,
+            seed.wrapping_add(o as u8),
+            "block {:p} len {} offset {}",
+            p,
+            len,
+            o
+        );
     }
     Ok(())
 }
@@ -76,7 +85,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         match op {
             Op::Alloc { size, align_shift } => {
                 let l = Layout::from_size_align(size, 1 << align_shift).unwrap();
-                let p = pool.allocate(l).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let p = pool
+                    .allocate(l)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 prop_assert_eq!(p.as_ptr() as usize % l.align(), 0);
                 if size >= 4096 {
                     prop_assert_eq!(p.as_ptr() as usize % 64, 0);
@@ -117,7 +128,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 pool.trim();
             }
             Op::Prewarm { size, count } => {
-                pool.prewarm(&Prewarm::new().blocks(size, count)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                pool.prewarm(&Prewarm::new().blocks(size, count))
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
             }
             _ => {}
         }
@@ -130,7 +142,12 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     }
     pool.trim();
     let st = pool.stats();
-    prop_assert_eq!(st.reserved_bytes, 0, "memory left after free-all + trim: {:?}", st);
+    prop_assert_eq!(
+        st.reserved_bytes,
+        0,
+        "memory left after free-all + trim: {:?}",
+        st
+    );
     Ok(())
 }
 

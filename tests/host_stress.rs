@@ -27,7 +27,12 @@ fn fill(b: &Block) {
 fn check(b: &Block) {
     // SAFETY: as in `fill`.
     let s = unsafe { core::slice::from_raw_parts(b.0 as *const u8, b.1.size()) };
-    assert!(s.iter().all(|&x| x == b.2), "corrupted block {:#x} ({} B)", b.0, b.1.size());
+    assert!(
+        s.iter().all(|&x| x == b.2),
+        "corrupted block {:#x} ({} B)",
+        b.0,
+        b.1.size()
+    );
 }
 
 #[test]
@@ -51,10 +56,16 @@ fn eight_threads_cross_thread_frees() {
                         _ => (64 << 10) + (x >> 8) as usize % (2 << 20),
                     };
                     let l = Layout::from_size_align(size, 8 << (x % 4)).unwrap();
-                    let b = Block(pool.allocate(l).unwrap().as_ptr() as usize, l, (t * 31 + r) as u8);
+                    let b = Block(
+                        pool.allocate(l).unwrap().as_ptr() as usize,
+                        l,
+                        (t * 31 + r) as u8,
+                    );
                     fill(&b);
                     if x % 3 == 0 {
-                        txs[(t + 1 + (x as usize >> 4) % (THREADS - 1)) % THREADS].send(b).unwrap();
+                        txs[(t + 1 + (x as usize >> 4) % (THREADS - 1)) % THREADS]
+                            .send(b)
+                            .unwrap();
                     } else {
                         mine.push(b);
                     }
@@ -62,13 +73,20 @@ fn eight_threads_cross_thread_frees() {
                         for b in mine.drain(..mine.len() / 2) {
                             check(&b);
                             // SAFETY: live block of this pool, allocated with `b.1`.
-                            unsafe { pool.deallocate(core::ptr::NonNull::new(b.0 as *mut u8).unwrap(), b.1) };
+                            unsafe {
+                                pool.deallocate(
+                                    core::ptr::NonNull::new(b.0 as *mut u8).unwrap(),
+                                    b.1,
+                                )
+                            };
                         }
                     }
                     while let Ok(b) = rx.try_recv() {
                         check(&b);
                         // SAFETY: a block another thread allocated and sent us whole.
-                        unsafe { pool.deallocate(core::ptr::NonNull::new(b.0 as *mut u8).unwrap(), b.1) };
+                        unsafe {
+                            pool.deallocate(core::ptr::NonNull::new(b.0 as *mut u8).unwrap(), b.1)
+                        };
                     }
                 }
                 (mine, rx)

@@ -18,7 +18,13 @@ struct Node {
 }
 
 fn node() -> *mut FreeBlock {
-    Box::into_raw(Box::new(Node { link: FreeBlock { next: core::ptr::null_mut() }, payload: loom::cell::UnsafeCell::new(0) })).cast()
+    Box::into_raw(Box::new(Node {
+        link: FreeBlock {
+            next: core::ptr::null_mut(),
+        },
+        payload: loom::cell::UnsafeCell::new(0),
+    }))
+    .cast()
 }
 
 /// Walks and frees a chain; returns the payloads.
@@ -107,10 +113,12 @@ fn raw_lock_excludes() {
             .map(|_| {
                 let l = l.clone();
                 thread::spawn(move || {
-                    l.0.with(|| l.1.with_mut(|p| {
-                        // SAFETY: the lock is held, so this is the only access.
-                        unsafe { *p += 1 }
-                    }))
+                    l.0.with(|| {
+                        l.1.with_mut(|p| {
+                            // SAFETY: the lock is held, so this is the only access.
+                            unsafe { *p += 1 }
+                        })
+                    })
                 })
             })
             .collect();

@@ -1,7 +1,7 @@
 //! [`HostBackend`]: the host pool plus tensor metadata and statistics.
 
 use super::ledger::{self, Ledger};
-use crate::allocator::{AllocRequest, Allocation, Addr, Device, TensorAllocator};
+use crate::allocator::{Addr, AllocRequest, Allocation, Device, TensorAllocator};
 use crate::error::AllocError;
 use crate::host::{HostPool, Prewarm};
 use crate::meta::MetaTable;
@@ -30,7 +30,10 @@ impl HostBackend {
     }
     /// A backend on `pool` (which may be shared with other users).
     pub fn with_pool(pool: HostPool) -> Self {
-        HostBackend { pool, ledger: Ledger::new(Device::Host) }
+        HostBackend {
+            pool,
+            ledger: Ledger::new(Device::Host),
+        }
     }
     /// The pool.
     pub fn pool(&self) -> &HostPool {
@@ -79,7 +82,12 @@ unsafe impl TensorAllocator for HostBackend {
     unsafe fn deallocate(&self, a: &Allocation) -> Result<(), AllocError> {
         self.ledger.release(a)?;
         if let Some(p) = a.host_ptr() {
-            let l = Layout::from_size_align(a.size(), a.align()).map_err(|_| AllocError::UnknownId { id: a.id().get(), device: Device::Host })?;
+            let l = Layout::from_size_align(a.size(), a.align()).map_err(|_| {
+                AllocError::UnknownId {
+                    id: a.id().get(),
+                    device: Device::Host,
+                }
+            })?;
             // SAFETY: the ledger confirmed `a` was live here with this size;
             // it was allocated with this layout, and the caller stops using it.
             unsafe { self.pool.deallocate(p, l) };
@@ -94,7 +102,10 @@ unsafe impl TensorAllocator for HostBackend {
         s.reserved_bytes = p.reserved;
         s.segment = p.segment;
         s.cache_misses = p.os_maps as u64;
-        s.cache_hits = self.ledger.total_allocations().saturating_sub(s.cache_misses);
+        s.cache_hits = self
+            .ledger
+            .total_allocations()
+            .saturating_sub(s.cache_misses);
         s
     }
 

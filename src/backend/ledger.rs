@@ -1,7 +1,7 @@
 //! What every backend does besides moving bytes: validate requests, issue
 //! ids, record metadata, keep PyTorch-style counters, and check frees.
 
-use crate::allocator::{AllocRequest, Allocation, Addr, Device};
+use crate::allocator::{Addr, AllocRequest, Allocation, Device};
 use crate::error::{AllocError, LayoutProblem};
 use crate::host::size_class::{MAX_ALIGN, usable_size_for};
 use crate::meta::{MetaTable, NewTensor, TensorKey, TensorMeta, next_id};
@@ -21,16 +21,27 @@ pub(crate) struct Checked {
 pub(crate) fn check(req: &AllocRequest) -> Result<Checked, AllocError> {
     req.check_align()?;
     let (size, align) = (req.size, req.align);
-    let bad = |problem| AllocError::InvalidLayout { size, align, problem };
+    let bad = |problem| AllocError::InvalidLayout {
+        size,
+        align,
+        problem,
+    };
     if align > MAX_ALIGN {
         return Err(bad(LayoutProblem::AlignTooLarge { max: MAX_ALIGN }));
     }
     if size == 0 {
-        return Ok(Checked { layout: None, rounded: 0 });
+        return Ok(Checked {
+            layout: None,
+            rounded: 0,
+        });
     }
     let rounded = usable_size_for(size, align).ok_or(bad(LayoutProblem::SizeOverflow))?;
-    let layout = Layout::from_size_align(size, align).map_err(|_| bad(LayoutProblem::SizeOverflow))?;
-    Ok(Checked { layout: Some(layout), rounded })
+    let layout =
+        Layout::from_size_align(size, align).map_err(|_| bad(LayoutProblem::SizeOverflow))?;
+    Ok(Checked {
+        layout: Some(layout),
+        rounded,
+    })
 }
 
 /// The metadata table plus counters.
@@ -61,16 +72,33 @@ impl Ledger {
     pub fn oom(&self, e: AllocError) -> AllocError {
         self.ooms.fetch_add(1, Ordering::Relaxed);
         match e {
-            AllocError::OutOfMemory { device, requested, reserved, hint, .. } => {
-                AllocError::OutOfMemory { device, requested, allocated: self.allocated.current() as usize, reserved, hint }
-            }
+            AllocError::OutOfMemory {
+                device,
+                requested,
+                reserved,
+                hint,
+                ..
+            } => AllocError::OutOfMemory {
+                device,
+                requested,
+                allocated: self.allocated.current() as usize,
+                reserved,
+                hint,
+            },
             e => e,
         }
     }
 
     /// Issues an id, records the tensor and counts it.
-    pub fn record(&self, req: &AllocRequest, c: Checked, addr: Addr) -> Result<Allocation, AllocError> {
-        let id = next_id().ok_or(AllocError::Unsupported { what: "tensor id space exhausted (2^64 ids issued)" })?;
+    pub fn record(
+        &self,
+        req: &AllocRequest,
+        c: Checked,
+        addr: Addr,
+    ) -> Result<Allocation, AllocError> {
+        let id = next_id().ok_or(AllocError::Unsupported {
+            what: "tensor id space exhausted (2^64 ids issued)",
+        })?;
         let raw = match addr {
             Addr::Host(p) => p.as_ptr() as u64,
             Addr::Device(a) | Addr::Remote(a) => a,
@@ -89,16 +117,30 @@ impl Ledger {
         self.allocated.add(req.size as u64);
         self.active.add(c.rounded as u64);
         self.count.add(1);
-        Ok(Allocation::new(id, addr, req.size, req.align, self.device, u64::from(key.slot)))
+        Ok(Allocation::new(
+            id,
+            addr,
+            req.size,
+            req.align,
+            self.device,
+            u64::from(key.slot),
+        ))
     }
 
     /// Checks that `a` is a live allocation of this ledger and removes it.
     /// On error nothing changes.
     pub fn release(&self, a: &Allocation) -> Result<TensorMeta, AllocError> {
         if a.device() != self.device {
-            return Err(AllocError::WrongDevice { id: a.id().get(), expected: self.device, found: a.device() });
+            return Err(AllocError::WrongDevice {
+                id: a.id().get(),
+                expected: self.device,
+                found: a.device(),
+            });
         }
-        let unknown = AllocError::UnknownId { id: a.id().get(), device: self.device };
+        let unknown = AllocError::UnknownId {
+            id: a.id().get(),
+            device: self.device,
+        };
         let slot = u32::try_from(a.tag()).map_err(|_| unknown.clone())?;
         let key = TensorKey { id: a.id(), slot };
         let m = self.table.get(key).ok_or(unknown.clone())?;
@@ -113,7 +155,11 @@ impl Ledger {
         }
         // A racing double free loses here: exactly one `remove` succeeds.
         let m = self.table.remove(key).ok_or(unknown)?;
-        let rounded = if a.size() == 0 { 0 } else { usable_size_for(a.size(), a.align()).unwrap_or(0) };
+        let rounded = if a.size() == 0 {
+            0
+        } else {
+            usable_size_for(a.size(), a.align()).unwrap_or(0)
+        };
         self.allocated.sub(a.size() as u64);
         self.active.sub(rounded as u64);
         self.count.sub(1);

@@ -8,7 +8,7 @@
 //! are refused here with the same error.
 
 use super::ledger::{self, Ledger};
-use crate::allocator::{AllocRequest, Allocation, Addr, Device, TensorAllocator};
+use crate::allocator::{Addr, AllocRequest, Allocation, Device, TensorAllocator};
 use crate::error::AllocError;
 use crate::host::Prewarm;
 use crate::host::model::PoolModel;
@@ -44,7 +44,13 @@ impl MetaBackend {
     }
     /// A backend predicting a host pool with this retained-bytes limit.
     pub fn with_retain_limit(limit: Option<usize>) -> Self {
-        MetaBackend { ledger: Ledger::new(Device::Meta), sim: Mutex::new(Sim { model: PoolModel::new(limit), huge_len: HashMap::new() }) }
+        MetaBackend {
+            ledger: Ledger::new(Device::Meta),
+            sim: Mutex::new(Sim {
+                model: PoolModel::new(limit),
+                huge_len: HashMap::new(),
+            }),
+        }
     }
     /// The metadata table.
     pub fn table(&self) -> &MetaTable {
@@ -84,7 +90,9 @@ unsafe impl TensorAllocator for MetaBackend {
         self.ledger.release(a)?;
         if a.size() > 0 {
             let mut s = self.sim.lock();
-            let len = s.huge_len.remove(&a.id()).unwrap_or_else(|| crate::host::size_class::usable_size_for(a.size(), a.align()).unwrap_or(0));
+            let len = s.huge_len.remove(&a.id()).unwrap_or_else(|| {
+                crate::host::size_class::usable_size_for(a.size(), a.align()).unwrap_or(0)
+            });
             s.model.free(a.size(), a.align(), len);
         }
         Ok(())
@@ -97,7 +105,10 @@ unsafe impl TensorAllocator for MetaBackend {
         st.reserved_bytes = s.model.reserved();
         st.segment = s.model.segments();
         st.cache_misses = s.model.maps();
-        st.cache_hits = self.ledger.total_allocations().saturating_sub(st.cache_misses);
+        st.cache_hits = self
+            .ledger
+            .total_allocations()
+            .saturating_sub(st.cache_misses);
         st
     }
 

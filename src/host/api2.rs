@@ -32,9 +32,15 @@ unsafe impl Allocator for HostPool {
         unsafe { HostPool::deallocate(self, ptr, layout) }
     }
 
-    unsafe fn grow(&self, ptr: NonNull<u8>, old: Layout, new: Layout) -> Result<NonNull<[u8]>, AllocError> {
+    unsafe fn grow(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+    ) -> Result<NonNull<[u8]>, AllocError> {
         // Same class: the block already holds the new size.
-        if old.align() == new.align() && HostPool::rounded_size(old) == HostPool::rounded_size(new) {
+        if old.align() == new.align() && HostPool::rounded_size(old) == HostPool::rounded_size(new)
+        {
             return Ok(NonNull::slice_from_raw_parts(ptr, new.size()));
         }
         let q = HostPool::allocate(self, new).map_err(|_| AllocError)?;
@@ -47,8 +53,14 @@ unsafe impl Allocator for HostPool {
         Ok(NonNull::slice_from_raw_parts(q, new.size()))
     }
 
-    unsafe fn shrink(&self, ptr: NonNull<u8>, old: Layout, new: Layout) -> Result<NonNull<[u8]>, AllocError> {
-        if old.align() == new.align() && HostPool::rounded_size(old) == HostPool::rounded_size(new) {
+    unsafe fn shrink(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        if old.align() == new.align() && HostPool::rounded_size(old) == HostPool::rounded_size(new)
+        {
             return Ok(NonNull::slice_from_raw_parts(ptr, new.size()));
         }
         let q = HostPool::allocate(self, new).map_err(|_| AllocError)?;
@@ -72,7 +84,10 @@ mod tests {
         for i in 0..100_000u32 {
             v.push(i);
         }
-        assert_eq!(v.iter().map(|&x| u64::from(x)).sum::<u64>(), 99_999 * 100_000 / 2);
+        assert_eq!(
+            v.iter().map(|&x| u64::from(x)).sum::<u64>(),
+            99_999 * 100_000 / 2
+        );
         assert!(pool.owns(v.as_ptr().cast()));
         let mut m = hashbrown::HashMap::new_in(&pool);
         for i in 0..10_000u64 {

@@ -65,7 +65,8 @@ impl Central {
     #[inline]
     fn locked<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
         // SAFETY: the lock is held for the whole closure, so the `&mut` is unique.
-        self.lock.with(|| self.inner.with_mut(|p| f(unsafe { &mut *p })))
+        self.lock
+            .with(|| self.inner.with_mut(|p| f(unsafe { &mut *p })))
     }
 
     /// Moves everything from `incoming` onto the locked free list.
@@ -91,6 +92,7 @@ impl Central {
     }
 
     /// Free blocks available without mapping (a racy hint when unlocked).
+    #[cfg(test)]
     pub(crate) fn available(&self) -> usize {
         self.locked(|i| i.free_len + i.bump_left) + self.incoming_len.load(Ordering::Relaxed)
     }
@@ -98,7 +100,12 @@ impl Central {
     /// Takes up to `want` (≥ 1) blocks, mapping a new span if none is free.
     /// Returns the chain's head (null only if the OS refused memory) and its
     /// length.
-    pub(crate) fn refill(&self, pool: &PoolShared, c: usize, want: usize) -> (*mut FreeBlock, usize) {
+    pub(crate) fn refill(
+        &self,
+        pool: &PoolShared,
+        c: usize,
+        want: usize,
+    ) -> (*mut FreeBlock, usize) {
         let size = class_size(c);
         let (head, n) = self.locked(|inner| {
             if inner.free_len < want {
@@ -149,7 +156,14 @@ impl Central {
     /// # Safety
     /// - `head → … → tail` is a chain of `n` free blocks of this class of
     ///   `pool`, owned by the caller.
-    pub(crate) unsafe fn give_back(&self, pool: &PoolShared, c: usize, head: *mut FreeBlock, tail: *mut FreeBlock, n: usize) {
+    pub(crate) unsafe fn give_back(
+        &self,
+        pool: &PoolShared,
+        c: usize,
+        head: *mut FreeBlock,
+        tail: *mut FreeBlock,
+        n: usize,
+    ) {
         self.incoming_len.fetch_add(n, Ordering::Relaxed);
         // SAFETY: forwarded from the caller.
         unsafe { self.incoming.push_chain(head, tail) };
@@ -163,7 +177,9 @@ impl Central {
     /// Maps one span and makes it the bump span. Lock held.
     fn grow(&self, pool: &PoolShared, c: usize, inner: &mut Inner, populate: bool) -> bool {
         let len = span_bytes(c);
-        let Some(base) = crate::os::map_aligned(len, GRANULE, populate) else { return false };
+        let Some(base) = crate::os::map_aligned(len, GRANULE, populate) else {
+            return false;
+        };
         let base = base.as_ptr() as usize;
         let rec = span::alloc_record();
         if rec.is_null() {
@@ -201,7 +217,8 @@ impl Central {
         inner.bump = base;
         inner.bump_left = nblocks;
         inner.bump_span = rec;
-        pool.cached.fetch_add(nblocks * class_size(c), Ordering::Relaxed);
+        pool.cached
+            .fetch_add(nblocks * class_size(c), Ordering::Relaxed);
         pool.reserved.add(len as u64);
         pool.segments.add(1);
         pool.grows.fetch_add(1, Ordering::Relaxed);
@@ -305,7 +322,12 @@ impl Central {
                     if discard && size >= 2 * crate::os::PAGE {
                         // SAFETY: the block is free; its first word (the link)
                         // stays resident, the rest is not relied on.
-                        discarded += unsafe { crate::os::discard((b as *mut u8).add(crate::os::PAGE), size - crate::os::PAGE) };
+                        discarded += unsafe {
+                            crate::os::discard(
+                                (b as *mut u8).add(crate::os::PAGE),
+                                size - crate::os::PAGE,
+                            )
+                        };
                     }
                     // SAFETY: relinking our own free block.
                     unsafe { (*b).next = keep };
@@ -321,7 +343,11 @@ impl Central {
             let bump_blocks_released = {
                 let bs = inner.bump_span;
                 // SAFETY: live record when non-null.
-                if !bs.is_null() && unsafe { (*bs).free_seen == (*bs).nblocks } { inner.bump_left } else { 0 }
+                if !bs.is_null() && unsafe { (*bs).free_seen == (*bs).nblocks } {
+                    inner.bump_left
+                } else {
+                    0
+                }
             };
             let mut s = inner.spans;
             while !s.is_null() {
@@ -337,7 +363,8 @@ impl Central {
                 }
                 s = next;
             }
-            pool.cached.fetch_sub((dropped + bump_blocks_released) * size, Ordering::Relaxed);
+            pool.cached
+                .fetch_sub((dropped + bump_blocks_released) * size, Ordering::Relaxed);
             released + discarded
         })
     }
@@ -349,7 +376,9 @@ impl Central {
         let size = class_size(c);
         self.locked(|inner| {
             self.drain_incoming(inner);
-            while pool.cached.load(Ordering::Relaxed) > pool.retain_limit.load(Ordering::Relaxed) && !inner.free.is_null() {
+            while pool.cached.load(Ordering::Relaxed) > pool.retain_limit.load(Ordering::Relaxed)
+                && !inner.free.is_null()
+            {
                 let b = inner.free;
                 // SAFETY: a free block of ours; one-block spans, so its span is wholly free.
                 unsafe {

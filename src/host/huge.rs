@@ -49,12 +49,20 @@ unsafe impl Send for HugeCache {}
 
 impl HugeCache {
     pub(crate) const fn new() -> Self {
-        HugeCache { lock: RawLock::new(), slots: UnsafeCell::new(Slots { ptr: [0; HUGE_SLOTS], len: [0; HUGE_SLOTS], n: 0 }) }
+        HugeCache {
+            lock: RawLock::new(),
+            slots: UnsafeCell::new(Slots {
+                ptr: [0; HUGE_SLOTS],
+                len: [0; HUGE_SLOTS],
+                n: 0,
+            }),
+        }
     }
 
     fn locked<R>(&self, f: impl FnOnce(&mut Slots) -> R) -> R {
         // SAFETY: the lock is held for the closure, so the `&mut` is unique.
-        self.lock.with(|| self.slots.with_mut(|p| f(unsafe { &mut *p })))
+        self.lock
+            .with(|| self.slots.with_mut(|p| f(unsafe { &mut *p })))
     }
 
     /// A block mapping `need` bytes (a granule multiple): cached, or fresh.
@@ -82,7 +90,8 @@ impl HugeCache {
     pub(crate) unsafe fn free(&self, pool: &PoolShared, p: NonNull<u8>, len: usize) {
         let limit = pool.retain_limit.load(Ordering::Relaxed);
         let kept = self.locked(|s| {
-            if s.n == HUGE_SLOTS || pool.cached.load(Ordering::Relaxed).saturating_add(len) > limit {
+            if s.n == HUGE_SLOTS || pool.cached.load(Ordering::Relaxed).saturating_add(len) > limit
+            {
                 return false;
             }
             s.ptr[s.n] = p.as_ptr() as usize;

@@ -18,9 +18,9 @@ mod central;
 #[cfg(not(tensorpool_loom))]
 pub mod huge;
 #[cfg(not(tensorpool_loom))]
-pub(crate) mod pagemap;
-#[cfg(not(tensorpool_loom))]
 pub mod model;
+#[cfg(not(tensorpool_loom))]
+pub(crate) mod pagemap;
 #[cfg(not(tensorpool_loom))]
 mod pool;
 #[cfg(not(tensorpool_loom))]
@@ -32,7 +32,9 @@ pub(crate) mod thread_cache;
 
 #[cfg(not(tensorpool_loom))]
 pub use pool::{HostPool, HostPoolConfig, PoolStats};
+// The global allocator (src/global.rs) is built on these.
 #[cfg(not(tensorpool_loom))]
+#[allow(unused_imports)]
 pub(crate) use pool::{PoolShared, global_pool};
 #[cfg(not(tensorpool_loom))]
 pub use prewarm::Prewarm;

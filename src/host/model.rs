@@ -13,7 +13,10 @@
 //! which the model does not track).
 
 use super::huge::{HUGE_SLOTS, pick};
-use super::size_class::{NUM_CLASSES, batch_len, blocks_per_span, cache_cap, class_for, class_size, huge_size, span_bytes};
+use super::size_class::{
+    NUM_CLASSES, batch_len, blocks_per_span, cache_cap, class_for, class_size, huge_size,
+    span_bytes,
+};
 use crate::stats::Stat;
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -115,7 +118,8 @@ impl PoolModel {
     /// Frees a block allocated with `size`/`align` whose mapped length was `len`.
     pub fn free(&mut self, size: usize, align: usize, len: usize) {
         let Some(c) = class_for(size, align) else {
-            if self.huge.len() == HUGE_SLOTS || self.cached.saturating_add(len) > self.retain_limit {
+            if self.huge.len() == HUGE_SLOTS || self.cached.saturating_add(len) > self.retain_limit
+            {
                 self.unmap(len, 1);
             } else {
                 self.huge.push(len);
@@ -153,14 +157,11 @@ impl PoolModel {
                 self.give_back(c, k);
             }
         }
-        let huge: usize = self.huge.drain(..).map(|l| {
-            self.reserved.current -= l as u64;
-            self.reserved.freed += l as u64;
-            self.segments.current -= 1;
-            self.segments.freed += 1;
-            l
-        }).sum();
-        self.cached -= huge;
+        let huge = core::mem::take(&mut self.huge);
+        for &l in &huge {
+            self.unmap(l, 1);
+        }
+        self.cached -= huge.iter().sum::<usize>();
         for c in 0..NUM_CLASSES {
             let m = self.classes[c];
             let released = if m.live == 0 {
@@ -171,17 +172,16 @@ impl PoolModel {
                 0
             };
             if released > 0 {
-                let free_blocks = if m.live == 0 { m.free + m.bump } else { released };
+                let free_blocks = if m.live == 0 {
+                    m.free + m.bump
+                } else {
+                    released
+                };
                 self.cached -= free_blocks * class_size(c);
                 let m = &mut self.classes[c];
                 m.spans -= released;
-                if m.live == 0 {
-                    m.free = 0;
-                    m.bump = 0;
-                } else {
-                    m.free = 0;
-                    m.bump = 0;
-                }
+                m.free = 0;
+                m.bump = 0;
                 self.unmap(span_bytes(c), released);
             }
         }

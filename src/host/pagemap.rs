@@ -37,7 +37,9 @@ fn split(addr: usize) -> Option<(usize, usize)> {
 /// The span record covering `addr`, or null if no pool owns it.
 #[inline]
 pub(crate) fn lookup(addr: usize) -> *mut SpanMeta {
-    let Some((i1, i2)) = split(addr) else { return null_mut() };
+    let Some((i1, i2)) = split(addr) else {
+        return null_mut();
+    };
     let leaf = L1[i1].load(Ordering::Acquire);
     if leaf.is_null() {
         return null_mut();
@@ -50,7 +52,9 @@ fn leaf_for(i1: usize) -> Option<&'static Leaf> {
     let mut leaf = L1[i1].load(Ordering::Acquire);
     if leaf.is_null() {
         let bytes = core::mem::size_of::<Leaf>();
-        let fresh = crate::os::map_aligned(bytes, crate::os::PAGE, false)?.as_ptr().cast::<Leaf>();
+        let fresh = crate::os::map_aligned(bytes, crate::os::PAGE, false)?
+            .as_ptr()
+            .cast::<Leaf>();
         // Zeroed anonymous memory is a valid array of null AtomicPtrs.
         match L1[i1].compare_exchange(null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => leaf = fresh,

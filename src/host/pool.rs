@@ -67,7 +67,11 @@ impl PoolShared {
 
     /// A block for `layout` (size > 0). Never panics or allocates.
     #[inline(always)]
-    pub(crate) fn alloc(&self, cache: Option<&mut ThreadCache>, layout: Layout) -> Result<NonNull<u8>, AllocError> {
+    pub(crate) fn alloc(
+        &self,
+        cache: Option<&mut ThreadCache>,
+        layout: Layout,
+    ) -> Result<NonNull<u8>, AllocError> {
         if let Some(c) = class_for(layout.size(), layout.align()) {
             let p = match cache {
                 Some(tc) => tc.alloc(self, c),
@@ -82,9 +86,17 @@ impl PoolShared {
     fn alloc_huge(&self, layout: Layout) -> Result<NonNull<u8>, AllocError> {
         let (size, align) = (layout.size(), layout.align());
         if align > MAX_ALIGN {
-            return Err(AllocError::InvalidLayout { size, align, problem: LayoutProblem::AlignTooLarge { max: MAX_ALIGN } });
+            return Err(AllocError::InvalidLayout {
+                size,
+                align,
+                problem: LayoutProblem::AlignTooLarge { max: MAX_ALIGN },
+            });
         }
-        let need = huge_size(size).ok_or(AllocError::InvalidLayout { size, align, problem: LayoutProblem::SizeOverflow })?;
+        let need = huge_size(size).ok_or(AllocError::InvalidLayout {
+            size,
+            align,
+            problem: LayoutProblem::SizeOverflow,
+        })?;
         self.huge.alloc(self, need).ok_or_else(|| self.oom(size))
     }
 
@@ -106,7 +118,12 @@ impl PoolShared {
     /// - `p` was returned by `alloc` of this pool with this `layout` and is
     ///   not used again.
     #[inline(always)]
-    pub(crate) unsafe fn free(&self, cache: Option<&mut ThreadCache>, p: NonNull<u8>, layout: Layout) {
+    pub(crate) unsafe fn free(
+        &self,
+        cache: Option<&mut ThreadCache>,
+        p: NonNull<u8>,
+        layout: Layout,
+    ) {
         if let Some(c) = class_for(layout.size(), layout.align()) {
             // SAFETY: forwarded from the caller: a block of class `c` of ours.
             unsafe {
@@ -152,8 +169,16 @@ impl PoolShared {
     ///
     /// # Safety
     /// - If `p` is a block of this pool, it is not in use any more.
-    pub(crate) unsafe fn free_unsized(&self, cache: Option<&mut ThreadCache>, p: NonNull<u8>) -> Result<(), AllocError> {
-        let (class, _) = self.block_info(p.as_ptr() as usize).ok_or(AllocError::ForeignPointer { addr: p.as_ptr() as usize })?;
+    pub(crate) unsafe fn free_unsized(
+        &self,
+        cache: Option<&mut ThreadCache>,
+        p: NonNull<u8>,
+    ) -> Result<(), AllocError> {
+        let (class, _) =
+            self.block_info(p.as_ptr() as usize)
+                .ok_or(AllocError::ForeignPointer {
+                    addr: p.as_ptr() as usize,
+                })?;
         // SAFETY: the pagemap says `p` starts a block of class `class` of ours.
         unsafe {
             if class == HUGE_CLASS {
@@ -184,7 +209,11 @@ impl PoolShared {
             let got = match class_for(size, 8) {
                 Some(c) => self.central(c).prewarm(self, c, count),
                 None => {
-                    let need = huge_size(size).ok_or(AllocError::InvalidLayout { size, align: 8, problem: LayoutProblem::SizeOverflow })?;
+                    let need = huge_size(size).ok_or(AllocError::InvalidLayout {
+                        size,
+                        align: 8,
+                        problem: LayoutProblem::SizeOverflow,
+                    })?;
                     self.huge.prewarm(self, need, count)
                 }
             };
@@ -269,7 +298,9 @@ impl HostPool {
     /// A pool with `config`. Maps nothing.
     pub fn with_config(config: HostPoolConfig) -> Self {
         let shared = Arc::new(PoolShared::new());
-        shared.retain_limit.store(config.retain_limit.unwrap_or(usize::MAX), Ordering::Relaxed);
+        shared
+            .retain_limit
+            .store(config.retain_limit.unwrap_or(usize::MAX), Ordering::Relaxed);
         HostPool { shared }
     }
 
@@ -303,7 +334,9 @@ impl HostPool {
             return;
         }
         // SAFETY: forwarded from the caller.
-        thread_cache::with_pool_cache(&self.shared, |tc| unsafe { self.shared.free(tc, ptr, layout) })
+        thread_cache::with_pool_cache(&self.shared, |tc| unsafe {
+            self.shared.free(tc, ptr, layout)
+        })
     }
 
     /// Frees a block without its layout. A pointer this pool did not hand out
@@ -313,7 +346,9 @@ impl HostPool {
     /// - If `ptr` is a live block of this pool, it is not used afterwards.
     pub unsafe fn free(&self, ptr: NonNull<u8>) -> Result<(), AllocError> {
         // SAFETY: forwarded from the caller.
-        thread_cache::with_pool_cache(&self.shared, |tc| unsafe { self.shared.free_unsized(tc, ptr) })
+        thread_cache::with_pool_cache(&self.shared, |tc| unsafe {
+            self.shared.free_unsized(tc, ptr)
+        })
     }
 
     /// The usable size of the block starting at `ptr`, if this pool owns it.
@@ -352,7 +387,9 @@ impl HostPool {
 
     /// Sets (or clears) the retained-bytes limit.
     pub fn set_retain_limit(&self, limit: Option<usize>) {
-        self.shared.retain_limit.store(limit.unwrap_or(usize::MAX), Ordering::Relaxed);
+        self.shared
+            .retain_limit
+            .store(limit.unwrap_or(usize::MAX), Ordering::Relaxed);
     }
 
     /// A statistics snapshot.
@@ -377,7 +414,7 @@ impl HostPool {
     #[cfg(test)]
     pub(crate) fn central_available(&self, size: usize) -> usize {
         let c = super::size_class::class_of(size);
-        self.shared.central(c).available_for_test()
+        self.shared.central(c).available()
     }
 }
 

@@ -34,7 +34,10 @@ impl Prewarm {
     /// 1 MiB, 16 MiB; 64 MiB for VeryLarge).
     pub fn per_category(counts: [usize; Category::COUNT]) -> Self {
         let sizes = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20];
-        sizes.into_iter().zip(counts).fold(Self::new(), |p, (s, n)| p.blocks(s, n))
+        sizes
+            .into_iter()
+            .zip(counts)
+            .fold(Self::new(), |p, (s, n)| p.blocks(s, n))
     }
 
     /// Exactly what a recorded workload needs: its peak number of live blocks
@@ -47,7 +50,9 @@ impl Prewarm {
             e.0 += d;
             e.1 = e.1.max(e.0);
         }
-        live.into_iter().fold(Self::new(), |p, (s, (_, peak))| p.blocks(s, peak.max(0) as usize))
+        live.into_iter().fold(Self::new(), |p, (s, (_, peak))| {
+            p.blocks(s, peak.max(0) as usize)
+        })
     }
 
     /// The `(size, count)` entries.
@@ -62,8 +67,19 @@ mod tests {
 
     #[test]
     fn plans() {
-        assert_eq!(Prewarm::per_category([1, 0, 2, 0, 0]).entries(), &[(4096, 1), (1 << 20, 2)]);
-        let p = Prewarm::from_events([(64, 1), (64, 1), (64, -1), (64, 1), (64, 1), (8, 1), (8, -1)]);
+        assert_eq!(
+            Prewarm::per_category([1, 0, 2, 0, 0]).entries(),
+            &[(4096, 1), (1 << 20, 2)]
+        );
+        let p = Prewarm::from_events([
+            (64, 1),
+            (64, 1),
+            (64, -1),
+            (64, 1),
+            (64, 1),
+            (8, 1),
+            (8, -1),
+        ]);
         assert_eq!(p.entries(), &[(8, 1), (64, 3)]);
     }
 }

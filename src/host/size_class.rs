@@ -194,8 +194,13 @@ impl Category {
     /// Number of categories.
     pub const COUNT: usize = 5;
     /// All categories, smallest first.
-    pub const ALL: [Category; 5] =
-        [Category::VerySmall, Category::Small, Category::Medium, Category::Large, Category::VeryLarge];
+    pub const ALL: [Category; 5] = [
+        Category::VerySmall,
+        Category::Small,
+        Category::Medium,
+        Category::Large,
+        Category::VeryLarge,
+    ];
     /// Upper bound of each category (the last one is unbounded).
     pub const UPPER: [usize; 4] = [4 << 10, 64 << 10, 1 << 20, 16 << 20];
 

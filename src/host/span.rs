@@ -40,7 +40,9 @@ impl SpanMeta {
     /// Whether `p` is the start of one of this span's blocks.
     #[inline]
     pub fn is_block_start(&self, p: usize) -> bool {
-        p >= self.base && (p - self.base) % self.block == 0 && (p - self.base) / self.block < self.nblocks as usize
+        p >= self.base
+            && (p - self.base) % self.block == 0
+            && (p - self.base) / self.block < self.nblocks as usize
     }
 }
 
@@ -60,7 +62,11 @@ unsafe impl Sync for Arena {}
 
 static ARENA: Arena = Arena {
     lock: RawLock::new(),
-    state: crate::sync::UnsafeCell::new(ArenaState { free: null_mut(), bump: 0, end: 0 }),
+    state: crate::sync::UnsafeCell::new(ArenaState {
+        free: null_mut(),
+        bump: 0,
+        end: 0,
+    }),
 };
 
 const CHUNK: usize = 1 << 20;
@@ -117,6 +123,16 @@ pub(crate) unsafe fn free_record(r: *mut SpanMeta) {
 
 impl SpanMeta {
     const fn zeroed() -> Self {
-        SpanMeta { base: 0, len: 0, block: 0, owner: 0, next: null_mut(), prev: null_mut(), nblocks: 0, free_seen: 0, class: 0 }
+        SpanMeta {
+            base: 0,
+            len: 0,
+            block: 0,
+            owner: 0,
+            next: null_mut(),
+            prev: null_mut(),
+            nblocks: 0,
+            free_seen: 0,
+            class: 0,
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! Unit tests of the host pool through its public API.
 
-use super::size_class::{CLASS_SIZES, MAX_ALIGN, MAX_CLASS_SIZE, NUM_CLASSES, class_of};
+use super::size_class::{CLASS_SIZES, MAX_ALIGN, MAX_CLASS_SIZE, class_of};
 use super::{HostPool, HostPoolConfig, Prewarm};
 use crate::error::{AllocError, LayoutProblem};
 use core::alloc::Layout;
@@ -13,21 +13,28 @@ fn layout(size: usize, align: usize) -> Layout {
 /// Writes a pattern derived from `seed` over the whole block.
 fn fill(p: NonNull<u8>, len: usize, seed: u8) {
     // SAFETY: tests only pass live blocks of at least `len` bytes.
-    unsafe { core::slice::from_raw_parts_mut(p.as_ptr(), len) }.iter_mut().enumerate().for_each(|(i, b)| *b = seed ^ (i as u8));
+    unsafe { core::slice::from_raw_parts_mut(p.as_ptr(), len) }
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = seed ^ (i as u8));
 }
 
 fn check(p: NonNull<u8>, len: usize, seed: u8) {
     // SAFETY: as in `fill`.
     let s = unsafe { core::slice::from_raw_parts(p.as_ptr(), len) };
-    assert!(s.iter().enumerate().all(|(i, &b)| b == seed ^ (i as u8)), "pattern broken at {:p}", p);
+    assert!(
+        s.iter().enumerate().all(|(i, &b)| b == seed ^ (i as u8)),
+        "pattern broken at {:p}",
+        p
+    );
 }
 
 #[test]
 fn every_class_boundary_allocates_and_is_owned() {
     let pool = HostPool::new();
     let mut sizes = vec![1usize, 7, 600 << 10];
-    for c in 0..NUM_CLASSES {
-        sizes.extend([CLASS_SIZES[c], CLASS_SIZES[c] - 1]);
+    for &cs in &CLASS_SIZES {
+        sizes.extend([cs, cs - 1]);
     }
     for s in sizes {
         let l = layout(s, 8);
@@ -84,8 +91,19 @@ fn alignments_up_to_max_and_beyond() {
         align *= 2;
     }
     let e = pool.allocate(layout(64, MAX_ALIGN * 2)).unwrap_err();
-    assert!(matches!(e, AllocError::InvalidLayout { problem: LayoutProblem::AlignTooLarge { max: MAX_ALIGN }, .. }), "{e}");
-    let e = pool.allocate(layout(MAX_CLASS_SIZE * 2, MAX_ALIGN * 2)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            AllocError::InvalidLayout {
+                problem: LayoutProblem::AlignTooLarge { max: MAX_ALIGN },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = pool
+        .allocate(layout(MAX_CLASS_SIZE * 2, MAX_ALIGN * 2))
+        .unwrap_err();
     assert!(matches!(e, AllocError::InvalidLayout { .. }), "{e}");
 }
 
@@ -94,7 +112,16 @@ fn size_overflow_when_rounded_is_an_error() {
     let pool = HostPool::new();
     let l = layout(isize::MAX as usize - 10, 1);
     let e = pool.allocate(l).unwrap_err();
-    assert!(matches!(e, AllocError::InvalidLayout { problem: LayoutProblem::SizeOverflow, .. } | AllocError::OutOfMemory { .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            AllocError::InvalidLayout {
+                problem: LayoutProblem::SizeOverflow,
+                ..
+            } | AllocError::OutOfMemory { .. }
+        ),
+        "{e}"
+    );
 }
 
 #[test]
@@ -123,7 +150,8 @@ fn foreign_and_interior_pointers_are_refused() {
     let mut x = 5u64;
     let stack = NonNull::from(&mut x).cast::<u8>();
     // SAFETY: `free` checks ownership first and changes nothing on error.
-    assert!(matches!(unsafe { pool.free(stack) }, Err(AllocError::ForeignPointer { .. })));
+    let r = unsafe { pool.free(stack) };
+    assert!(matches!(r, Err(AllocError::ForeignPointer { .. })));
     let l = layout(256, 8);
     let p = other.allocate(l).unwrap();
     assert!(!pool.owns(p.as_ptr()) && other.owns(p.as_ptr()));
@@ -190,7 +218,14 @@ fn trim_returns_memory_and_blocks_stay_usable() {
 #[test]
 fn prewarm_is_explicit_and_serves_without_mapping() {
     let pool = HostPool::new();
-    let mapped = pool.prewarm(&Prewarm::new().blocks(4096, 256).blocks(1 << 20, 4).blocks(80 << 20, 1)).unwrap();
+    let mapped = pool
+        .prewarm(
+            &Prewarm::new()
+                .blocks(4096, 256)
+                .blocks(1 << 20, 4)
+                .blocks(80 << 20, 1),
+        )
+        .unwrap();
     assert!(mapped >= 256 * 4096 + 4 * (1 << 20) + (80 << 20));
     let maps = pool.stats().os_maps;
     let mut v = Vec::new();
@@ -201,7 +236,11 @@ fn prewarm_is_explicit_and_serves_without_mapping() {
         v.push((pool.allocate(layout(1 << 20, 64)).unwrap(), 1 << 20));
     }
     v.push((pool.allocate(layout(80 << 20, 64)).unwrap(), 80 << 20));
-    assert_eq!(pool.stats().os_maps, maps, "prewarmed blocks came from the OS again");
+    assert_eq!(
+        pool.stats().os_maps,
+        maps,
+        "prewarmed blocks came from the OS again"
+    );
     for (p, s) in v {
         // SAFETY: allocated above with this layout.
         unsafe { pool.deallocate(p, layout(s, 64)) };
@@ -210,7 +249,9 @@ fn prewarm_is_explicit_and_serves_without_mapping() {
 
 #[test]
 fn retain_limit_bounds_cached_big_blocks() {
-    let pool = HostPool::with_config(HostPoolConfig { retain_limit: Some(8 << 20) });
+    let pool = HostPool::with_config(HostPoolConfig {
+        retain_limit: Some(8 << 20),
+    });
     let l = layout(4 << 20, 64);
     let ps: Vec<_> = (0..8).map(|_| pool.allocate(l).unwrap()).collect();
     for p in ps {
@@ -235,7 +276,9 @@ fn cross_thread_frees_flow_back() {
     let l = layout(64 << 10, 64);
     // Producer allocates, consumer frees: memory must not pile up anywhere.
     for _round in 0..20 {
-        let ps: Vec<usize> = (0..64).map(|_| pool.allocate(l).unwrap().as_ptr() as usize).collect();
+        let ps: Vec<usize> = (0..64)
+            .map(|_| pool.allocate(l).unwrap().as_ptr() as usize)
+            .collect();
         let p2 = pool.clone();
         std::thread::spawn(move || {
             for p in ps {
@@ -268,7 +311,10 @@ fn thread_exit_hands_the_cache_back() {
     .join()
     .unwrap();
     let _ = c;
-    assert!(pool.central_available(256) >= 100, "blocks stuck in a dead thread's cache");
+    assert!(
+        pool.central_available(256) >= 100,
+        "blocks stuck in a dead thread's cache"
+    );
 }
 
 #[test]
@@ -285,7 +331,10 @@ fn dropping_pools_unmaps_them() {
         }
     }
     let after = crate::os::resident_bytes().unwrap();
-    assert!(after < before + (64 << 20), "RSS grew from {before} to {after}");
+    assert!(
+        after < before + (64 << 20),
+        "RSS grew from {before} to {after}"
+    );
 }
 
 #[test]
@@ -317,7 +366,9 @@ fn model_matches_pool() {
         z ^ (z >> 27)
     };
     for limit in [None, Some(24 << 20)] {
-        let pool = HostPool::with_config(HostPoolConfig { retain_limit: limit });
+        let pool = HostPool::with_config(HostPoolConfig {
+            retain_limit: limit,
+        });
         let mut model = PoolModel::new(limit);
         let mut live: Vec<(NonNull<u8>, Layout, usize)> = Vec::new();
         for step in 0..6000 {
@@ -342,13 +393,25 @@ fn model_matches_pool() {
             if step % 1500 == 1499 {
                 pool.trim();
                 model.trim();
-                assert!(model.reserved().current >= pool.stats().reserved.current, "model below pool after trim");
+                assert!(
+                    model.reserved().current >= pool.stats().reserved.current,
+                    "model below pool after trim"
+                );
             } else {
                 let (m, r) = (model.reserved(), pool.stats().reserved);
                 if step < 1500 {
-                    assert_eq!((m.current, m.peak), (r.current, r.peak), "step {step}, limit {limit:?}");
+                    assert_eq!(
+                        (m.current, m.peak),
+                        (r.current, r.peak),
+                        "step {step}, limit {limit:?}"
+                    );
                 } else {
-                    assert!(m.current >= r.current, "step {step}: model {} below pool {}", m.current, r.current);
+                    assert!(
+                        m.current >= r.current,
+                        "step {step}: model {} below pool {}",
+                        m.current,
+                        r.current
+                    );
                 }
             }
         }

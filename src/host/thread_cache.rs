@@ -16,7 +16,6 @@
 //! Invariant per class: `len` equals the length of the list at `head` and
 //! `len ≤ cap` between calls.
 
-use super::central::Central;
 use super::pool::PoolShared;
 use super::size_class::{NUM_CLASSES, batch_len, cache_cap};
 use super::transfer::FreeBlock;
@@ -39,7 +38,11 @@ pub(crate) struct ThreadCache {
 }
 
 const fn empty_classes() -> [ClassCache; NUM_CLASSES] {
-    let mut a = [ClassCache { head: null_mut(), len: 0, cap: 0 }; NUM_CLASSES];
+    let mut a = [ClassCache {
+        head: null_mut(),
+        len: 0,
+        cap: 0,
+    }; NUM_CLASSES];
     let mut c = 0;
     while c < NUM_CLASSES {
         a[c].cap = cache_cap(c);
@@ -50,7 +53,9 @@ const fn empty_classes() -> [ClassCache; NUM_CLASSES] {
 
 impl ThreadCache {
     pub(crate) const fn new() -> Self {
-        ThreadCache { classes: empty_classes() }
+        ThreadCache {
+            classes: empty_classes(),
+        }
     }
 
     /// A block of class `c`, or null if the OS refused memory.
@@ -133,12 +138,6 @@ impl ThreadCache {
             }
         }
     }
-
-    /// Blocks cached for class `c`.
-    #[cfg(test)]
-    pub(crate) fn cached(&self, c: usize) -> usize {
-        self.classes[c].len as usize
-    }
 }
 
 /// Allocates one block straight from the central list (no thread cache):
@@ -209,7 +208,10 @@ thread_local! {
 /// `f` must not re-enter the same pool's cache on this thread (the pool's own
 /// code never does: it maps memory directly from the OS).
 #[inline(always)]
-pub(crate) fn with_pool_cache<R>(pool: &Arc<PoolShared>, f: impl FnOnce(Option<&mut ThreadCache>) -> R) -> R {
+pub(crate) fn with_pool_cache<R>(
+    pool: &Arc<PoolShared>,
+    f: impl FnOnce(Option<&mut ThreadCache>) -> R,
+) -> R {
     let target = Arc::as_ptr(pool);
     CACHES.with(|cell| {
         let tc = cell.get();
@@ -224,7 +226,11 @@ pub(crate) fn with_pool_cache<R>(pool: &Arc<PoolShared>, f: impl FnOnce(Option<&
 }
 
 #[inline(never)]
-fn slow_pool_cache<R>(tc: *mut ThreadCaches, pool: &Arc<PoolShared>, f: impl FnOnce(Option<&mut ThreadCache>) -> R) -> R {
+fn slow_pool_cache<R>(
+    tc: *mut ThreadCaches,
+    pool: &Arc<PoolShared>,
+    f: impl FnOnce(Option<&mut ThreadCache>) -> R,
+) -> R {
     let target = Arc::as_ptr(pool);
     // SAFETY: as in `with_pool_cache`; every `&mut` below ends before `f`
     // runs or is the one handed to `f`.
@@ -279,6 +285,10 @@ pub(crate) fn release_pool_cache(pool: &PoolShared) {
 
 /// Runs `f` with this thread's cache for the process-wide global pool, or
 /// with `None` while the exit hook registers or after thread exit.
+#[allow(dead_code)] // used by src/global.rs
+#[doc(hidden)]
+///
+/// with `None` while the exit hook registers or after thread exit.
 #[inline(always)]
 pub(crate) fn with_global_cache<R>(f: impl FnOnce(Option<&mut ThreadCache>) -> R) -> R {
     match CACHES.try_with(|cell| {
@@ -289,7 +299,11 @@ pub(crate) fn with_global_cache<R>(f: impl FnOnce(Option<&mut ThreadCache>) -> R
             if (*tc).life == Life::Live {
                 return f(Some(&mut (*tc).global));
             }
-            if ensure_exit_hook(tc) { f(Some(&mut (*tc).global)) } else { f(None) }
+            if ensure_exit_hook(tc) {
+                f(Some(&mut (*tc).global))
+            } else {
+                f(None)
+            }
         }
     }) {
         Ok(r) => r,
@@ -298,6 +312,7 @@ pub(crate) fn with_global_cache<R>(f: impl FnOnce(Option<&mut ThreadCache>) -> R
 }
 
 #[cold]
+#[allow(dead_code)] // used by `with_global_cache`
 fn unreachable_tls() -> ! {
     // A `thread_local` without destructor is never torn down, so `try_with`
     // cannot fail; abort rather than panic inside an allocator.
@@ -324,7 +339,9 @@ unsafe fn ensure_exit_hook(tc: *mut ThreadCaches) -> bool {
         let key = exit_key();
         // pthread_setspecific may allocate (keys past the first 32); a
         // re-entrant allocation sees `Registering` and bypasses the cache.
-        let ok = key.is_some_and(|k| libc::pthread_setspecific(k, 1usize as *const libc::c_void) == 0);
+        let ok = key.is_some_and(|k| {
+            libc::pthread_setspecific(k, core::ptr::dangling::<libc::c_void>()) == 0
+        });
         (*tc).life = if ok { Life::Live } else { Life::Dead };
         ok
     }
@@ -373,12 +390,4 @@ extern "C" fn on_thread_exit(_: *mut libc::c_void) {
             drop(unsafe { Arc::from_raw(h) });
         }
     });
-}
-
-impl Central {
-    /// For tests: blocks available centrally.
-    #[cfg(test)]
-    pub(crate) fn available_for_test(&self) -> usize {
-        self.available()
-    }
 }

@@ -36,12 +36,16 @@ impl TransferStack {
     /// An empty stack.
     #[cfg(not(tensorpool_loom))]
     pub const fn new() -> Self {
-        Self { head: AtomicPtr::new(core::ptr::null_mut()) }
+        Self {
+            head: AtomicPtr::new(core::ptr::null_mut()),
+        }
     }
     /// An empty stack.
     #[cfg(tensorpool_loom)]
     pub fn new() -> Self {
-        Self { head: AtomicPtr::new(core::ptr::null_mut()) }
+        Self {
+            head: AtomicPtr::new(core::ptr::null_mut()),
+        }
     }
 
     /// Pushes the chain `head → … → tail` (linked through `next`).
@@ -58,7 +62,10 @@ impl TransferStack {
         loop {
             // SAFETY: the caller owns `tail`; it is not yet visible to others.
             unsafe { (*tail).next = cur };
-            match self.head.compare_exchange_weak(cur, head, Ordering::Release, Ordering::Relaxed) {
+            match self
+                .head
+                .compare_exchange_weak(cur, head, Ordering::Release, Ordering::Relaxed)
+            {
                 Ok(_) => return,
                 Err(actual) => cur = actual,
             }
@@ -82,13 +89,24 @@ impl TransferStack {
     }
 }
 
+#[cfg(not(tensorpool_loom))]
+impl Default for TransferStack {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[cfg(all(test, not(tensorpool_loom)))]
 mod tests {
     use super::*;
 
     #[test]
     fn chains_come_back_whole() {
-        let mut nodes: Vec<FreeBlock> = (0..6).map(|_| FreeBlock { next: core::ptr::null_mut() }).collect();
+        let mut nodes: Vec<FreeBlock> = (0..6)
+            .map(|_| FreeBlock {
+                next: core::ptr::null_mut(),
+            })
+            .collect();
         let p: Vec<*mut FreeBlock> = nodes.iter_mut().map(|n| n as *mut _).collect();
         let (p0, p1, p2, p3, p4, p5) = (p[0], p[1], p[2], p[3], p[4], p[5]);
         let s = TransferStack::new();

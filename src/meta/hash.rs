@@ -62,7 +62,13 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
 /// Fed in order: rank, then each dimension, then each stride (as many as
 /// dims), then the dtype code (`0xFF` when unknown), the offset and the id.
 /// Rank and lengths go in so that `[2, 3]` and `[2], strides [3]` differ.
-pub fn fnv1a_tensor(dims: &[u64], strides: &[u64], dtype: Option<DType>, offset: u64, id: TensorId) -> u64 {
+pub fn fnv1a_tensor(
+    dims: &[u64],
+    strides: &[u64],
+    dtype: Option<DType>,
+    offset: u64,
+    id: TensorId,
+) -> u64 {
     let mut h = Fnv1a::new();
     h.write_u64(dims.len() as u64);
     for &d in dims {
@@ -94,13 +100,40 @@ mod tests {
     fn tensor_hash_separates_fields() {
         let id = TensorId::from_raw(7).unwrap();
         let base = fnv1a_tensor(&[2, 3], &[3, 1], Some(DType::F32), 0, id);
-        assert_eq!(base, fnv1a_tensor(&[2, 3], &[3, 1], Some(DType::F32), 0, id));
-        assert_ne!(base, fnv1a_tensor(&[3, 2], &[2, 1], Some(DType::F32), 0, id));
-        assert_ne!(base, fnv1a_tensor(&[2, 3], &[1, 2], Some(DType::F32), 0, id));
-        assert_ne!(base, fnv1a_tensor(&[2, 3], &[3, 1], Some(DType::F16), 0, id));
+        assert_eq!(
+            base,
+            fnv1a_tensor(&[2, 3], &[3, 1], Some(DType::F32), 0, id)
+        );
+        assert_ne!(
+            base,
+            fnv1a_tensor(&[3, 2], &[2, 1], Some(DType::F32), 0, id)
+        );
+        assert_ne!(
+            base,
+            fnv1a_tensor(&[2, 3], &[1, 2], Some(DType::F32), 0, id)
+        );
+        assert_ne!(
+            base,
+            fnv1a_tensor(&[2, 3], &[3, 1], Some(DType::F16), 0, id)
+        );
         assert_ne!(base, fnv1a_tensor(&[2, 3], &[3, 1], None, 0, id));
-        assert_ne!(base, fnv1a_tensor(&[2, 3], &[3, 1], Some(DType::F32), 64, id));
-        assert_ne!(base, fnv1a_tensor(&[2, 3], &[3, 1], Some(DType::F32), 0, TensorId::from_raw(8).unwrap()));
-        assert_ne!(fnv1a_tensor(&[2, 3], &[], None, 0, id), fnv1a_tensor(&[2], &[3], None, 0, id));
+        assert_ne!(
+            base,
+            fnv1a_tensor(&[2, 3], &[3, 1], Some(DType::F32), 64, id)
+        );
+        assert_ne!(
+            base,
+            fnv1a_tensor(
+                &[2, 3],
+                &[3, 1],
+                Some(DType::F32),
+                0,
+                TensorId::from_raw(8).unwrap()
+            )
+        );
+        assert_ne!(
+            fnv1a_tensor(&[2, 3], &[], None, 0, id),
+            fnv1a_tensor(&[2], &[3], None, 0, id)
+        );
     }
 }

@@ -42,12 +42,16 @@ impl IdIssuer {
     /// An issuer whose first id is 1.
     #[cfg(not(tensorpool_loom))]
     pub const fn new() -> Self {
-        Self { next: AtomicU64::new(1) }
+        Self {
+            next: AtomicU64::new(1),
+        }
     }
     /// An issuer whose first id is 1.
     #[cfg(tensorpool_loom)]
     pub fn new() -> Self {
-        Self { next: AtomicU64::new(1) }
+        Self {
+            next: AtomicU64::new(1),
+        }
     }
 
     /// The next id; `None` once 2^64 - 1 ids have been issued.
@@ -105,7 +109,11 @@ mod tests {
         let hs: Vec<_> = (0..8)
             .map(|_| {
                 let i = i.clone();
-                std::thread::spawn(move || (0..10_000).map(|_| i.issue().unwrap().get()).collect::<Vec<_>>())
+                std::thread::spawn(move || {
+                    (0..10_000)
+                        .map(|_| i.issue().unwrap().get())
+                        .collect::<Vec<_>>()
+                })
             })
             .collect();
         let mut all: Vec<u64> = hs.into_iter().flat_map(|h| h.join().unwrap()).collect();

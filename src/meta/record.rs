@@ -77,11 +77,24 @@ impl TensorMeta {
             Some(s) => {
                 let strides = s.contiguous_strides();
                 let d = s.dims();
-                let sat = |i: usize| d.get(i).map_or(0, |&v| u32::try_from(v).unwrap_or(u32::MAX));
+                let sat = |i: usize| {
+                    d.get(i)
+                        .map_or(0, |&v| u32::try_from(v).unwrap_or(u32::MAX))
+                };
                 let hash = fnv1a_tensor(d, &strides[..s.rank()], t.dtype, t.addr, id);
-                (s.rank() as u8, s.numel().unwrap_or(u64::MAX), [sat(0), sat(1)], hash)
+                (
+                    s.rank() as u8,
+                    s.numel().unwrap_or(u64::MAX),
+                    [sat(0), sat(1)],
+                    hash,
+                )
             }
-            None => (NO_SHAPE, 0, [0, 0], fnv1a_tensor(&[], &[], t.dtype, t.addr, id)),
+            None => (
+                NO_SHAPE,
+                0,
+                [0, 0],
+                fnv1a_tensor(&[], &[], t.dtype, t.addr, id),
+            ),
         };
         TensorMeta {
             id: id.get(),
@@ -238,7 +251,14 @@ mod tests {
     #[test]
     fn summary_fields_and_round_trip() {
         let id = TensorId::from_raw(42).unwrap();
-        let m = TensorMeta::new(id, &nt(Some(&[2, 3, 4]), Some(DType::F32), TensorFlags::PINNED | TensorFlags::WEIGHT));
+        let m = TensorMeta::new(
+            id,
+            &nt(
+                Some(&[2, 3, 4]),
+                Some(DType::F32),
+                TensorFlags::PINNED | TensorFlags::WEIGHT,
+            ),
+        );
         assert_eq!(m.id(), id);
         assert_eq!(m.size(), 96);
         assert_eq!((m.access_count(), m.last_access(), m.refcount()), (0, 0, 1));
@@ -247,8 +267,15 @@ mod tests {
         assert_eq!(m.rank(), Some(3));
         assert_eq!(m.numel(), Some(24));
         assert_eq!(m.leading_dims(), [2, 3]);
-        assert!(m.pinned() && m.flags().has(TensorFlags::WEIGHT) && !m.flags().has(TensorFlags::TEMPORARY));
-        assert_eq!(m.hash(), fnv1a_tensor(&[2, 3, 4], &[12, 4, 1], Some(DType::F32), 0x1000, id));
+        assert!(
+            m.pinned()
+                && m.flags().has(TensorFlags::WEIGHT)
+                && !m.flags().has(TensorFlags::TEMPORARY)
+        );
+        assert_eq!(
+            m.hash(),
+            fnv1a_tensor(&[2, 3, 4], &[12, 4, 1], Some(DType::F32), 0x1000, id)
+        );
         assert_eq!(TensorMeta::from_words(m.to_words()), m);
     }
 

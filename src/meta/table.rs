@@ -166,7 +166,9 @@ impl Grace {
     fn new() -> Self {
         Grace {
             epoch: AtomicU64::new(0),
-            active: core::array::from_fn(|_| CachePadded([AtomicUsize::new(0), AtomicUsize::new(0)])),
+            active: core::array::from_fn(|_| {
+                CachePadded([AtomicUsize::new(0), AtomicUsize::new(0)])
+            }),
         }
     }
 
@@ -177,7 +179,9 @@ impl Grace {
         // Threads' stacks are megabytes apart, so the stack address picks a
         // shard that is stable for the thread and rarely shared.
         let probe = 0u8;
-        let shard = ((core::ptr::addr_of!(probe).addr() >> 20).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 61) % SHARDS;
+        let shard = ((core::ptr::addr_of!(probe).addr() >> 20).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            >> 61)
+            % SHARDS;
         loop {
             let e = self.epoch.load(Ordering::SeqCst);
             let cell = &self.active[shard][(e & 1) as usize];
@@ -197,7 +201,11 @@ impl Grace {
         let e = self.epoch.load(Ordering::SeqCst);
         // The previous epoch, e - 1, has the parity of e + 1.
         let prev = ((e + 1) & 1) as usize;
-        if self.active.iter().any(|a| a[prev].load(Ordering::SeqCst) != 0) {
+        if self
+            .active
+            .iter()
+            .any(|a| a[prev].load(Ordering::SeqCst) != 0)
+        {
             return false;
         }
         self.epoch.store(e + 1, Ordering::SeqCst);
@@ -266,7 +274,9 @@ impl MetaTable {
     /// (about 400 KiB per 4096 slots) are allocated as slots are first used.
     pub fn new() -> Self {
         MetaTable {
-            dir: (0..DIR_LEN).map(|_| AtomicPtr::new(core::ptr::null_mut())).collect(),
+            dir: (0..DIR_LEN)
+                .map(|_| AtomicPtr::new(core::ptr::null_mut()))
+                .collect(),
             hw: AtomicUsize::new(0),
             live: AtomicUsize::new(0),
             backend: AtomicUsize::new(BatchBackend::detected().to_code()),
@@ -418,7 +428,10 @@ impl MetaTable {
 
     fn read_record(c: &Chunk, i: usize) -> TensorMeta {
         let w: [u64; 8] = core::array::from_fn(|j| c.records[i].0[j].load(Ordering::Relaxed));
-        TensorMeta::from_words(w).with_counters(c.count[i].load(Ordering::Relaxed), c.last[i].load(Ordering::Relaxed))
+        TensorMeta::from_words(w).with_counters(
+            c.count[i].load(Ordering::Relaxed),
+            c.last[i].load(Ordering::Relaxed),
+        )
     }
 
     /// The record of a live tensor, with its current counters; `None` if
@@ -499,25 +512,42 @@ impl MetaTable {
         let mut heap: BinaryHeap<(u64, u32, u64)> = BinaryHeap::with_capacity(k.min(1 << 16) + 1);
         let mut thr = u64::MAX;
         self.for_each_chunk(|base, c, n| {
-            thr = batch::select_le(b, &c.tag[..n], &c.last[..n], LIVE | PINNED, LIVE, thr, |i, l| {
-                let id = c.ids[i].load(Ordering::Acquire);
-                let cand = (l, (base + i) as u32, id);
-                if id != 0 {
-                    if heap.len() < k {
-                        heap.push(cand);
-                    } else if heap.peek().is_some_and(|top| cand < *top) {
-                        heap.pop();
-                        heap.push(cand);
+            thr = batch::select_le(
+                b,
+                &c.tag[..n],
+                &c.last[..n],
+                LIVE | PINNED,
+                LIVE,
+                thr,
+                |i, l| {
+                    let id = c.ids[i].load(Ordering::Acquire);
+                    let cand = (l, (base + i) as u32, id);
+                    if id != 0 {
+                        if heap.len() < k {
+                            heap.push(cand);
+                        } else if heap.peek().is_some_and(|top| cand < *top) {
+                            heap.pop();
+                            heap.push(cand);
+                        }
                     }
-                }
-                // Later slots only win with a strictly older last access.
-                match heap.peek() {
-                    Some(top) if heap.len() == k => top.0.saturating_sub(1),
-                    _ => u64::MAX,
-                }
-            });
+                    // Later slots only win with a strictly older last access.
+                    match heap.peek() {
+                        Some(top) if heap.len() == k => top.0.saturating_sub(1),
+                        _ => u64::MAX,
+                    }
+                },
+            );
         });
-        out.extend(heap.into_sorted_vec().into_iter().filter_map(|(_, slot, id)| Some(TensorKey { id: TensorId::from_raw(id)?, slot })));
+        out.extend(
+            heap.into_sorted_vec()
+                .into_iter()
+                .filter_map(|(_, slot, id)| {
+                    Some(TensorKey {
+                        id: TensorId::from_raw(id)?,
+                        slot,
+                    })
+                }),
+        );
     }
 
     /// Into `out` (cleared first): every live tensor with `last_access < t`,
@@ -530,7 +560,10 @@ impl MetaTable {
         self.for_each_chunk(|base, c, n| {
             batch::select_le(b, &c.tag[..n], &c.last[..n], LIVE, LIVE, thr, |i, _| {
                 if let Some(id) = TensorId::from_raw(c.ids[i].load(Ordering::Acquire)) {
-                    out.push(TensorKey { id, slot: (base + i) as u32 });
+                    out.push(TensorKey {
+                        id,
+                        slot: (base + i) as u32,
+                    });
                 }
                 thr
             });
@@ -552,7 +585,9 @@ impl MetaTable {
         let _pin = self.grace.pin();
         let mut acc = Vec::new();
         self.for_each_chunk(|_, c, n| batch::usage_by_device(&c.tag[..n], &c.size[..n], &mut acc));
-        acc.into_iter().map(|(code, u)| (Device::from_code(code), u)).collect()
+        acc.into_iter()
+            .map(|(code, u)| (Device::from_code(code), u))
+            .collect()
     }
 
     /// `access_count >>= shift` for every tensor (`shift >= 64` zeroes).
@@ -577,13 +612,30 @@ impl MetaTable {
             for i in 0..n {
                 let id = c.ids[i].load(Ordering::Acquire);
                 let tag = c.tag[i].load(Ordering::Acquire);
-                assert_eq!(id != 0, tag & LIVE != 0, "slot {}: id {id} but tag {tag:#x}", base + i);
+                assert_eq!(
+                    id != 0,
+                    tag & LIVE != 0,
+                    "slot {}: id {id} but tag {tag:#x}",
+                    base + i
+                );
                 if id != 0 {
                     live += 1;
-                    let rec = TensorMeta::from_words(core::array::from_fn(|j| c.records[i].0[j].load(Ordering::Relaxed)));
+                    let rec = TensorMeta::from_words(core::array::from_fn(|j| {
+                        c.records[i].0[j].load(Ordering::Relaxed)
+                    }));
                     assert_eq!(rec.id().get(), id, "slot {}: record id", base + i);
-                    assert_eq!(rec.size(), c.size[i].load(Ordering::Relaxed), "slot {}: size column", base + i);
-                    assert_eq!(rec.pinned(), tag & PINNED != 0, "slot {}: pinned bit", base + i);
+                    assert_eq!(
+                        rec.size(),
+                        c.size[i].load(Ordering::Relaxed),
+                        "slot {}: size column",
+                        base + i
+                    );
+                    assert_eq!(
+                        rec.pinned(),
+                        tag & PINNED != 0,
+                        "slot {}: pinned bit",
+                        base + i
+                    );
                 }
             }
         });
@@ -630,7 +682,13 @@ mod tests {
         assert_eq!(c.slot, a.slot);
         assert!(t.get(a).is_none() && t.remove(a).is_none());
         assert_eq!(t.get(c).unwrap().size(), 7);
-        assert!(t.get(TensorKey { id: id(2), slot: 1_000_000 }).is_none());
+        assert!(
+            t.get(TensorKey {
+                id: id(2),
+                slot: 1_000_000
+            })
+            .is_none()
+        );
         t.check_invariants();
     }
 
@@ -646,7 +704,10 @@ mod tests {
         t.touch(&many, 9);
         assert_eq!(t.get(a).unwrap().access_count(), 9 + many.len() as u64);
         t.decay(1);
-        assert_eq!(t.get(a).unwrap().access_count(), (9 + many.len() as u64) >> 1);
+        assert_eq!(
+            t.get(a).unwrap().access_count(),
+            (9 + many.len() as u64) >> 1
+        );
     }
 
     #[test]
@@ -656,7 +717,11 @@ mod tests {
         let pin = t.grace.pin();
         t.remove(a).unwrap();
         let b = t.insert(id(2), &NewTensor::bytes(1, Device::Host));
-        assert_ne!(b.slot, a.slot, "a pinned reader may still hold slot {}", a.slot);
+        assert_ne!(
+            b.slot, a.slot,
+            "a pinned reader may still hold slot {}",
+            a.slot
+        );
         drop(pin);
         t.remove(b).unwrap();
         let c = t.insert(id(3), &NewTensor::bytes(1, Device::Host));

@@ -60,8 +60,15 @@ const DEVICE_SHIFT: u32 = 16;
 /// The tag of a live tensor.
 #[inline]
 pub(crate) fn live_tag(flags: u8, cat: Category, device_code: u16) -> u32 {
-    let pinned = if flags & crate::allocator::TensorFlags::PINNED != 0 { PINNED } else { 0 };
-    LIVE | pinned | (cat.index() as u32) << CAT_SHIFT | u32::from(flags) << FLAGS_SHIFT | u32::from(device_code) << DEVICE_SHIFT
+    let pinned = if flags & crate::allocator::TensorFlags::PINNED != 0 {
+        PINNED
+    } else {
+        0
+    };
+    LIVE | pinned
+        | (cat.index() as u32) << CAT_SHIFT
+        | u32::from(flags) << FLAGS_SHIFT
+        | u32::from(device_code) << DEVICE_SHIFT
 }
 
 /// Which implementation of the batch scans a table runs.
@@ -82,7 +89,8 @@ pub struct UnsupportedBackend(pub BatchBackend);
 
 impl BatchBackend {
     /// Every backend, scalar first.
-    pub const ALL: [BatchBackend; 3] = [BatchBackend::Scalar, BatchBackend::Avx2, BatchBackend::Neon];
+    pub const ALL: [BatchBackend; 3] =
+        [BatchBackend::Scalar, BatchBackend::Avx2, BatchBackend::Neon];
 
     /// The fastest backend this CPU supports, decided once per process:
     /// NEON on aarch64, AVX2 on x86-64 CPUs that have it, scalar otherwise,
@@ -93,7 +101,10 @@ impl BatchBackend {
             if std::env::var_os("TENSORPOOL_SIMD").is_some_and(|v| v == "scalar") {
                 return BatchBackend::Scalar;
             }
-            [BatchBackend::Avx2, BatchBackend::Neon].into_iter().find(|b| b.is_supported()).unwrap_or(BatchBackend::Scalar)
+            [BatchBackend::Avx2, BatchBackend::Neon]
+                .into_iter()
+                .find(|b| b.is_supported())
+                .unwrap_or(BatchBackend::Scalar)
         })
     }
 
@@ -120,7 +131,10 @@ impl BatchBackend {
     }
 
     pub(crate) fn from_code(c: usize) -> BatchBackend {
-        BatchBackend::ALL.get(c).copied().unwrap_or(BatchBackend::Scalar)
+        BatchBackend::ALL
+            .get(c)
+            .copied()
+            .unwrap_or(BatchBackend::Scalar)
     }
 }
 
@@ -163,7 +177,12 @@ pub(crate) fn select_le<F: FnMut(usize, u64) -> u64>(
 
 /// `usage` on `b` (see the module docs): adds into `acc`.
 #[inline]
-pub(crate) fn usage(b: BatchBackend, tag: &[AtomicU32], size: &[AtomicU64], acc: &mut [CategoryUsage; Category::COUNT]) {
+pub(crate) fn usage(
+    b: BatchBackend,
+    tag: &[AtomicU32],
+    size: &[AtomicU64],
+    acc: &mut [CategoryUsage; Category::COUNT],
+) {
     match b {
         #[cfg(all(target_arch = "x86_64", not(miri)))]
         BatchBackend::Avx2 if avx2() => {
@@ -193,7 +212,11 @@ pub(crate) fn decay(b: BatchBackend, count: &[AtomicU64], shift: u32) {
 
 /// Live count and bytes per device code, added into `acc` (kept sorted by
 /// code). One scalar loop for every backend: see the module docs.
-pub(crate) fn usage_by_device(tag: &[AtomicU32], size: &[AtomicU64], acc: &mut Vec<(u16, CategoryUsage)>) {
+pub(crate) fn usage_by_device(
+    tag: &[AtomicU32],
+    size: &[AtomicU64],
+    acc: &mut Vec<(u16, CategoryUsage)>,
+) {
     let mut at = 0usize;
     for (t, s) in tag.iter().zip(size) {
         let t = t.load(Ordering::Relaxed);

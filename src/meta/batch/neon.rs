@@ -40,7 +40,13 @@ pub(crate) fn select_le<F: FnMut(usize, u64) -> u64>(
         // `last` read are inside the slices; 2. `ld1` needs only element
         // alignment, which the atomics have; 3. atomics have their integer's
         // layout; 4. racing writes as in the module docs.
-        let (t, l0, l1) = unsafe { (vld1q_u32(tp.add(i)), vld1q_u64(lp.add(i)), vld1q_u64(lp.add(i + 2))) };
+        let (t, l0, l1) = unsafe {
+            (
+                vld1q_u32(tp.add(i)),
+                vld1q_u64(lp.add(i)),
+                vld1q_u64(lp.add(i + 2)),
+            )
+        };
         // All-ones lanes where the tag matches, sign-extended to 64 bits.
         let tok = vreinterpretq_s32_u32(vceqq_u32(vandq_u32(t, vmask), vwant));
         let tok0 = vreinterpretq_u64_s64(vmovl_s32(vget_low_s32(tok)));
@@ -49,8 +55,18 @@ pub(crate) fn select_le<F: FnMut(usize, u64) -> u64>(
         let ok0 = vandq_u64(vcleq_u64(l0, vthr), tok0);
         let ok1 = vandq_u64(vcleq_u64(l1, vthr), tok1);
         if vmaxvq_u32(vreinterpretq_u32_u64(vorrq_u64(ok0, ok1))) != 0 {
-            let ok = [vgetq_lane_u64::<0>(ok0), vgetq_lane_u64::<1>(ok0), vgetq_lane_u64::<0>(ok1), vgetq_lane_u64::<1>(ok1)];
-            let v = [vgetq_lane_u64::<0>(l0), vgetq_lane_u64::<1>(l0), vgetq_lane_u64::<0>(l1), vgetq_lane_u64::<1>(l1)];
+            let ok = [
+                vgetq_lane_u64::<0>(ok0),
+                vgetq_lane_u64::<1>(ok0),
+                vgetq_lane_u64::<0>(ok1),
+                vgetq_lane_u64::<1>(ok1),
+            ];
+            let v = [
+                vgetq_lane_u64::<0>(l0),
+                vgetq_lane_u64::<1>(l0),
+                vgetq_lane_u64::<0>(l1),
+                vgetq_lane_u64::<1>(l1),
+            ];
             for j in 0..STEP {
                 // `f` may have lowered the threshold for the later lanes.
                 if ok[j] != 0 && v[j] <= thr {
@@ -64,12 +80,17 @@ pub(crate) fn select_le<F: FnMut(usize, u64) -> u64>(
 }
 
 /// NEON `usage`; see [`super::scalar::usage`].
-pub(crate) fn usage(tag: &[AtomicU32], size: &[AtomicU64], acc: &mut [CategoryUsage; Category::COUNT]) {
+pub(crate) fn usage(
+    tag: &[AtomicU32],
+    size: &[AtomicU64],
+    acc: &mut [CategoryUsage; Category::COUNT],
+) {
     let n = tag.len().min(size.len());
     let tp = tag.as_ptr().cast::<u32>();
     let sp = size.as_ptr().cast::<u64>();
     let key = vdupq_n_u32(LIVE | CAT_MASK);
-    let want: [uint32x4_t; Category::COUNT] = core::array::from_fn(|c| vdupq_n_u32(LIVE | (c as u32) << CAT_SHIFT));
+    let want: [uint32x4_t; Category::COUNT] =
+        core::array::from_fn(|c| vdupq_n_u32(LIVE | (c as u32) << CAT_SHIFT));
     let mut bytes = [vdupq_n_u64(0); Category::COUNT];
     // 32-bit counts: at most n / 4 per lane per call, flushed at the end.
     let mut cnt = [vdupq_n_u32(0); Category::COUNT];
@@ -78,7 +99,13 @@ pub(crate) fn usage(tag: &[AtomicU32], size: &[AtomicU64], acc: &mut [CategoryUs
         // SAFETY: 1. `i + 4 <= n` bounds the 16 B of tags and 32 B of sizes
         // inside the slices; 2. element alignment holds; 3. atomics have
         // their integer's layout; 4. races as in the module docs.
-        let (t, s0, s1) = unsafe { (vld1q_u32(tp.add(i)), vld1q_u64(sp.add(i)), vld1q_u64(sp.add(i + 2))) };
+        let (t, s0, s1) = unsafe {
+            (
+                vld1q_u32(tp.add(i)),
+                vld1q_u64(sp.add(i)),
+                vld1q_u64(sp.add(i + 2)),
+            )
+        };
         let t = vandq_u32(t, key);
         for c in 0..Category::COUNT {
             let m = vceqq_u32(t, want[c]);
@@ -112,7 +139,12 @@ pub(crate) fn decay(count: &[AtomicU64], shift: u32) {
         let d0 = vsubq_u64(v0, vshlq_u64(v0, sh));
         let d1 = vsubq_u64(v1, vshlq_u64(v1, sh));
         if vmaxvq_u32(vreinterpretq_u32_u64(vorrq_u64(d0, d1))) != 0 {
-            let d = [vgetq_lane_u64::<0>(d0), vgetq_lane_u64::<1>(d0), vgetq_lane_u64::<0>(d1), vgetq_lane_u64::<1>(d1)];
+            let d = [
+                vgetq_lane_u64::<0>(d0),
+                vgetq_lane_u64::<1>(d0),
+                vgetq_lane_u64::<0>(d1),
+                vgetq_lane_u64::<1>(d1),
+            ];
             for (j, &dj) in d.iter().enumerate() {
                 if dj != 0 {
                     count[i + j].fetch_sub(dj, Ordering::Relaxed);

@@ -33,7 +33,11 @@ pub(crate) fn select_le<F: FnMut(usize, u64) -> u64>(
 
 /// Adds live count and bytes per category into `acc`.
 #[inline]
-pub(crate) fn usage(tag: &[AtomicU32], size: &[AtomicU64], acc: &mut [CategoryUsage; Category::COUNT]) {
+pub(crate) fn usage(
+    tag: &[AtomicU32],
+    size: &[AtomicU64],
+    acc: &mut [CategoryUsage; Category::COUNT],
+) {
     for (t, s) in tag.iter().zip(size) {
         let t = t.load(Ordering::Acquire);
         if t & LIVE == 0 {

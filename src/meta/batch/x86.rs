@@ -62,8 +62,12 @@ pub(crate) unsafe fn select_le<F: FnMut(usize, u64) -> u64>(
         let gt0 = _mm256_cmpgt_epi64(_mm256_xor_si256(l0, sign), vthr);
         let gt1 = _mm256_cmpgt_epi64(_mm256_xor_si256(l1, sign), vthr);
         let ok0 = _mm256_andnot_si256(gt0, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(tok)));
-        let ok1 = _mm256_andnot_si256(gt1, _mm256_cvtepi32_epi64(_mm256_extracti128_si256::<1>(tok)));
-        let mut bits = (_mm256_movemask_pd(_mm256_castsi256_pd(ok0)) | _mm256_movemask_pd(_mm256_castsi256_pd(ok1)) << 4) as u32;
+        let ok1 = _mm256_andnot_si256(
+            gt1,
+            _mm256_cvtepi32_epi64(_mm256_extracti128_si256::<1>(tok)),
+        );
+        let mut bits = (_mm256_movemask_pd(_mm256_castsi256_pd(ok0))
+            | _mm256_movemask_pd(_mm256_castsi256_pd(ok1)) << 4) as u32;
         if bits != 0 {
             let mut v = [0u64; STEP];
             // SAFETY: 1. `v` is 64 writable bytes; `storeu` needs no alignment.
@@ -90,7 +94,11 @@ pub(crate) unsafe fn select_le<F: FnMut(usize, u64) -> u64>(
 /// # Safety
 /// - The CPU supports AVX2.
 #[target_feature(enable = "avx2")]
-pub(crate) unsafe fn usage(tag: &[AtomicU32], size: &[AtomicU64], acc: &mut [CategoryUsage; Category::COUNT]) {
+pub(crate) unsafe fn usage(
+    tag: &[AtomicU32],
+    size: &[AtomicU64],
+    acc: &mut [CategoryUsage; Category::COUNT],
+) {
     let n = tag.len().min(size.len());
     let tp = tag.as_ptr().cast::<u32>();
     let sp = size.as_ptr().cast::<u64>();
@@ -154,7 +162,12 @@ pub(crate) unsafe fn decay(count: &[AtomicU64], shift: u32) {
         // SAFETY: 1. `i + 8 <= n`: the 64 bytes read are inside `count`;
         // 2. unaligned loads; 3. `AtomicU64` has `u64`'s layout; 4. races as
         // in the module docs (the writes below are atomic).
-        let (v0, v1) = unsafe { (_mm256_loadu_si256(p.add(i).cast()), _mm256_loadu_si256(p.add(i + 4).cast())) };
+        let (v0, v1) = unsafe {
+            (
+                _mm256_loadu_si256(p.add(i).cast()),
+                _mm256_loadu_si256(p.add(i + 4).cast()),
+            )
+        };
         let d0 = _mm256_sub_epi64(v0, _mm256_srl_epi64(v0, sh));
         let d1 = _mm256_sub_epi64(v1, _mm256_srl_epi64(v1, sh));
         let z = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpeq_epi64(d0, zero)))

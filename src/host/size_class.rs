@@ -61,8 +61,8 @@ pub fn class_of(size: usize) -> usize {
     }
     let t = size - 1;
     let k = (usize::BITS - 1 - t.leading_zeros()) as usize; // 2^k ≤ t < 2^(k+1), k ≥ 6
-    let m = (t >> (k - 3)) & 7;
-    8 + (k - 6) * 8 + m
+    // 8 + (k - 6)·8 + m, with m the three bits below the leading one.
+    (k << 3) + ((t >> (k - 3)) & 7) - 40
 }
 
 /// Bytes in a block of class `c`.
@@ -71,13 +71,52 @@ pub const fn class_size(c: usize) -> usize {
     CLASS_SIZES[c]
 }
 
-/// The alignment every block of class `c` has (blocks sit at multiples of the
-/// class size from a granule-aligned span base).
-#[inline(always)]
-pub fn class_align(c: usize) -> usize {
-    let s = class_size(c);
+const fn natural_align(s: usize) -> usize {
     let low = s & s.wrapping_neg();
     if low > MAX_ALIGN { MAX_ALIGN } else { low }
+}
+
+const fn compute_aligns() -> [u32; NUM_CLASSES] {
+    let mut t = [0u32; NUM_CLASSES];
+    let mut c = 0;
+    while c < NUM_CLASSES {
+        t[c] = natural_align(CLASS_SIZES[c]) as u32;
+        c += 1;
+    }
+    t
+}
+
+/// The alignment every block of each class has (blocks sit at multiples of
+/// the class size from a granule-aligned span base).
+const CLASS_ALIGNS: [u32; NUM_CLASSES] = compute_aligns();
+
+/// log2 of [`MAX_ALIGN`].
+const MAX_ALIGN_SHIFT: usize = MAX_ALIGN.trailing_zeros() as usize;
+
+/// `ALIGNED[log2(align)][c]`: the first class `≥ c` whose blocks are aligned
+/// to `align`, or `u8::MAX` if none. Makes over-aligned requests O(1).
+const ALIGNED: [[u8; NUM_CLASSES]; MAX_ALIGN_SHIFT + 1] = {
+    let mut t = [[u8::MAX; NUM_CLASSES]; MAX_ALIGN_SHIFT + 1];
+    let mut a = 0;
+    while a <= MAX_ALIGN_SHIFT {
+        let mut c = NUM_CLASSES;
+        let mut best = u8::MAX;
+        while c > 0 {
+            c -= 1;
+            if CLASS_ALIGNS[c] as usize >= 1 << a {
+                best = c as u8;
+            }
+            t[a][c] = best;
+        }
+        a += 1;
+    }
+    t
+};
+
+/// The alignment every block of class `c` has.
+#[inline(always)]
+pub fn class_align(c: usize) -> usize {
+    CLASS_ALIGNS[c] as usize
 }
 
 /// The class for a `size`/`align` request: the smallest class that holds
@@ -90,24 +129,22 @@ pub fn class_for(size: usize, align: usize) -> Option<usize> {
         return None;
     }
     let c = class_of(size);
-    if align <= 8 || class_align(c) >= align {
+    if align <= CLASS_ALIGNS[c] as usize {
         return Some(c);
     }
     class_for_aligned(c, align)
 }
 
 #[cold]
-fn class_for_aligned(mut c: usize, align: usize) -> Option<usize> {
-    if align > MAX_ALIGN {
+fn class_for_aligned(c: usize, align: usize) -> Option<usize> {
+    let a = align.trailing_zeros() as usize;
+    if a > MAX_ALIGN_SHIFT {
         return None;
     }
-    while c < NUM_CLASSES {
-        if class_align(c) >= align {
-            return Some(c);
-        }
-        c += 1;
+    match ALIGNED[a][c] {
+        u8::MAX => None,
+        c => Some(c as usize),
     }
-    None
 }
 
 /// Bytes a huge (`> MAX_CLASS_SIZE`) request maps: rounded to the granule.
@@ -290,10 +327,16 @@ mod tests {
             assert!(blocks_per_span(c) * s <= span_bytes(c));
             assert!(blocks_per_span(c) >= 1);
         }
-        for align in [16, 32, 64, 128, 4096, 65536] {
-            for s in [1usize, 24, 100, 5000, 70000] {
+        for shift in 0..=MAX_ALIGN_SHIFT {
+            let align = 1 << shift;
+            for s in [1usize, 24, 100, 5000, 70000, MAX_CLASS_SIZE - 1] {
                 let c = class_for(s, align).unwrap();
                 assert!(class_size(c) >= s && class_align(c) >= align);
+                // The smallest such class: none below it qualifies.
+                assert!(
+                    (class_of(s)..c).all(|d| class_align(d) < align),
+                    "size {s} align {align}"
+                );
             }
         }
         assert_eq!(class_for(8, 1 << 17), None);

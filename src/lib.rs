@@ -61,3 +61,8 @@ pub mod loom_exports {
     pub use crate::meta::id::IdIssuer;
     pub use crate::sync::RawLock;
 }
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

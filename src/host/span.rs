@@ -97,6 +97,21 @@ pub(crate) fn alloc_record() -> *mut SpanMeta {
     })
 }
 
+/// Takes the record arena's lock and keeps it (`pthread_atfork` prepare).
+pub(crate) fn lock_for_fork() {
+    ARENA.lock.lock();
+}
+
+/// Releases the lock taken by [`lock_for_fork`].
+///
+/// # Safety
+/// - This thread (or, in a forked child, its parent thread) took the lock
+///   with `lock_for_fork` and has not released it since.
+pub(crate) unsafe fn unlock_after_fork() {
+    // SAFETY: forwarded from the caller: the lock is held by us.
+    unsafe { ARENA.lock.unlock() };
+}
+
 /// Returns a record to the arena.
 ///
 /// # Safety

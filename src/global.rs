@@ -132,6 +132,58 @@ impl<A: GlobalAlloc> TensorGlobalAlloc<A> {
     pub fn owns(&self, ptr: *const u8) -> bool {
         pool().block_info(ptr as usize).is_some()
     }
+
+    /// Frees `ptr` without its layout (C `free`) if the pool owns it, found
+    /// through the pagemap. Returns `false`, and does nothing, for a pointer
+    /// the pool does not own (null, the inner allocator's, anybody else's).
+    ///
+    /// # Safety
+    /// - If `ptr` is a live block of the pool, it is not used afterwards.
+    #[inline]
+    pub unsafe fn free_unsized(&self, ptr: *mut u8) -> bool {
+        let Some(p) = NonNull::new(ptr) else {
+            return false;
+        };
+        // SAFETY: forwarded from the caller; `free_unsized` checks ownership.
+        with_global_cache(|tc| unsafe { pool().free_unsized(tc, p) }).is_ok()
+    }
+
+    /// Resizes a pool block without its layout (C `realloc`): in place when
+    /// `new_size` at `align` falls in the block's class (or fits its huge
+    /// mapping), else a new pool block at `align` with the common prefix
+    /// copied and the old block freed. Null (old block untouched) if out of
+    /// memory.
+    ///
+    /// # Safety
+    /// - `ptr` is a live block of the pool ([`owns`](Self::owns) is true),
+    ///   owned by the caller; on success it is not used afterwards.
+    /// - `new_size > 0`, `align` is a power of two ≤ [`MAX_ALIGN`], and
+    ///   `new_size` rounded up to `align` does not overflow `isize`.
+    pub unsafe fn realloc_unsized(&self, ptr: *mut u8, new_size: usize, align: usize) -> *mut u8 {
+        let Some((class, usable)) = pool().block_info(ptr as usize) else {
+            return null_mut();
+        };
+        // SAFETY: non-null (the pool owns it).
+        let p = unsafe { NonNull::new_unchecked(ptr) };
+        // SAFETY: a live block of `class` of the pool, the caller's.
+        if unsafe { pool().resize_in_place(p, class, new_size, align) } {
+            return ptr;
+        }
+        // SAFETY: valid per the caller.
+        let layout = unsafe { Layout::from_size_align_unchecked(new_size, align) };
+        // SAFETY: `new_size > 0`.
+        let new = unsafe { self.alloc(layout) };
+        if !new.is_null() {
+            // SAFETY: 1. `usable` bytes are readable at `ptr` and `new_size`
+            // writable at `new`; 2. distinct live blocks do not overlap;
+            // 3. the pool owns `ptr` and the caller gives it up.
+            unsafe {
+                core::ptr::copy_nonoverlapping(ptr, new, usable.min(new_size));
+                self.free_unsized(ptr);
+            }
+        }
+        new
+    }
 }
 
 impl<A: GlobalAlloc> core::fmt::Debug for TensorGlobalAlloc<A> {

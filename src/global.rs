@@ -56,10 +56,11 @@
 //! (those threads do not exist there), which is safe. Pools made with
 //! [`HostPool::new`](crate::host::HostPool::new) are not covered.
 
+use crate::AllocError;
 use crate::host::PoolStats;
 use crate::host::size_class::{MAX_ALIGN, class_for};
 use crate::host::span::HUGE_CLASS;
-use crate::host::thread_cache::with_global_cache;
+use crate::host::thread_cache::{ThreadCache, with_global_cache};
 use crate::host::{PoolShared, global_pool};
 use crate::sync::{AtomicUsize, Ordering};
 use core::alloc::{GlobalAlloc, Layout};
@@ -199,6 +200,57 @@ fn pool() -> &'static PoolShared {
     global_pool()
 }
 
+/// Runs a pool allocation with this thread's cache, after making sure the
+/// fork handlers exist; an error becomes null (its `Display` is never run).
+#[inline(always)]
+fn from_pool(
+    f: impl FnOnce(Option<&mut ThreadCache>) -> Result<NonNull<u8>, AllocError>,
+) -> *mut u8 {
+    ensure_atfork();
+    with_global_cache(f).map_or(null_mut(), NonNull::as_ptr)
+}
+
+/// The hot path of `alloc`: a class block from this thread's cache, with
+/// no `Result` to build; everything else (huge blocks, no cache, a refill
+/// that fails) goes through `PoolShared::alloc` out of line.
+#[inline(always)]
+fn pool_alloc(layout: Layout) -> *mut u8 {
+    ensure_atfork();
+    with_global_cache(|tc| match (class_for(layout.size(), layout.align()), tc) {
+        (Some(c), Some(tc)) => tc.alloc(pool(), c),
+        (_, tc) => alloc_slow(tc, layout),
+    })
+}
+
+#[cold]
+#[inline(never)]
+fn alloc_slow(tc: Option<&mut ThreadCache>, layout: Layout) -> *mut u8 {
+    pool().alloc(tc, layout).map_or(null_mut(), NonNull::as_ptr)
+}
+
+/// The hot path of `dealloc`, shaped like [`pool_alloc`].
+///
+/// # Safety
+/// - `ptr` is a live pool block allocated with `layout`, not used afterwards.
+#[inline(always)]
+unsafe fn pool_free(ptr: *mut u8, layout: Layout) {
+    with_global_cache(|tc| match (class_for(layout.size(), layout.align()), tc) {
+        // SAFETY: the pool serves `layout` from class `c` (forwarded).
+        (Some(c), Some(tc)) => unsafe { tc.free(pool(), c, ptr) },
+        // SAFETY: forwarded from the caller.
+        (_, tc) => unsafe { free_slow(tc, ptr, layout) },
+    })
+}
+
+/// # Safety
+/// - As for [`pool_free`].
+#[cold]
+#[inline(never)]
+unsafe fn free_slow(tc: Option<&mut ThreadCache>, ptr: *mut u8, layout: Layout) {
+    // SAFETY: forwarded from the caller; a pool block is non-null.
+    unsafe { pool().free(tc, NonNull::new_unchecked(ptr), layout) }
+}
+
 // SAFETY: the pool hands out blocks of at least `layout.size()` bytes at
 // `layout.align()` (class or huge rounding, alignment ≤ MAX_ALIGN checked by
 // `class_for`/`alloc_huge`), never hands out a block twice while live, and
@@ -206,20 +258,16 @@ fn pool() -> &'static PoolShared {
 // which upholds the same contract. Each pointer goes back to its allocator
 // (type invariant). No path unwinds: nothing here panics.
 unsafe impl<A: GlobalAlloc> GlobalAlloc for TensorGlobalAlloc<A> {
-    #[inline]
+    #[inline(always)]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if layout.align() > MAX_ALIGN {
             // SAFETY: forwarded from the caller (non-zero size).
             return unsafe { self.inner.alloc(layout) };
         }
-        ensure_atfork();
-        match with_global_cache(|tc| pool().alloc(tc, layout)) {
-            Ok(p) => p.as_ptr(),
-            Err(_) => null_mut(),
-        }
+        pool_alloc(layout)
     }
 
-    #[inline]
+    #[inline(always)]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if layout.align() > MAX_ALIGN {
             // SAFETY: over-aligned blocks are the inner allocator's (type
@@ -230,9 +278,9 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TensorGlobalAlloc<A> {
             // A broken caller; abort rather than unwind out of an allocator.
             std::process::abort();
         }
-        // SAFETY: `ptr` is non-null (it came from `alloc`), and a block of
-        // the pool allocated with `layout` (type invariant and the caller).
-        with_global_cache(|tc| unsafe { pool().free(tc, NonNull::new_unchecked(ptr), layout) })
+        // SAFETY: `ptr` is a block of the pool allocated with `layout` (type
+        // invariant and the caller).
+        unsafe { pool_free(ptr, layout) }
     }
 
     #[inline]
@@ -241,11 +289,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TensorGlobalAlloc<A> {
             // SAFETY: forwarded from the caller.
             return unsafe { self.inner.alloc_zeroed(layout) };
         }
-        ensure_atfork();
-        match with_global_cache(|tc| pool().alloc_zeroed(tc, layout)) {
-            Ok(p) => p.as_ptr(),
-            Err(_) => null_mut(),
-        }
+        from_pool(|tc| pool().alloc_zeroed(tc, layout))
     }
 
     #[inline]

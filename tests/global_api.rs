@@ -12,6 +12,9 @@
 
 use std::alloc::{GlobalAlloc, Layout};
 use tensorpool::TensorGlobalAlloc;
+
+mod common;
+use common::rss;
 use tensorpool::host::HostPool;
 use tensorpool::host::size_class::{MAX_ALIGN, MAX_CLASS_SIZE};
 
@@ -173,17 +176,6 @@ fn alloc_zeroed_after_reuse_reads_zero() {
             A.dealloc(z, l);
         }
     }
-}
-
-fn rss() -> usize {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    statm
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<usize>()
-        .unwrap()
-        * 4096
 }
 
 #[test]

@@ -6,20 +6,11 @@
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use tensorpool::TensorGlobalAlloc;
 
+mod common;
+use common::Rng;
+
 #[global_allocator]
 static A: TensorGlobalAlloc = TensorGlobalAlloc::new();
-
-/// A small deterministic generator (xorshift64*), so the test needs no crate.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
 
 #[test]
 fn sorting_and_dedup() {

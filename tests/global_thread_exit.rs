@@ -6,6 +6,9 @@
 
 use tensorpool::TensorGlobalAlloc;
 
+mod common;
+use common::rss;
+
 #[global_allocator]
 static A: TensorGlobalAlloc = TensorGlobalAlloc::new();
 
@@ -26,18 +29,6 @@ fn work(seed: usize) -> usize {
         .map(|i| char::from(b'a' + ((seed + i) % 26) as u8))
         .collect();
     sum + s.len() + keep.len()
-}
-
-/// Resident set size from `/proc/self/statm`.
-fn rss() -> usize {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    statm
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<usize>()
-        .unwrap()
-        * 4096
 }
 
 fn run_threads(count: usize, concurrent: usize) {

@@ -9,24 +9,13 @@
 use std::alloc::{Layout, alloc, dealloc, realloc};
 use std::sync::mpsc;
 use tensorpool::TensorGlobalAlloc;
+
+mod common;
+use common::Rng;
 use tensorpool::host::size_class::MAX_ALIGN;
 
 #[global_allocator]
 static A: TensorGlobalAlloc = TensorGlobalAlloc::new();
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// A live block and the seed of its pattern.
 struct Block {

@@ -291,14 +291,11 @@ pub(crate) fn release_pool_cache(pool: &PoolShared) {
 pub(crate) fn with_global_cache<R>(f: impl FnOnce(Option<&mut ThreadCache>) -> R) -> R {
     match CACHES.try_with(|cell| {
         let tc = cell.get();
+        // One call site of `f`, so the whole fast path inlines.
         // SAFETY: this thread's cell; the global pool's code never re-enters
         // it (it maps from the OS and takes no allocating locks).
-        unsafe {
-            if (*tc).life == Life::Live {
-                return f(Some(&mut (*tc).global));
-            }
-            if ensure_exit_hook(tc) { f(Some(&mut (*tc).global)) } else { f(None) }
-        }
+        let cache = unsafe { if (*tc).life == Life::Live || ensure_exit_hook(tc) { Some(&mut (*tc).global) } else { None } };
+        f(cache)
     }) {
         Ok(r) => r,
         Err(_) => unreachable_tls(),

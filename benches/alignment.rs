@@ -26,7 +26,12 @@ impl Buf {
         // SAFETY: non-zero size.
         let base = unsafe { std::alloc::alloc_zeroed(layout) };
         assert!(!base.is_null());
-        Buf { base, layout, off, n }
+        Buf {
+            base,
+            layout,
+            off,
+            n,
+        }
     }
     fn slice(&mut self) -> &mut [f32] {
         // SAFETY: `off` is a multiple of 4 and the allocation holds `off + 4n`
@@ -75,7 +80,11 @@ mod kernels {
             for (k, a) in acc.iter_mut().enumerate() {
                 // SAFETY: i + 32 ≤ n ≤ len for both slices.
                 unsafe {
-                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr().add(i + 8 * k)), _mm256_loadu_ps(y.as_ptr().add(i + 8 * k)), *a);
+                    *a = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(x.as_ptr().add(i + 8 * k)),
+                        _mm256_loadu_ps(y.as_ptr().add(i + 8 * k)),
+                        *a,
+                    );
                 }
             }
             i += 32;
@@ -97,27 +106,35 @@ fn alignment(c: &mut Criterion) {
         }
         for (name, which) in [("saxpy", 0), ("dot", 1)] {
             let mut g = c.benchmark_group(format!("alignment/{name}"));
-            g.sample_size(30).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
+            g.sample_size(30)
+                .warm_up_time(std::time::Duration::from_millis(300))
+                .measurement_time(std::time::Duration::from_secs(1));
             for kib in [4usize, 16, 32, 64, 256, 1024] {
                 let n = kib * 1024 / 4;
                 g.throughput(Throughput::Bytes((2 * n * 4) as u64));
                 for off in [0usize, 16, 64] {
                     let (mut x, mut y) = (Buf::new(n, off), Buf::new(n, off));
-                    x.slice().iter_mut().enumerate().for_each(|(i, v)| *v = i as f32 * 0.5);
-                    g.bench_function(BenchmarkId::new(format!("page+{off}"), format!("{kib}KiB")), |b| {
-                        let xs: &[f32] = x.slice();
-                        let ys = y.slice();
-                        b.iter(|| {
-                            // SAFETY: AVX2 and FMA detected above; equal lengths.
-                            unsafe {
-                                if which == 0 {
-                                    kernels::saxpy(black_box(1.0001), xs, ys);
-                                } else {
-                                    black_box(kernels::dot(xs, ys));
+                    x.slice()
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(i, v)| *v = i as f32 * 0.5);
+                    g.bench_function(
+                        BenchmarkId::new(format!("page+{off}"), format!("{kib}KiB")),
+                        |b| {
+                            let xs: &[f32] = x.slice();
+                            let ys = y.slice();
+                            b.iter(|| {
+                                // SAFETY: AVX2 and FMA detected above; equal lengths.
+                                unsafe {
+                                    if which == 0 {
+                                        kernels::saxpy(black_box(1.0001), xs, ys);
+                                    } else {
+                                        black_box(kernels::dot(xs, ys));
+                                    }
                                 }
-                            }
-                        })
-                    });
+                            })
+                        },
+                    );
                 }
             }
             g.finish();

@@ -10,6 +10,7 @@
 //!   predicts the reserved bytes a host backend would hold for a workload.
 //! - [`meta`]: tensor ids, 64-byte metadata records and the metadata table.
 //! - [`Limited`]: a byte limit around any backend.
+//! - [`TensorGlobalAlloc`]: the process-wide pool as a `#[global_allocator]`.
 //!
 //! See `DESIGN.md` in the repository for the layering; each layer calls only
 //! down.
@@ -28,6 +29,8 @@ pub mod allocator;
 pub mod backend;
 #[cfg(not(tensorpool_loom))]
 pub mod error;
+#[cfg(not(tensorpool_loom))]
+pub mod global;
 pub mod host;
 #[cfg(not(tensorpool_loom))]
 pub mod limit;
@@ -48,6 +51,7 @@ pub use crate::{
         TensorFlags, ViewError,
     },
     error::{AllocError, LayoutProblem},
+    global::TensorGlobalAlloc,
     limit::Limited,
     meta::id::TensorId,
     stats::{MemoryStats, Stat},

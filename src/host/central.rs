@@ -98,16 +98,17 @@ impl Central {
     }
 
     /// Takes up to `want` (≥ 1) blocks, mapping a new span if none is free.
-    /// Returns the chain's head (null only if the OS refused memory) and its
-    /// length.
+    /// Returns the chain's head (null only if the OS refused memory), its
+    /// length, and whether the head is *fresh*: carved from a span's
+    /// never-used tail, so every byte of it but the link word reads zero.
     pub(crate) fn refill(
         &self,
         pool: &PoolShared,
         c: usize,
         want: usize,
-    ) -> (*mut FreeBlock, usize) {
+    ) -> (*mut FreeBlock, usize, bool) {
         let size = class_size(c);
-        let (head, n) = self.locked(|inner| {
+        let (head, n, fresh) = self.locked(|inner| {
             if inner.free_len < want {
                 self.drain_incoming(inner);
             }
@@ -132,8 +133,10 @@ impl Central {
             }
             // 2. From the newest span's uncarved tail, mapping one if needed.
             if n == 0 && inner.bump_left == 0 && !self.grow(pool, c, inner, false) {
-                return (null_mut(), 0);
+                return (null_mut(), 0, false);
             }
+            // Carved blocks go to the front, so the head is fresh iff one is carved.
+            let fresh = n < want && inner.bump_left > 0;
             while n < want && inner.bump_left > 0 {
                 let b = inner.bump as *mut FreeBlock;
                 // SAFETY: `b` is an uncarved block inside our mapped span.
@@ -143,12 +146,12 @@ impl Central {
                 inner.bump_left -= 1;
                 n += 1;
             }
-            (head, n)
+            (head, n, fresh)
         });
         if n > 0 {
             pool.cached.fetch_sub(n * size, Ordering::Relaxed);
         }
-        (head, n)
+        (head, n, fresh)
     }
 
     /// Hands a chain of `n` blocks back (lock-free).
@@ -390,6 +393,21 @@ impl Central {
                 pool.cached.fetch_sub(size, Ordering::Relaxed);
             }
         })
+    }
+
+    /// Takes the class lock and keeps it (`pthread_atfork` prepare).
+    pub(crate) fn lock_for_fork(&self) {
+        self.lock.lock();
+    }
+
+    /// Releases the lock taken by [`lock_for_fork`](Self::lock_for_fork).
+    ///
+    /// # Safety
+    /// - This thread (or, in a forked child, its parent thread) took the lock
+    ///   with `lock_for_fork` and has not released it since.
+    pub(crate) unsafe fn unlock_after_fork(&self) {
+        // SAFETY: forwarded from the caller: the lock is held by us.
+        unsafe { self.lock.unlock() };
     }
 
     /// Unmaps every span (pool teardown).

@@ -65,8 +65,9 @@ impl HugeCache {
             .with(|| self.slots.with_mut(|p| f(unsafe { &mut *p })))
     }
 
-    /// A block mapping `need` bytes (a granule multiple): cached, or fresh.
-    pub(crate) fn alloc(&self, pool: &PoolShared, need: usize) -> Option<NonNull<u8>> {
+    /// A block mapping `need` bytes (a granule multiple): cached, or freshly
+    /// mapped (then the `bool` is true: every byte reads zero).
+    pub(crate) fn alloc(&self, pool: &PoolShared, need: usize) -> Option<(NonNull<u8>, bool)> {
         let hit = self.locked(|s| {
             let i = pick(&s.len[..s.n], need)?;
             let (p, l) = (s.ptr[i], s.len[i]);
@@ -77,9 +78,53 @@ impl HugeCache {
         });
         if let Some((p, l)) = hit {
             pool.cached.fetch_sub(l, Ordering::Relaxed);
-            return NonNull::new(p as *mut u8);
+            return NonNull::new(p as *mut u8).map(|p| (p, false));
         }
-        map_huge(pool, need, false)
+        map_huge(pool, need, false).map(|p| (p, true))
+    }
+
+    /// Gives the tail of an in-use huge block back to the OS, so that it maps
+    /// `new_len` bytes from now on (a granule multiple, `0 < new_len ≤` its
+    /// current length).
+    ///
+    /// # Safety
+    /// - `p` is a huge block of `pool`, in use by the caller, and nothing
+    ///   refers to its bytes from `new_len` on.
+    pub(crate) unsafe fn shrink(&self, pool: &PoolShared, p: NonNull<u8>, new_len: usize) {
+        debug_assert!(new_len > 0 && new_len % GRANULE == 0);
+        let rec = pagemap::lookup(p.as_ptr() as usize);
+        debug_assert!(!rec.is_null());
+        // SAFETY: the block is the caller's, so its record is live and only
+        // the caller's thread touches it; the tail is unregistered before it
+        // is unmapped, so no lookup finds the record through it afterwards.
+        unsafe {
+            let len = (*rec).len;
+            debug_assert!(new_len <= len);
+            if new_len >= len {
+                return;
+            }
+            let tail = p.as_ptr().add(new_len);
+            pagemap::unregister(tail as usize, len - new_len);
+            (*rec).len = new_len;
+            (*rec).block = new_len;
+            crate::os::unmap(NonNull::new_unchecked(tail), len - new_len);
+            pool.reserved.sub((len - new_len) as u64);
+        }
+    }
+
+    /// Takes the cache lock and keeps it (`pthread_atfork` prepare).
+    pub(crate) fn lock_for_fork(&self) {
+        self.lock.lock();
+    }
+
+    /// Releases the lock taken by [`lock_for_fork`](Self::lock_for_fork).
+    ///
+    /// # Safety
+    /// - This thread (or, in a forked child, its parent thread) took the lock
+    ///   with `lock_for_fork` and has not released it since.
+    pub(crate) unsafe fn unlock_after_fork(&self) {
+        // SAFETY: forwarded from the caller: the lock is held by us.
+        unsafe { self.lock.unlock() };
     }
 
     /// Takes a huge block back: cached if there is room under the limit,

@@ -11,7 +11,7 @@ use super::central::Central;
 use super::huge::HugeCache;
 use super::pagemap;
 use super::prewarm::Prewarm;
-use super::size_class::{MAX_ALIGN, NUM_CLASSES, class_for, class_size, huge_size};
+use super::size_class::{MAX_ALIGN, MAX_CLASS_SIZE, NUM_CLASSES, class_for, class_size, huge_size};
 use super::span::HUGE_CLASS;
 use super::thread_cache::{self, ThreadCache};
 use crate::allocator::Device;
@@ -75,15 +75,48 @@ impl PoolShared {
         if let Some(c) = class_for(layout.size(), layout.align()) {
             let p = match cache {
                 Some(tc) => tc.alloc(self, c),
-                None => thread_cache::central_alloc(self, c),
+                None => thread_cache::central_alloc(self, c).0,
             };
             return NonNull::new(p).ok_or_else(|| self.oom(layout.size()));
         }
-        self.alloc_huge(layout)
+        self.alloc_huge(layout).map(|(p, _)| p)
+    }
+
+    /// A zeroed block for `layout` (size > 0). The memset is skipped for a
+    /// fresh block (a span's never-used tail or a new huge mapping), whose
+    /// bytes the OS already zeroed. Never panics or allocates.
+    pub(crate) fn alloc_zeroed(
+        &self,
+        cache: Option<&mut ThreadCache>,
+        layout: Layout,
+    ) -> Result<NonNull<u8>, AllocError> {
+        let (p, fresh) = match class_for(layout.size(), layout.align()) {
+            Some(c) => {
+                let (p, fresh) = match cache {
+                    Some(tc) => tc.alloc_fresh(self, c),
+                    None => thread_cache::central_alloc(self, c),
+                };
+                (
+                    NonNull::new(p).ok_or_else(|| self.oom(layout.size()))?,
+                    fresh,
+                )
+            }
+            None => self.alloc_huge(layout)?,
+        };
+        // A fresh class block's first word held the free-list link; a block
+        // (class or huge) is at least 8 bytes and 8-aligned.
+        let dirty = if fresh {
+            layout.size().min(core::mem::size_of::<usize>())
+        } else {
+            layout.size()
+        };
+        // SAFETY: `p` is valid for `layout.size() ≥ dirty` bytes of writes.
+        unsafe { p.as_ptr().write_bytes(0, dirty) };
+        Ok(p)
     }
 
     #[cold]
-    fn alloc_huge(&self, layout: Layout) -> Result<NonNull<u8>, AllocError> {
+    fn alloc_huge(&self, layout: Layout) -> Result<(NonNull<u8>, bool), AllocError> {
         let (size, align) = (layout.size(), layout.align());
         if align > MAX_ALIGN {
             return Err(AllocError::InvalidLayout {
@@ -98,6 +131,45 @@ impl PoolShared {
             problem: LayoutProblem::SizeOverflow,
         })?;
         self.huge.alloc(self, need).ok_or_else(|| self.oom(size))
+    }
+
+    /// Whether the block `p` of class `class` (`HUGE_CLASS` for a huge block)
+    /// can hold `new_size` bytes at `align` where it is, such that freeing
+    /// it later with a `new_size`/`align` layout finds the same class. A
+    /// huge block keeps its address when the new size is still huge and fits
+    /// its mapping; a tail wasting more than 1/8 of the new size is unmapped.
+    ///
+    /// # Safety
+    /// - `p` is a live block of class `class` of this pool, owned by the caller.
+    pub(crate) unsafe fn resize_in_place(
+        &self,
+        p: NonNull<u8>,
+        class: u16,
+        new_size: usize,
+        align: usize,
+    ) -> bool {
+        if class != HUGE_CLASS {
+            return class_for(new_size, align) == Some(class as usize);
+        }
+        if new_size <= MAX_CLASS_SIZE {
+            return false;
+        }
+        let Some(need) = huge_size(new_size) else {
+            return false;
+        };
+        let rec = pagemap::lookup(p.as_ptr() as usize);
+        debug_assert!(!rec.is_null());
+        // SAFETY: a live huge block of ours (caller), so its record is live.
+        let len = unsafe { (*rec).len };
+        if need > len {
+            return false;
+        }
+        if len - need > need / 8 {
+            // SAFETY: the caller owns the block; bytes past `need ≥ new_size`
+            // are not part of the resized block.
+            unsafe { self.huge.shrink(self, p, need) };
+        }
+        true
     }
 
     #[cold]
@@ -192,6 +264,50 @@ impl PoolShared {
             }
         }
         Ok(())
+    }
+
+    /// Takes every lock of this pool (each class lock in class order, then
+    /// the huge cache's) and the span arena's, and keeps them: the
+    /// `pthread_atfork` prepare handler, so that no lock is held mid-update
+    /// by a thread that does not exist in the child. Every other path takes
+    /// at most a class or the huge lock and then the arena's, never two class
+    /// locks, so this order cannot deadlock against them.
+    pub(crate) fn lock_for_fork(&self) {
+        for c in 0..NUM_CLASSES {
+            self.central(c).lock_for_fork();
+        }
+        self.huge.lock_for_fork();
+        super::span::lock_for_fork();
+    }
+
+    /// Releases what [`lock_for_fork`](Self::lock_for_fork) took (the
+    /// parent and child `pthread_atfork` handlers).
+    ///
+    /// # Safety
+    /// - `lock_for_fork` ran on this thread (or, in a forked child, on the
+    ///   parent thread that forked) and nothing released its locks since.
+    pub(crate) unsafe fn unlock_after_fork(&self) {
+        // SAFETY: forwarded from the caller: each of these locks is held by
+        // the `lock_for_fork` call.
+        unsafe {
+            super::span::unlock_after_fork();
+            self.huge.unlock_after_fork();
+            for c in (0..NUM_CLASSES).rev() {
+                self.central(c).unlock_after_fork();
+            }
+        }
+    }
+
+    /// A statistics snapshot: a few relaxed loads, no lock, no allocation.
+    pub(crate) fn stats(&self) -> PoolStats {
+        PoolStats {
+            reserved_bytes: self.reserved.current() as usize,
+            segments: self.segments.current() as usize,
+            cached_bytes: self.cached.load(Ordering::Relaxed),
+            os_maps: self.grows.load(Ordering::Relaxed),
+            reserved: self.reserved.get(),
+            segment: self.segments.get(),
+        }
     }
 
     /// Trims every class and the huge cache. Returns bytes given back.
@@ -394,15 +510,7 @@ impl HostPool {
 
     /// A statistics snapshot.
     pub fn stats(&self) -> PoolStats {
-        let s = &self.shared;
-        PoolStats {
-            reserved_bytes: s.reserved.current() as usize,
-            segments: s.segments.current() as usize,
-            cached_bytes: s.cached.load(Ordering::Relaxed),
-            os_maps: s.grows.load(Ordering::Relaxed),
-            reserved: s.reserved.get(),
-            segment: s.segments.get(),
-        }
+        self.shared.stats()
     }
 
     /// The usable size a request would be served with (class rounding).

@@ -71,6 +71,63 @@ pub const fn class_size(c: usize) -> usize {
     CLASS_SIZES[c]
 }
 
+/// Per class `(s, inv, limit)` with `class_size = odd · 2^s`, `inv` the
+/// inverse of `odd` modulo 2^64 and `limit = u64::MAX / odd`, so that
+/// [`is_multiple_of_class`] needs no division (Granlund–Montgomery).
+const DIVISIBILITY: [(u32, u64, u64); NUM_CLASSES] = {
+    let mut t = [(0u32, 0u64, 0u64); NUM_CLASSES];
+    let mut c = 0;
+    while c < NUM_CLASSES {
+        let s = CLASS_SIZES[c].trailing_zeros();
+        let odd = (CLASS_SIZES[c] >> s) as u64;
+        // Newton's iteration doubles the correct low bits: 3 → 6 → … → 96 ≥ 64.
+        let mut inv = odd;
+        let mut i = 0;
+        while i < 5 {
+            inv = inv.wrapping_mul(2u64.wrapping_sub(odd.wrapping_mul(inv)));
+            i += 1;
+        }
+        t[c] = (s, inv, u64::MAX / odd);
+        c += 1;
+    }
+    t
+};
+
+/// Whether `n` is a multiple of `class_size(c)` (false for `c` out of
+/// range), with a multiply instead of a division: the size-less free path
+/// checks every pointer with it.
+#[inline(always)]
+pub fn is_multiple_of_class(n: usize, c: usize) -> bool {
+    let Some(&(s, inv, limit)) = DIVISIBILITY.get(c) else {
+        return false;
+    };
+    let n = n as u64;
+    n & ((1u64 << s) - 1) == 0 && (n >> s).wrapping_mul(inv) <= limit
+}
+
+#[cfg(test)]
+mod divisibility_tests {
+    use super::*;
+
+    #[test]
+    fn matches_the_remainder() {
+        for c in 0..NUM_CLASSES {
+            let d = class_size(c);
+            for k in [0usize, 1, 2, 3, 7, 100, 1 << 20] {
+                for delta in [0usize, 1, 8, d / 2, d - 1] {
+                    let n = k * d + delta;
+                    assert_eq!(
+                        is_multiple_of_class(n, c),
+                        n % d == 0,
+                        "n {n} class size {d}"
+                    );
+                }
+            }
+        }
+        assert!(!is_multiple_of_class(0, NUM_CLASSES));
+    }
+}
+
 const fn natural_align(s: usize) -> usize {
     let low = s & s.wrapping_neg();
     if low > MAX_ALIGN { MAX_ALIGN } else { low }

@@ -37,12 +37,19 @@ const _: () = assert!(core::mem::size_of::<SpanMeta>() == 64);
 const _: () = assert!(core::mem::align_of::<SpanMeta>() == 64);
 
 impl SpanMeta {
-    /// Whether `p` is the start of one of this span's blocks.
+    /// Whether `p` is the start of one of this span's blocks. No division:
+    /// a class span's `block` is its class size, tested with
+    /// [`is_multiple_of_class`](super::size_class::is_multiple_of_class).
     #[inline]
     pub fn is_block_start(&self, p: usize) -> bool {
-        p >= self.base
-            && (p - self.base) % self.block == 0
-            && (p - self.base) / self.block < self.nblocks as usize
+        let Some(off) = p.checked_sub(self.base) else {
+            return false;
+        };
+        if self.class == HUGE_CLASS {
+            return off == 0;
+        }
+        off < (self.nblocks as usize).wrapping_mul(self.block)
+            && super::size_class::is_multiple_of_class(off, self.class as usize)
     }
 }
 
@@ -101,6 +108,21 @@ pub(crate) fn alloc_record() -> *mut SpanMeta {
             r
         })
     })
+}
+
+/// Takes the record arena's lock and keeps it (`pthread_atfork` prepare).
+pub(crate) fn lock_for_fork() {
+    ARENA.lock.lock();
+}
+
+/// Releases the lock taken by [`lock_for_fork`].
+///
+/// # Safety
+/// - This thread (or, in a forked child, its parent thread) took the lock
+///   with `lock_for_fork` and has not released it since.
+pub(crate) unsafe fn unlock_after_fork() {
+    // SAFETY: forwarded from the caller: the lock is held by us.
+    unsafe { ARENA.lock.unlock() };
 }
 
 /// Returns a record to the arena.

@@ -69,21 +69,32 @@ impl ThreadCache {
             cc.len -= 1;
             return h.cast();
         }
-        self.refill(pool, c)
+        self.refill(pool, c).0
+    }
+
+    /// Like [`alloc`](Self::alloc), and says whether the block is fresh
+    /// (never handed out: every byte but the first word reads zero).
+    #[inline]
+    pub(crate) fn alloc_fresh(&mut self, pool: &PoolShared, c: usize) -> (*mut u8, bool) {
+        if self.classes[c].head.is_null() {
+            self.refill(pool, c)
+        } else {
+            (self.alloc(pool, c), false)
+        }
     }
 
     #[cold]
     #[inline(never)]
-    fn refill(&mut self, pool: &PoolShared, c: usize) -> *mut u8 {
-        let (head, n) = pool.central(c).refill(pool, c, batch_len(c) as usize);
+    fn refill(&mut self, pool: &PoolShared, c: usize) -> (*mut u8, bool) {
+        let (head, n, fresh) = pool.central(c).refill(pool, c, batch_len(c) as usize);
         if head.is_null() {
-            return null_mut();
+            return (null_mut(), false);
         }
         let cc = &mut self.classes[c];
         // SAFETY: `refill` gave us a well-formed chain of `n ≥ 1` free blocks.
         cc.head = unsafe { (*head).next };
         cc.len = (n - 1) as u32;
-        head.cast()
+        (head.cast(), fresh)
     }
 
     /// Frees a block of class `c`.
@@ -141,11 +152,12 @@ impl ThreadCache {
 }
 
 /// Allocates one block straight from the central list (no thread cache):
-/// used after the thread's caches were torn down.
-pub(crate) fn central_alloc(pool: &PoolShared, c: usize) -> *mut u8 {
-    let (h, n) = pool.central(c).refill(pool, c, 1);
+/// used after the thread's caches were torn down. Also says whether the
+/// block is fresh, as [`ThreadCache::alloc_fresh`] does.
+pub(crate) fn central_alloc(pool: &PoolShared, c: usize) -> (*mut u8, bool) {
+    let (h, n, fresh) = pool.central(c).refill(pool, c, 1);
     debug_assert!(h.is_null() || n == 1);
-    h.cast()
+    (h.cast(), fresh)
 }
 
 /// Frees one block straight to the central list.
@@ -293,18 +305,17 @@ pub(crate) fn release_pool_cache(pool: &PoolShared) {
 pub(crate) fn with_global_cache<R>(f: impl FnOnce(Option<&mut ThreadCache>) -> R) -> R {
     match CACHES.try_with(|cell| {
         let tc = cell.get();
+        // One call site of `f`, so the whole fast path inlines.
         // SAFETY: this thread's cell; the global pool's code never re-enters
         // it (it maps from the OS and takes no allocating locks).
-        unsafe {
-            if (*tc).life == Life::Live {
-                return f(Some(&mut (*tc).global));
-            }
-            if ensure_exit_hook(tc) {
-                f(Some(&mut (*tc).global))
+        let cache = unsafe {
+            if (*tc).life == Life::Live || ensure_exit_hook(tc) {
+                Some(&mut (*tc).global)
             } else {
-                f(None)
+                None
             }
-        }
+        };
+        f(cache)
     }) {
         Ok(r) => r,
         Err(_) => unreachable_tls(),

@@ -1,0 +1,438 @@
+//! `libtensorpool.so`: the tensorpool global pool behind the C allocation
+//! ABI, so that `LD_PRELOAD=target/release/libtensorpool.so program` runs a
+//! program on it.
+//!
+//! Exports `malloc`, `free`, `calloc`, `realloc`, `reallocarray`,
+//! `posix_memalign`, `aligned_alloc`, `memalign`, `valloc`, `pvalloc` and
+//! `malloc_usable_size`. All of them go through one
+//! [`TensorGlobalAlloc`], which is also this library's own
+//! `#[global_allocator]`.
+//!
+//! # Alignment
+//! `malloc` and friends return 16-byte aligned blocks from 16 bytes up (what
+//! glibc promises and SSE code relies on) and 8-byte aligned ones below.
+//! Alignments up to `MAX_ALIGN` (64 KiB) come from the pool; larger ones from
+//! the C library's own `posix_memalign`.
+//!
+//! # Pointers the pool does not own
+//! `free`, `realloc` and `malloc_usable_size` look a pointer up in the pool's
+//! pagemap. A pointer the pool does not own (over-aligned blocks the C
+//! library served, or memory allocated before this library was loaded) is
+//! **forwarded** to the next definition of the same function, found with
+//! `dlsym(RTLD_NEXT, …)` (glibc's), which treats it exactly as it would
+//! without this library: a glibc block is freed, garbage makes glibc abort
+//! with its own message. Nothing of the pool's is touched either way. The
+//! next definitions are resolved in a constructor, before `main`; a
+//! re-entrant `free` of a foreign pointer while `dlsym` runs (or in a static
+//! binary, where there is no next definition) leaks the block rather than
+//! guess.
+//!
+//! # Errors
+//! On failure `malloc`, `calloc`, `realloc`, `reallocarray`, `aligned_alloc`,
+//! `memalign`, `valloc` and `pvalloc` return null with `errno = ENOMEM`
+//! (`EINVAL` for an invalid alignment); `posix_memalign` returns the code.
+//!
+//! # Statistics
+//! With `TENSORPOOL_CAPI_STATS=1` in the environment, the library writes one
+//! line to stderr at exit (with `write(2)`, no allocation): the pool's
+//! reserved bytes, segments and OS mappings, and how many calls were
+//! forwarded to the C library. It proves the program really ran on the pool.
+//!
+//! # Thread-local storage
+//! A `cdylib`'s thread-locals use the general-dynamic TLS model (a call to
+//! `__tls_get_addr` per access) on stable Rust; see `ci/capi.sh` for the
+//! measured cost.
+
+use core::alloc::{GlobalAlloc, Layout};
+use core::ffi::{CStr, c_int, c_void};
+use core::ptr::null_mut;
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use tp::TensorGlobalAlloc;
+use tp::host::size_class::MAX_ALIGN;
+
+/// The C library's allocator, reached through `dlsym(RTLD_NEXT, …)`: the
+/// inner allocator for alignments above `MAX_ALIGN`.
+#[derive(Debug, Clone, Copy)]
+pub struct NextLibc;
+
+// SAFETY: `posix_memalign` returns blocks of at least `size` bytes at
+// `align` (a power of two ≥ 64 KiB here, so a valid `posix_memalign`
+// alignment) or fails, reported as null; `free` takes them back.
+unsafe impl GlobalAlloc for NextLibc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let Some(f) = next::<PosixMemalignFn>(&NEXT_POSIX_MEMALIGN, c"posix_memalign") else {
+            return null_mut();
+        };
+        let mut out = null_mut();
+        // SAFETY: `out` is a valid out-pointer; the alignment is a power of
+        // two and a multiple of `sizeof(void*)`.
+        let r = unsafe { f(&mut out, layout.align(), layout.size()) };
+        if r == 0 { out.cast() } else { null_mut() }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
+        // SAFETY: `ptr` came from the next `posix_memalign` (caller).
+        unsafe { next_free(ptr.cast()) }
+    }
+}
+
+#[global_allocator]
+static A: TensorGlobalAlloc<NextLibc> = TensorGlobalAlloc::with_inner(NextLibc);
+
+type FreeFn = unsafe extern "C" fn(*mut c_void);
+type ReallocFn = unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void;
+type PosixMemalignFn = unsafe extern "C" fn(*mut *mut c_void, usize, usize) -> c_int;
+type UsableFn = unsafe extern "C" fn(*mut c_void) -> usize;
+
+static NEXT_FREE: AtomicUsize = AtomicUsize::new(0);
+static NEXT_REALLOC: AtomicUsize = AtomicUsize::new(0);
+static NEXT_POSIX_MEMALIGN: AtomicUsize = AtomicUsize::new(0);
+static NEXT_USABLE: AtomicUsize = AtomicUsize::new(0);
+/// Set while `dlsym` runs, so that a re-entrant call does not recurse.
+static RESOLVING: AtomicBool = AtomicBool::new(false);
+
+static STATS: AtomicBool = AtomicBool::new(false);
+static FORWARDED: AtomicUsize = AtomicUsize::new(0);
+
+/// The next definition of `name` as an `F` (a C function pointer type), or
+/// `None` while another lookup runs or if there is none.
+fn next<F: Copy>(slot: &AtomicUsize, name: &CStr) -> Option<F> {
+    const { assert!(size_of::<F>() == size_of::<usize>()) };
+    let mut f = slot.load(Ordering::Acquire);
+    if f == 0 {
+        if RESOLVING.swap(true, Ordering::Acquire) {
+            return None;
+        }
+        // SAFETY: `RTLD_NEXT` with a NUL-terminated name; dlsym may call
+        // back into malloc/calloc/free, which `RESOLVING` keeps from recursing.
+        f = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) } as usize;
+        RESOLVING.store(false, Ordering::Release);
+        if f == 0 {
+            return None;
+        }
+        slot.store(f, Ordering::Release);
+    }
+    // SAFETY: `f` is the address of the C function `name`, whose type the
+    // caller names as `F`; `F` is a pointer-sized fn pointer (asserted).
+    Some(unsafe { core::mem::transmute_copy::<usize, F>(&f) })
+}
+
+/// Frees a block the pool does not own through the next `free`.
+///
+/// # Safety
+/// - `p` is not the pool's and is what the next `free` accepts.
+unsafe fn next_free(p: *mut c_void) {
+    FORWARDED.fetch_add(1, Ordering::Relaxed);
+    if let Some(f) = next::<FreeFn>(&NEXT_FREE, c"free") {
+        // SAFETY: forwarded from the caller.
+        unsafe { f(p) }
+    }
+}
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static INIT: extern "C" fn() = init;
+
+#[used]
+#[unsafe(link_section = ".fini_array")]
+static FINI: extern "C" fn() = fini;
+
+/// Resolves the next definitions before `main` and reads the environment.
+extern "C" fn init() {
+    let _ = next::<FreeFn>(&NEXT_FREE, c"free");
+    let _ = next::<ReallocFn>(&NEXT_REALLOC, c"realloc");
+    let _ = next::<PosixMemalignFn>(&NEXT_POSIX_MEMALIGN, c"posix_memalign");
+    let _ = next::<UsableFn>(&NEXT_USABLE, c"malloc_usable_size");
+    // SAFETY: a NUL-terminated name; the result is only tested for null and
+    // read before any other thread can run `setenv`.
+    let v = unsafe { libc::getenv(c"TENSORPOOL_CAPI_STATS".as_ptr()) };
+    // SAFETY: a non-null `getenv` result is a NUL-terminated string.
+    if !v.is_null() && unsafe { *v } == b'1' as libc::c_char {
+        STATS.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Writes the statistics line if asked to.
+extern "C" fn fini() {
+    if !STATS.load(Ordering::Relaxed) {
+        return;
+    }
+    let s = A.stats();
+    let mut line = Line {
+        buf: [0; 256],
+        len: 0,
+    };
+    line.push(b"tensorpool: reserved_bytes=");
+    line.num(s.reserved_bytes);
+    line.push(b" segments=");
+    line.num(s.segments);
+    line.push(b" os_maps=");
+    line.num(s.os_maps);
+    line.push(b" forwarded=");
+    line.num(FORWARDED.load(Ordering::Relaxed));
+    line.push(b"\n");
+    // SAFETY: `line.buf[..line.len]` is initialised; fd 2 may be closed,
+    // then `write` fails harmlessly.
+    let _ = unsafe { libc::write(2, line.buf.as_ptr().cast(), line.len) };
+}
+
+/// A fixed buffer for one line of text: no allocation, no formatting machinery.
+struct Line {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl Line {
+    fn push(&mut self, s: &[u8]) {
+        let n = s.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s[..n]);
+        self.len += n;
+    }
+
+    fn num(&mut self, mut v: usize) {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        self.push(&digits[i..]);
+    }
+}
+
+fn set_errno(e: c_int) {
+    // SAFETY: `__errno_location` returns this thread's errno slot.
+    unsafe { *libc::__errno_location() = e };
+}
+
+/// The alignment C callers may rely on for `size` bytes.
+#[inline(always)]
+fn malloc_align(size: usize) -> usize {
+    if size >= 16 { 16 } else { 8 }
+}
+
+/// Allocates `size` bytes at `align` (a power of two), null with `ENOMEM`.
+#[inline(always)]
+fn alloc_aligned(size: usize, align: usize, zeroed: bool) -> *mut c_void {
+    let Ok(layout) = Layout::from_size_align(size.max(1), align) else {
+        set_errno(libc::ENOMEM);
+        return null_mut();
+    };
+    // SAFETY: the size is non-zero.
+    let p = unsafe {
+        if zeroed {
+            A.alloc_zeroed(layout)
+        } else {
+            A.alloc(layout)
+        }
+    };
+    if p.is_null() {
+        set_errno(libc::ENOMEM);
+    }
+    p.cast()
+}
+
+/// C `malloc`.
+///
+/// # Safety
+/// - None beyond C's: the result is freed with this library's `free`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn malloc(size: usize) -> *mut c_void {
+    alloc_aligned(size, malloc_align(size), false)
+}
+
+/// C `calloc`: zeroed, and `ENOMEM` if `n * size` overflows.
+///
+/// # Safety
+/// - None beyond C's.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
+    let Some(bytes) = n.checked_mul(size) else {
+        set_errno(libc::ENOMEM);
+        return null_mut();
+    };
+    alloc_aligned(bytes, malloc_align(bytes), true)
+}
+
+/// C `free`: the pool's blocks go back to the pool, any other non-null
+/// pointer to the next `free` (see the crate docs).
+///
+/// # Safety
+/// - `p` is null or a live block from this library or the C library, not
+///   used afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn free(p: *mut c_void) {
+    if p.is_null() {
+        return;
+    }
+    // SAFETY: forwarded from the caller.
+    if !unsafe { A.free_unsized(p.cast()) } {
+        // SAFETY: not the pool's, so the C library's (caller).
+        unsafe { next_free(p) }
+    }
+}
+
+/// C `realloc`: null `p` is `malloc`, size 0 frees and returns null (as
+/// glibc does); a block the pool does not own goes to the next `realloc`.
+///
+/// # Safety
+/// - `p` is null or a live block from this library or the C library; on
+///   success it is not used afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
+    if p.is_null() {
+        // SAFETY: no preconditions.
+        return unsafe { malloc(size) };
+    }
+    if size == 0 {
+        // SAFETY: forwarded from the caller.
+        unsafe { free(p) };
+        return null_mut();
+    }
+    if !A.owns(p.cast()) {
+        FORWARDED.fetch_add(1, Ordering::Relaxed);
+        let Some(f) = next::<ReallocFn>(&NEXT_REALLOC, c"realloc") else {
+            set_errno(libc::ENOMEM);
+            return null_mut();
+        };
+        // SAFETY: a C library block (caller); the next `realloc` sets errno.
+        return unsafe { f(p, size) };
+    }
+    if size > isize::MAX as usize - 16 {
+        set_errno(libc::ENOMEM);
+        return null_mut();
+    }
+    // SAFETY: 1. the pool owns `p` and the caller gives it up on success;
+    // 2. `size > 0`, the alignment is 8 or 16, and `size + 16 ≤ isize::MAX`.
+    let q = unsafe { A.realloc_unsized(p.cast(), size, malloc_align(size)) };
+    if q.is_null() {
+        set_errno(libc::ENOMEM);
+    }
+    q.cast()
+}
+
+/// `reallocarray` (glibc, BSD): `realloc` with an overflow-checked product.
+///
+/// # Safety
+/// - As for [`realloc`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn reallocarray(p: *mut c_void, n: usize, size: usize) -> *mut c_void {
+    let Some(bytes) = n.checked_mul(size) else {
+        set_errno(libc::ENOMEM);
+        return null_mut();
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe { realloc(p, bytes) }
+}
+
+/// POSIX `posix_memalign`: `EINVAL` unless `align` is a power of two and a
+/// multiple of `sizeof(void*)`, `ENOMEM` when out of memory; `*out` is set
+/// only on success.
+///
+/// # Safety
+/// - `out` is valid for a pointer write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> c_int {
+    if !align.is_power_of_two() || align % size_of::<*mut c_void>() != 0 {
+        return libc::EINVAL;
+    }
+    let saved = errno();
+    let p = alloc_aligned(size, align, false);
+    if p.is_null() {
+        set_errno(saved);
+        return libc::ENOMEM;
+    }
+    // SAFETY: `out` is valid for writes (caller).
+    unsafe { *out = p };
+    0
+}
+
+fn errno() -> c_int {
+    // SAFETY: `__errno_location` returns this thread's errno slot.
+    unsafe { *libc::__errno_location() }
+}
+
+/// C11 `aligned_alloc`: `EINVAL` unless `align` is a power of two (glibc
+/// accepts any power of two and any size, and so do we).
+///
+/// # Safety
+/// - None beyond C's.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
+    if !align.is_power_of_two() {
+        set_errno(libc::EINVAL);
+        return null_mut();
+    }
+    alloc_aligned(size, align.max(malloc_align(size)), false)
+}
+
+/// Obsolete `memalign`: like glibc, an alignment that is not a power of two
+/// is rounded up to one.
+///
+/// # Safety
+/// - None beyond C's.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
+    let Some(align) = align.checked_next_power_of_two() else {
+        set_errno(libc::EINVAL);
+        return null_mut();
+    };
+    alloc_aligned(size, align.max(malloc_align(size)), false)
+}
+
+/// Obsolete `valloc`: page aligned.
+///
+/// # Safety
+/// - None beyond C's.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn valloc(size: usize) -> *mut c_void {
+    alloc_aligned(size, page_size(), false)
+}
+
+/// Obsolete `pvalloc`: page aligned, size rounded up to whole pages.
+///
+/// # Safety
+/// - None beyond C's.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pvalloc(size: usize) -> *mut c_void {
+    let page = page_size();
+    let Some(rounded) = size.max(1).checked_next_multiple_of(page) else {
+        set_errno(libc::ENOMEM);
+        return null_mut();
+    };
+    alloc_aligned(rounded, page, false)
+}
+
+fn page_size() -> usize {
+    // SAFETY: `sysconf` has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 { p as usize } else { 4096 }
+}
+
+/// `malloc_usable_size`: the pool block's class size, 0 for null, and the
+/// next definition's answer for a block the pool does not own.
+///
+/// # Safety
+/// - `p` is null or a live block from this library or the C library.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
+    if p.is_null() {
+        return 0;
+    }
+    if let Some(n) = A.usable_size(p.cast()) {
+        return n;
+    }
+    FORWARDED.fetch_add(1, Ordering::Relaxed);
+    match next::<UsableFn>(&NEXT_USABLE, c"malloc_usable_size") {
+        // SAFETY: a C library block (caller).
+        Some(f) => unsafe { f(p) },
+        None => 0,
+    }
+}
+
+// `MAX_ALIGN` is where the pool stops; keep the docs above honest.
+const _: () = assert!(MAX_ALIGN == 64 << 10);

@@ -1,0 +1,222 @@
+//! `TensorGlobalAlloc`'s API contract, with the allocator installed:
+//! - every alignment from 1 B to 1 MiB (past `MAX_ALIGN`) is honoured, at
+//!   sizes from 1 B to huge, and the pool owns exactly the blocks aligned up
+//!   to `MAX_ALIGN`;
+//! - `usable_size` is the class size (or the huge mapping) and ≥ the request;
+//! - `realloc` keeps the address within a class and for a huge block whose
+//!   mapping fits, unmaps a wasteful huge tail, moves otherwise, and always
+//!   keeps the common prefix;
+//! - `alloc_zeroed` returns zeros for reused (dirty) blocks and skips the
+//!   memset for fresh mappings (no page is faulted in);
+//! - `stats()` can be read from another thread while allocation goes on.
+
+use std::alloc::{GlobalAlloc, Layout};
+use tensorpool::TensorGlobalAlloc;
+
+mod common;
+use common::rss;
+use tensorpool::host::HostPool;
+use tensorpool::host::size_class::{MAX_ALIGN, MAX_CLASS_SIZE};
+
+#[global_allocator]
+static A: TensorGlobalAlloc = TensorGlobalAlloc::new();
+
+const SIZES: [usize; 9] = [
+    1,
+    7,
+    100,
+    4096,
+    70_000,
+    1 << 20,
+    5 << 20,
+    MAX_CLASS_SIZE,
+    MAX_CLASS_SIZE + 1,
+];
+
+fn fill(p: *mut u8, n: usize, seed: u8) {
+    for i in (0..n).step_by(509).chain(n.saturating_sub(64)..n) {
+        // SAFETY: `i < n`, inside the caller's block.
+        unsafe { *p.add(i) = seed ^ (i as u8) };
+    }
+}
+
+/// Checks what `fill(p, n, seed)` wrote, below `limit`.
+fn check_prefix(p: *const u8, n: usize, seed: u8, limit: usize) {
+    for i in (0..n)
+        .step_by(509)
+        .chain(n.saturating_sub(64)..n)
+        .filter(|&i| i < limit)
+    {
+        // SAFETY: `i < n`, inside the caller's block.
+        assert_eq!(unsafe { *p.add(i) }, seed ^ (i as u8), "byte {i} of {n}");
+    }
+}
+
+fn check(p: *const u8, n: usize, seed: u8) {
+    check_prefix(p, n, seed, n);
+}
+
+#[test]
+fn every_alignment_up_to_and_past_max_align() {
+    for shift in 0..=20 {
+        let align = 1usize << shift;
+        for &size in &SIZES {
+            let l = Layout::from_size_align(size, align).unwrap();
+            // SAFETY: non-zero size; freed below with `l`.
+            let p = unsafe { A.alloc(l) };
+            assert!(!p.is_null(), "{l:?}");
+            assert_eq!(p as usize % align, 0, "{l:?}");
+            assert_eq!(A.owns(p), align <= MAX_ALIGN, "{l:?}");
+            if size >= 4096 && align <= MAX_ALIGN {
+                assert_eq!(
+                    p as usize % 64,
+                    0,
+                    "blocks of 4 KiB and up are 64 B aligned: {l:?}"
+                );
+            }
+            fill(p, size, shift as u8);
+            check(p, size, shift as u8);
+            // SAFETY: allocated above with `l`.
+            unsafe { A.dealloc(p, l) };
+        }
+    }
+}
+
+#[test]
+fn usable_size_is_the_class_size() {
+    for &size in &SIZES {
+        for align in [8, 64, 4096, MAX_ALIGN] {
+            let l = Layout::from_size_align(size, align).unwrap();
+            // SAFETY: non-zero size; freed below.
+            let p = unsafe { A.alloc(l) };
+            let usable = A.usable_size(p).unwrap();
+            assert!(usable >= size, "{l:?}");
+            assert_eq!(usable, HostPool::rounded_size(l).unwrap(), "{l:?}");
+            // SAFETY: allocated above with `l`.
+            unsafe { A.dealloc(p, l) };
+        }
+    }
+    let x = 5u64;
+    assert_eq!(
+        A.usable_size(&x as *const u64 as *const u8),
+        None,
+        "a stack address is not the pool's"
+    );
+}
+
+#[test]
+fn realloc_in_place_within_a_class_and_moves_across() {
+    let l = Layout::from_size_align(100, 8).unwrap();
+    // SAFETY: non-zero sizes; every block is passed on or freed once.
+    unsafe {
+        let p = A.alloc(l);
+        fill(p, 100, 1);
+        let class = A.usable_size(p).unwrap();
+        let q = A.realloc(p, l, class);
+        assert_eq!(q, p, "same class: in place");
+        let l2 = Layout::from_size_align(class, 8).unwrap();
+        let r = A.realloc(q, l2, 5000);
+        assert_ne!(r, q, "another class: moved");
+        check(r, 100, 1);
+        let l3 = Layout::from_size_align(5000, 8).unwrap();
+        let s = A.realloc(r, l3, 60);
+        check_prefix(s, 100, 1, 60);
+        A.dealloc(s, Layout::from_size_align(60, 8).unwrap());
+    }
+}
+
+#[test]
+fn realloc_huge_in_place_shrinks_the_mapping() {
+    let mib = 1usize << 20;
+    let l = Layout::from_size_align(200 * mib, 4096).unwrap();
+    // SAFETY: non-zero sizes; every block is passed on or freed once.
+    unsafe {
+        let p = A.alloc(l);
+        fill(p, 200 * mib, 2);
+        assert_eq!(A.usable_size(p), Some(200 * mib));
+        // Within 1/8: same address, mapping kept.
+        let q = A.realloc(p, l, 190 * mib);
+        assert_eq!(q, p);
+        assert_eq!(A.usable_size(q), Some(200 * mib));
+        // Much smaller but still huge: same address, tail unmapped.
+        let l2 = Layout::from_size_align(190 * mib, 4096).unwrap();
+        let r = A.realloc(q, l2, 100 * mib);
+        assert_eq!(r, p);
+        assert_eq!(A.usable_size(r), Some(100 * mib));
+        check_prefix(r, 200 * mib, 2, 100 * mib);
+        // Growing past the mapping moves.
+        let l3 = Layout::from_size_align(100 * mib, 4096).unwrap();
+        let s = A.realloc(r, l3, 120 * mib);
+        assert_ne!(s, r);
+        check_prefix(s, 200 * mib, 2, 100 * mib);
+        // Down into the classes moves too (the layout must find the class).
+        let l4 = Layout::from_size_align(120 * mib, 4096).unwrap();
+        let t = A.realloc(s, l4, 10 * mib);
+        assert_ne!(t, s);
+        check_prefix(t, 200 * mib, 2, 10 * mib);
+        A.dealloc(t, Layout::from_size_align(10 * mib, 4096).unwrap());
+    }
+}
+
+#[test]
+fn alloc_zeroed_after_reuse_reads_zero() {
+    for &size in &SIZES {
+        let l = Layout::from_size_align(size, 8).unwrap();
+        // SAFETY: non-zero size; each block freed once with `l`.
+        unsafe {
+            let p = A.alloc(l);
+            p.write_bytes(0xFF, size);
+            A.dealloc(p, l);
+            // This thread's cache (or the huge cache) hands the dirty block back.
+            let z = A.alloc_zeroed(l);
+            assert!(
+                std::slice::from_raw_parts(z, size).iter().all(|&b| b == 0),
+                "size {size}"
+            );
+            A.dealloc(z, l);
+        }
+    }
+}
+
+#[test]
+fn alloc_zeroed_skips_the_memset_on_fresh_mappings() {
+    // A size no other test uses, so the huge cache cannot hold one: the
+    // block is freshly mapped and the memset would fault in 512 MiB.
+    let size = (512 << 20) + 12_345;
+    let l = Layout::from_size_align(size, 64).unwrap();
+    let before = rss();
+    // SAFETY: non-zero size; freed below.
+    let p = unsafe { A.alloc_zeroed(l) };
+    let grew = rss().saturating_sub(before);
+    assert!(
+        grew < 128 << 20,
+        "alloc_zeroed of a fresh 512 MiB mapping faulted in {grew} B"
+    );
+    // SAFETY: `p` holds `size` bytes.
+    unsafe {
+        assert!((0..size).step_by(1 << 16).all(|i| *p.add(i) == 0));
+        assert_eq!(*p.add(size - 1), 0);
+        A.dealloc(p, l);
+    }
+}
+
+#[test]
+fn stats_readable_while_another_thread_allocates() {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s2 = stop.clone();
+    let h = std::thread::spawn(move || {
+        let mut n = 0usize;
+        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+            let v = vec![n as u8; 1 + n % (3 << 20)];
+            n = n.wrapping_add(v.len() * 7 + 1);
+        }
+    });
+    let mut last = A.stats();
+    for _ in 0..10_000 {
+        let s = A.stats();
+        assert!(s.reserved_bytes > 0 && s.os_maps >= last.os_maps);
+        last = s;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    h.join().unwrap();
+}

@@ -181,10 +181,7 @@ impl TensorMeta {
             self.size,
             self.access_count,
             self.last_access,
-            u64::from(self.refcount)
-                | u64::from(self.device) << 32
-                | u64::from(self.dtype) << 48
-                | u64::from(self.rank_flags) << 56,
+            u64::from(self.refcount) | u64::from(self.device) << 32 | u64::from(self.dtype) << 48 | u64::from(self.rank_flags) << 56,
             self.numel,
             u64::from(self.dims[0]) | u64::from(self.dims[1]) << 32,
             self.hash,

@@ -164,10 +164,7 @@ impl Drop for Pin<'_> {
 
 impl Grace {
     fn new() -> Self {
-        Grace {
-            epoch: AtomicU64::new(0),
-            active: core::array::from_fn(|_| CachePadded([AtomicUsize::new(0), AtomicUsize::new(0)])),
-        }
+        Grace { epoch: AtomicU64::new(0), active: core::array::from_fn(|_| CachePadded([AtomicUsize::new(0), AtomicUsize::new(0)])) }
     }
 
     /// Pins the current epoch: until the guard drops, no slot removed while

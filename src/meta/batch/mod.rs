@@ -40,7 +40,7 @@ use crate::stats::CategoryUsage;
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-#[cfg(all(target_arch = "aarch64", not(miri)))]
+#[cfg(all(target_arch = "aarch64", target_feature = "neon", not(miri)))]
 pub(crate) mod neon;
 pub(crate) mod scalar;
 #[cfg(all(target_arch = "x86_64", not(miri)))]
@@ -102,7 +102,7 @@ impl BatchBackend {
         match self {
             BatchBackend::Scalar => true,
             BatchBackend::Avx2 => avx2(),
-            BatchBackend::Neon => cfg!(all(target_arch = "aarch64", not(miri))),
+            BatchBackend::Neon => cfg!(all(target_arch = "aarch64", target_feature = "neon", not(miri))),
         }
     }
 
@@ -155,8 +155,12 @@ pub(crate) fn select_le<F: FnMut(usize, u64) -> u64>(
             // function's only requirement.
             unsafe { x86::select_le(tag, last, mask, want, thr, f) }
         }
-        #[cfg(all(target_arch = "aarch64", not(miri)))]
-        BatchBackend::Neon => neon::select_le(tag, last, mask, want, thr, f),
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon", not(miri)))]
+        BatchBackend::Neon => {
+            // SAFETY: 1. this arm is compiled only where the target enables
+            // NEON (`cfg(target_feature = "neon")`, the aarch64 baseline).
+            unsafe { neon::select_le(tag, last, mask, want, thr, f) }
+        }
         _ => scalar::select_le(tag, last, mask, want, thr, f),
     }
 }
@@ -170,8 +174,11 @@ pub(crate) fn usage(b: BatchBackend, tag: &[AtomicU32], size: &[AtomicU64], acc:
             // SAFETY: 1. the guard just checked that the CPU has AVX2.
             unsafe { x86::usage(tag, size, acc) }
         }
-        #[cfg(all(target_arch = "aarch64", not(miri)))]
-        BatchBackend::Neon => neon::usage(tag, size, acc),
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon", not(miri)))]
+        BatchBackend::Neon => {
+            // SAFETY: 1. compiled only where the target enables NEON.
+            unsafe { neon::usage(tag, size, acc) }
+        }
         _ => scalar::usage(tag, size, acc),
     }
 }
@@ -185,8 +192,11 @@ pub(crate) fn decay(b: BatchBackend, count: &[AtomicU64], shift: u32) {
             // SAFETY: 1. the guard just checked that the CPU has AVX2.
             unsafe { x86::decay(count, shift) }
         }
-        #[cfg(all(target_arch = "aarch64", not(miri)))]
-        BatchBackend::Neon => neon::decay(count, shift),
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon", not(miri)))]
+        BatchBackend::Neon => {
+            // SAFETY: 1. compiled only where the target enables NEON.
+            unsafe { neon::decay(count, shift) }
+        }
         _ => scalar::decay(count, shift),
     }
 }

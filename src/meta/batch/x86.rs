@@ -50,11 +50,7 @@ pub(crate) unsafe fn select_le<F: FnMut(usize, u64) -> u64>(
         // have the size and layout of `u32`/`u64`; 4. racing relaxed writes
         // are argued in the module docs.
         let (t, l0, l1) = unsafe {
-            (
-                _mm256_loadu_si256(tp.add(i).cast()),
-                _mm256_loadu_si256(lp.add(i).cast()),
-                _mm256_loadu_si256(lp.add(i + 4).cast()),
-            )
+            (_mm256_loadu_si256(tp.add(i).cast()), _mm256_loadu_si256(lp.add(i).cast()), _mm256_loadu_si256(lp.add(i + 4).cast()))
         };
         let tok = _mm256_cmpeq_epi32(_mm256_and_si256(t, vmask), vwant);
         // Unsigned `l > thr` as a signed compare of both sides with the top bit flipped.
@@ -95,8 +91,7 @@ pub(crate) unsafe fn usage(tag: &[AtomicU32], size: &[AtomicU64], acc: &mut [Cat
     let tp = tag.as_ptr().cast::<u32>();
     let sp = size.as_ptr().cast::<u64>();
     let key = _mm256_set1_epi32((LIVE | CAT_MASK) as i32);
-    let want: [__m256i; Category::COUNT] =
-        core::array::from_fn(|c| _mm256_set1_epi32((LIVE | (c as u32) << CAT_SHIFT) as i32));
+    let want: [__m256i; Category::COUNT] = core::array::from_fn(|c| _mm256_set1_epi32((LIVE | (c as u32) << CAT_SHIFT) as i32));
     let mut bytes = [_mm256_setzero_si256(); Category::COUNT];
     // Counts in 32-bit lanes: at most n / 8 per lane per call, far below 2^32
     // for the table's 4096-slot chunks (and flushed per call anyway).
@@ -107,11 +102,7 @@ pub(crate) unsafe fn usage(tag: &[AtomicU32], size: &[AtomicU64], acc: &mut [Cat
         // sizes) inside the slices; 2. unaligned loads; 3. atomics have
         // their integer's layout; 4. races as in the module docs.
         let (t, s0, s1) = unsafe {
-            (
-                _mm256_loadu_si256(tp.add(i).cast()),
-                _mm256_loadu_si256(sp.add(i).cast()),
-                _mm256_loadu_si256(sp.add(i + 4).cast()),
-            )
+            (_mm256_loadu_si256(tp.add(i).cast()), _mm256_loadu_si256(sp.add(i).cast()), _mm256_loadu_si256(sp.add(i + 4).cast()))
         };
         let t = _mm256_and_si256(t, key);
         for c in 0..Category::COUNT {

@@ -87,6 +87,25 @@ fn build(es: &[Entry], backend: BatchBackend) -> (MetaTable, Vec<TensorKey>) {
     (t, keys)
 }
 
+/// The detected backend is the SIMD one where there is one, so the tests
+/// below (which run every supported backend) really ran NEON on aarch64.
+#[test]
+fn detection_picks_simd_where_available() {
+    let d = BatchBackend::detected();
+    assert!(d.is_supported());
+    if std::env::var_os("TENSORPOOL_SIMD").is_some_and(|v| v == "scalar") {
+        assert_eq!(d, BatchBackend::Scalar);
+    } else if cfg!(all(target_arch = "aarch64", not(miri))) {
+        assert_eq!(d, BatchBackend::Neon);
+    } else if BatchBackend::Avx2.is_supported() {
+        assert_eq!(d, BatchBackend::Avx2);
+    }
+    assert_eq!(MetaTable::new().backend(), d);
+    assert!(MetaTable::new().set_backend(BatchBackend::Scalar).is_ok());
+    let other = if cfg!(target_arch = "aarch64") { BatchBackend::Avx2 } else { BatchBackend::Neon };
+    assert!(MetaTable::new().set_backend(other).is_err());
+}
+
 fn supported() -> Vec<BatchBackend> {
     BatchBackend::ALL.into_iter().filter(|b| b.is_supported()).collect()
 }

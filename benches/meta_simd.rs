@@ -16,23 +16,18 @@
 //!   and a touch over 64-byte records (AoS) against the same over columns
 //!   (SoA).
 
+// `criterion_group!` generates an undocumented `pub fn`.
+#![allow(missing_docs)]
+
 use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group, criterion_main};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tensorpool::meta::{BatchBackend, IdIssuer, MetaTable, NewTensor, TensorKey};
 use tensorpool::{Device, TensorFlags};
 
-/// SplitMix64, for fixed-seed inputs.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
+#[path = "../tests/meta_common/mod.rs"]
+mod meta_common;
+use meta_common::Rng;
 
 const KI: usize = 1 << 10;
 const MI: usize = 1 << 20;

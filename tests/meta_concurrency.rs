@@ -19,20 +19,8 @@ fn nt(size: u64) -> NewTensor {
     NewTensor::bytes(size, Device::Host)
 }
 
-/// A small deterministic generator (SplitMix64).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+mod meta_common;
+use meta_common::Rng;
 
 #[test]
 fn four_threads_overlapping_batches_exact_totals() {

@@ -74,6 +74,9 @@ const AGGREGATE_FROM: usize = 64;
 /// ... and at least `1 / SPARSE_RATIO` of the table's slots long; sparser
 /// batches have few duplicates and the tally would only add a cache miss.
 const SPARSE_RATIO: usize = 8;
+/// With more than `1 / DENSE_RATIO` of the slots touched, the adds walk the
+/// tally in slot order instead of in first-seen order.
+const DENSE_RATIO: usize = 8;
 
 /// Identifies a tensor in a [`MetaTable`]: its id and its slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -499,10 +502,28 @@ impl MetaTable {
             }
             e.n += 1;
         }
-        for &slot in &sc.distinct {
-            let e = core::mem::take(&mut sc.ent[slot as usize]);
-            if let Some(id) = TensorId::from_raw(e.id) {
-                self.touch_one(TensorKey { id, slot }, e.n, now);
+        if sc.distinct.len() < sc.ent.len() / DENSE_RATIO {
+            for &slot in &sc.distinct {
+                let e = core::mem::take(&mut sc.ent[slot as usize]);
+                if let Some(id) = TensorId::from_raw(e.id) {
+                    self.touch_one(TensorKey { id, slot }, e.n, now);
+                }
+            }
+        } else {
+            // Many distinct slots: walk the tally in slot order, so the
+            // columns are read sequentially rather than at random.
+            for (ci, ents) in sc.ent.chunks_mut(CHUNK).enumerate() {
+                let c = self.chunk(ci);
+                for (i, e) in ents.iter_mut().enumerate().filter(|(_, e)| e.n != 0) {
+                    let e = core::mem::take(e);
+                    // As in `touch_one`.
+                    if let Some(c) = c
+                        && c.ids[i].load(Ordering::Acquire) == e.id
+                    {
+                        c.count[i].fetch_add(e.n, Ordering::Relaxed);
+                        bump_last(&c.last[i], now);
+                    }
+                }
             }
         }
         for &k in &sc.odd {

@@ -15,7 +15,7 @@
 //!
 //! # Layout
 //! Each chunk holds, per slot, a 64-byte record cell (eight atomic words,
-//! [`TensorMeta::to_words`]) and beside it structure-of-arrays hot columns:
+//! `TensorMeta::to_words`) and beside it structure-of-arrays hot columns:
 //! `ids` (u64), `last` (last access, u64), `count` (access count, u64),
 //! `size` (u64) and `tag` (u32: live, pinned, size category, flags, device;
 //! see [`crate::meta::batch`]). The counters live only in the columns; a

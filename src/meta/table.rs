@@ -512,14 +512,16 @@ impl MetaTable {
                 sc.odd.push(k);
                 continue;
             };
-            if e.n == 0 {
-                e.id = k.id.get();
+            // Fast path first: a repeat of the id this slot was first seen
+            // with (an untouched entry holds id 0, which no key has).
+            if e.id == k.id.get() {
+                e.n += 1;
+            } else if e.n == 0 {
+                *e = Seen { id: k.id.get(), n: 1 };
                 sc.distinct.push(k.slot);
-            } else if e.id != k.id.get() {
+            } else {
                 sc.odd.push(k);
-                continue;
             }
-            e.n += 1;
         }
         if sc.distinct.len() < sc.ent.len() / DENSE_RATIO {
             for &slot in &sc.distinct {

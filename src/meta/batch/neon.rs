@@ -21,6 +21,7 @@ use core::arch::aarch64::*;
 const STEP: usize = 4;
 
 /// NEON `select_le`; see [`super::scalar::select_le`].
+#[target_feature(enable = "neon")]
 pub(crate) fn select_le<F: FnMut(usize, u64) -> u64>(
     tag: &[AtomicU32],
     last: &[AtomicU64],
@@ -80,6 +81,7 @@ pub(crate) fn select_le<F: FnMut(usize, u64) -> u64>(
 }
 
 /// NEON `usage`; see [`super::scalar::usage`].
+#[target_feature(enable = "neon")]
 pub(crate) fn usage(
     tag: &[AtomicU32],
     size: &[AtomicU64],
@@ -125,6 +127,7 @@ pub(crate) fn usage(
 }
 
 /// NEON `decay`; see [`super::scalar::decay`].
+#[target_feature(enable = "neon")]
 pub(crate) fn decay(count: &[AtomicU64], shift: u32) {
     let n = count.len();
     let p = count.as_ptr().cast::<u64>();

@@ -23,6 +23,36 @@ use core::arch::x86_64::*;
 /// Lanes handled per loop iteration.
 const STEP: usize = 8;
 
+/// The top bits of eight 64-bit lanes (`lo` holds lanes 0..4), as a bit mask.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn mask8(lo: __m256i, hi: __m256i) -> u32 {
+    (_mm256_movemask_pd(_mm256_castsi256_pd(lo)) | _mm256_movemask_pd(_mm256_castsi256_pd(hi)) << 4)
+        as u32
+}
+
+/// The eight 64-bit lanes of `lo` and `hi`, in order.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn lanes8(lo: __m256i, hi: __m256i) -> [u64; STEP] {
+    let mut v = [0u64; STEP];
+    // SAFETY: 1. `v` is 64 writable bytes; `storeu` needs no alignment.
+    unsafe {
+        _mm256_storeu_si256(v.as_mut_ptr().cast(), lo);
+        _mm256_storeu_si256(v.as_mut_ptr().add(4).cast(), hi);
+    }
+    v
+}
+
+/// Calls `g(j)` for each set bit `j` of `bits`, lowest first.
+#[inline]
+fn for_each_bit(mut bits: u32, mut g: impl FnMut(usize)) {
+    while bits != 0 {
+        g(bits.trailing_zeros() as usize);
+        bits &= bits - 1;
+    }
+}
+
 /// AVX2 `select_le`; see [`super::scalar::select_le`].
 ///
 /// # Safety
@@ -66,23 +96,15 @@ pub(crate) unsafe fn select_le<F: FnMut(usize, u64) -> u64>(
             gt1,
             _mm256_cvtepi32_epi64(_mm256_extracti128_si256::<1>(tok)),
         );
-        let mut bits = (_mm256_movemask_pd(_mm256_castsi256_pd(ok0))
-            | _mm256_movemask_pd(_mm256_castsi256_pd(ok1)) << 4) as u32;
+        let bits = mask8(ok0, ok1);
         if bits != 0 {
-            let mut v = [0u64; STEP];
-            // SAFETY: 1. `v` is 64 writable bytes; `storeu` needs no alignment.
-            unsafe {
-                _mm256_storeu_si256(v.as_mut_ptr().cast(), l0);
-                _mm256_storeu_si256(v.as_mut_ptr().add(4).cast(), l1);
-            }
-            while bits != 0 {
-                let j = bits.trailing_zeros() as usize;
-                bits &= bits - 1;
+            let v = lanes8(l0, l1);
+            for_each_bit(bits, |j| {
                 // `f` may have lowered the threshold for the later lanes.
                 if v[j] <= thr {
                     thr = f(i + j, v[j]);
                 }
-            }
+            });
         }
         i += STEP;
     }
@@ -170,21 +192,12 @@ pub(crate) unsafe fn decay(count: &[AtomicU64], shift: u32) {
         };
         let d0 = _mm256_sub_epi64(v0, _mm256_srl_epi64(v0, sh));
         let d1 = _mm256_sub_epi64(v1, _mm256_srl_epi64(v1, sh));
-        let z = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpeq_epi64(d0, zero)))
-            | _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpeq_epi64(d1, zero))) << 4;
-        let mut bits = !z as u32 & 0xFF;
+        let bits = !mask8(_mm256_cmpeq_epi64(d0, zero), _mm256_cmpeq_epi64(d1, zero)) & 0xFF;
         if bits != 0 {
-            let mut d = [0u64; STEP];
-            // SAFETY: 1. `d` is 64 writable bytes; `storeu` needs no alignment.
-            unsafe {
-                _mm256_storeu_si256(d.as_mut_ptr().cast(), d0);
-                _mm256_storeu_si256(d.as_mut_ptr().add(4).cast(), d1);
-            }
-            while bits != 0 {
-                let j = bits.trailing_zeros() as usize;
-                bits &= bits - 1;
+            let d = lanes8(d0, d1);
+            for_each_bit(bits, |j| {
                 count[i + j].fetch_sub(d[j], Ordering::Relaxed);
-            }
+            });
         }
         i += STEP;
     }

@@ -41,6 +41,7 @@ pub use crate::{
     error::{AllocError, LayoutProblem},
     limit::Limited,
     meta::id::TensorId,
+    os::resident_bytes,
     stats::{MemoryStats, Stat},
 };
 

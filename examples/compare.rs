@@ -3,10 +3,12 @@
 //! and a CSV.
 //!
 //! ```text
-//! cargo run --release --example compare --features peers [-- --quick | --reps N | --only WORKLOAD | --csv PATH]
+//! cargo run --release --example compare --features peers -- [--quick] [--reps N] [--only WORKLOAD] [--alloc NAME] [--csv PATH]
 //! ```
 //!
 //! Without `--features peers` it compares the pool with glibc only.
+//! `--only` and `--alloc` keep the workloads and allocators whose names
+//! contain the given text (`--alloc` is for profiling one allocator).
 //!
 //! Method: each workload is first calibrated per allocator (units per
 //! sample, so that a sample lasts about the sample time). Then, for each
@@ -31,15 +33,17 @@ struct Opts {
     reps: usize,
     sample: Duration,
     only: Option<String>,
+    alloc: Option<String>,
     csv: String,
 }
 
 impl Opts {
     fn parse() -> Result<Self, String> {
         let mut o = Opts {
-            reps: 15,
+            reps: 21,
             sample: Duration::from_millis(10),
             only: None,
+            alloc: None,
             csv: "target/compare.csv".into(),
         };
         let mut args = std::env::args().skip(1);
@@ -56,11 +60,12 @@ impl Opts {
                         .map_err(|e| format!("--reps: {e}"))?
                 }
                 "--only" => o.only = Some(value("--only")?),
+                "--alloc" => o.alloc = Some(value("--alloc")?),
                 "--csv" => o.csv = value("--csv")?,
                 // `cargo bench`/`cargo test` may pass this to examples.
                 "--bench" => {}
                 "-h" | "--help" => {
-                    return Err("usage: compare [--quick] [--reps N] [--only WORKLOAD-SUBSTRING] [--csv PATH]".into());
+                    return Err("usage: compare [--quick] [--reps N] [--only WORKLOAD-SUBSTRING] [--alloc NAME-SUBSTRING] [--csv PATH]".into());
                 }
                 other => return Err(format!("unknown argument {other:?} (try --help)")),
             }
@@ -94,7 +99,14 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let allocs = allocators();
+    let allocs: Vec<_> = allocators()
+        .into_iter()
+        .filter(|a| opts.alloc.as_deref().is_none_or(|s| a.name().contains(s)))
+        .collect();
+    if allocs.is_empty() {
+        eprintln!("no allocator matches {:?}", opts.alloc);
+        std::process::exit(2);
+    }
     let suite: Vec<Workload> = workloads(Suite::Compare)
         .into_iter()
         .filter(|w| opts.only.as_deref().is_none_or(|s| w.name.contains(s)))
@@ -154,7 +166,7 @@ fn main() {
         rows.extend(measure(w, &allocs, &opts));
     }
 
-    print_table(&rows, &allocs);
+    print_table(&rows);
     println!();
     println!("- load average at end: {}", read_trim("/proc/loadavg"));
     println!("- total time: {:.0} s", start.elapsed().as_secs_f64());
@@ -272,8 +284,8 @@ fn fmt_mib(bytes: i64) -> String {
     format!("{:+.1}", bytes as f64 / MIB)
 }
 
-fn print_table(rows: &[Row], allocs: &[Box<dyn Runner>]) {
-    let pool = allocs.last().map(|a| a.name()).unwrap_or_default();
+fn print_table(rows: &[Row]) {
+    let pool = common::alloc::POOL_NAME;
     println!(
         "Times are per operation (the unit column); `vs {pool}` is this allocator's median divided by {pool}'s"
     );
@@ -295,19 +307,21 @@ fn print_table(rows: &[Row], allocs: &[Box<dyn Runner>]) {
     );
     println!("|---|---|---:|---|---:|---:|---:|---:|---:|");
     for r in rows {
-        let pool_median = rows
+        let ratio = rows
             .iter()
             .find(|p| p.workload == r.workload && p.alloc == pool)
-            .map_or(f64::NAN, |p| p.median_ns);
+            .map_or("–".into(), |p| {
+                format!("{:.2}", r.median_ns / p.median_ns)
+            });
         println!(
-            "| {} | {} | {:.2} | {} | {} | {} | {:.2} | {} | {} |",
+            "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} |",
             r.workload,
             r.unit,
             r.peak_live as f64 / MIB,
             r.alloc,
             fmt_time(r.median_ns),
             fmt_time(r.min_ns),
-            r.median_ns / pool_median,
+            ratio,
             fmt_mib(r.rss_after),
             fmt_mib(r.rss_trimmed)
         );

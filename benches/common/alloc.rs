@@ -110,13 +110,16 @@ impl<A: GlobalAlloc + Sync> BenchAlloc for Global<A> {
     }
 }
 
+/// The pool's name in tables: the reference the example's ratios divide by.
+pub const POOL_NAME: &str = "tensorpool";
+
 /// The pool, through its own API (`allocate` / `deallocate`, `prewarm`, `trim`).
 #[derive(Debug, Default)]
 pub struct Pool(pub HostPool);
 
 impl BenchAlloc for Pool {
     fn name(&self) -> &'static str {
-        "tensorpool"
+        POOL_NAME
     }
 
     #[inline(always)]

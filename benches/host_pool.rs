@@ -22,7 +22,15 @@ fn bench(c: &mut Criterion) {
         // after a batch) would not fit the default linear sampling.
         g.sampling_mode(SamplingMode::Flat);
         for a in &allocs {
-            g.bench_function(a.name(), |b| b.iter_custom(|iters| a.run(&w, iters)));
+            // Criterion may ask for fewer units than a sample needs (a
+            // consumer thread's start-up would dominate): run at least
+            // `min_units` and scale the time back to the units asked for.
+            g.bench_function(a.name(), |b| {
+                b.iter_custom(|iters| {
+                    let n = iters.max(w.min_units);
+                    a.run(&w, n).mul_f64(iters as f64 / n as f64)
+                })
+            });
             a.trim();
         }
         g.finish();

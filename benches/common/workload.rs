@@ -1,0 +1,607 @@
+//! The workloads, each one generic piece run for every allocator.
+//!
+//! A [`Workload`] times `iters` repetitions of its unit and reports `ops`
+//! operations per unit (one alloc+free pair, one item, one MLP step...), so
+//! `elapsed / (iters * ops)` is the figure per operation. Setup that is not
+//! the thing measured (churn before a cold batch, the state a trim or a
+//! prewarm starts from) runs outside the timed region.
+
+use super::alloc::{BenchAlloc, PAGE, checked, touch_pages};
+use core::alloc::Layout;
+use std::hint::black_box;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const KIB: usize = 1 << 10;
+const MIB: usize = 1 << 20;
+
+/// splitmix64: a tiny, fixed-seed PRNG, good enough for sizes and orders.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    /// A generator from `seed`.
+    pub fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Log-uniform in `[lo, hi]`.
+    pub fn log_uniform(&mut self, lo: usize, hi: usize) -> usize {
+        let (a, b) = ((lo as f64).ln(), (hi as f64).ln());
+        ((a + self.next_f64() * (b - a)).exp() as usize).clamp(lo, hi)
+    }
+
+    /// A random permutation of `0..n` (Fisher–Yates).
+    pub fn permutation(&mut self, n: usize) -> Vec<usize> {
+        let mut v: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            v.swap(i, (self.next_u64() % (i as u64 + 1)) as usize);
+        }
+        v
+    }
+}
+
+/// One step of an allocation program.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Alloc { slot: usize, layout: Layout },
+    Free { slot: usize },
+}
+
+/// A recorded sequence of allocations and frees over numbered slots; every
+/// slot is free again at the end. With `touch`, every page of every block is
+/// written once after it is allocated (as a kernel writing its output would).
+#[derive(Debug, Clone, Default)]
+pub struct Program {
+    steps: Vec<Step>,
+    slots: usize,
+    allocs: u64,
+    touch: bool,
+}
+
+impl Program {
+    fn alloc(&mut self, size: usize, align: usize) -> usize {
+        let slot = self.slots;
+        self.slots += 1;
+        self.allocs += 1;
+        let layout = Layout::from_size_align(size, align).expect("program layout");
+        self.steps.push(Step::Alloc { slot, layout });
+        slot
+    }
+
+    fn free(&mut self, slot: usize) {
+        self.steps.push(Step::Free { slot });
+    }
+
+    /// `n` buffers of log-uniform sizes in `[lo, hi]`, all allocated, then
+    /// freed in a random order (fixed seed).
+    pub fn mixed(n: usize, lo: usize, hi: usize, seed: u64) -> Self {
+        let mut rng = SplitMix64::new(seed);
+        let mut p = Program::default();
+        let slots: Vec<usize> = (0..n)
+            .map(|_| p.alloc(rng.log_uniform(lo, hi), 64))
+            .collect();
+        for i in rng.permutation(n) {
+            p.free(slots[i]);
+        }
+        p
+    }
+
+    /// `n` blocks of `size` allocated, then freed in allocation order.
+    pub fn fifo(n: usize, size: usize) -> Self {
+        let mut p = Program::default();
+        let slots: Vec<usize> = (0..n).map(|_| p.alloc(size, 8)).collect();
+        slots.into_iter().for_each(|s| p.free(s));
+        p
+    }
+
+    /// One training step of an MLP in eager style (batch `batch`, f32, layer
+    /// widths `dims`): the buffers a framework allocates and frees, in its
+    /// order, every page touched.
+    ///
+    /// Forward: the input batch; per layer a pre-activation `z` and an
+    /// activation `a` (kept for backward); a loss temporary. Backward, layer
+    /// by layer from the top: the incoming gradient, `dz` (gradient through
+    /// the activation), the weight and bias gradients `dW` (in×out) and `db`,
+    /// the gradient for the layer below; each freed once its last reader is
+    /// done. Optimizer: one `lr * dW` temporary per layer (eager SGD), then
+    /// the gradients are freed (`zero_grad(set_to_none=True)`).
+    pub fn mlp_step(batch: usize, dims: &[usize]) -> Self {
+        const F32: usize = 4;
+        let mut p = Program {
+            touch: true,
+            ..Program::default()
+        };
+        let layers = dims.len() - 1;
+        let mut acts = vec![p.alloc(batch * dims[0] * F32, 64)];
+        let mut pre = Vec::new();
+        for i in 0..layers {
+            pre.push(p.alloc(batch * dims[i + 1] * F32, 64));
+            acts.push(p.alloc(batch * dims[i + 1] * F32, 64));
+        }
+        let loss_tmp = p.alloc(batch * dims[layers] * F32, 64);
+        let mut grad = p.alloc(batch * dims[layers] * F32, 64);
+        p.free(loss_tmp);
+        let mut grads = Vec::new();
+        for i in (0..layers).rev() {
+            let dz = p.alloc(batch * dims[i + 1] * F32, 64);
+            p.free(grad);
+            p.free(pre[i]);
+            p.free(acts[i + 1]);
+            for size in [dims[i] * dims[i + 1] * F32, dims[i + 1] * F32] {
+                grads.push((p.alloc(size, 64), size));
+            }
+            if i > 0 {
+                grad = p.alloc(batch * dims[i] * F32, 64);
+            }
+            p.free(dz);
+        }
+        p.free(acts[0]);
+        for &(_, size) in &grads {
+            let tmp = p.alloc(size, 64);
+            p.free(tmp);
+        }
+        grads.into_iter().for_each(|(g, _)| p.free(g));
+        p
+    }
+
+    /// Allocations per run.
+    pub fn allocs(&self) -> u64 {
+        self.allocs
+    }
+
+    /// Bytes live at the program's peak.
+    pub fn peak_bytes(&self) -> usize {
+        let mut sizes = vec![0; self.slots];
+        let (mut live, mut peak) = (0usize, 0usize);
+        for s in &self.steps {
+            match *s {
+                Step::Alloc { slot, layout } => {
+                    sizes[slot] = layout.size();
+                    live += layout.size();
+                    peak = peak.max(live);
+                }
+                Step::Free { slot } => live -= sizes[slot],
+            }
+        }
+        peak
+    }
+
+    /// Runs the program once. `slots` has at least `self.slots` entries.
+    #[inline(always)]
+    fn run<A: BenchAlloc + ?Sized>(&self, a: &A, slots: &mut [(*mut u8, Layout)]) {
+        for s in &self.steps {
+            match *s {
+                Step::Alloc { slot, layout } => {
+                    let p = checked(a.alloc(layout), layout);
+                    if self.touch {
+                        touch_pages(p, layout.size());
+                    }
+                    slots[slot] = (black_box(p), layout);
+                }
+                Step::Free { slot } => {
+                    let (p, l) = slots[slot];
+                    // SAFETY: the slot was filled by the matching `Alloc`
+                    // step with `l` and is freed once.
+                    unsafe { a.dealloc(p, l) };
+                }
+            }
+        }
+    }
+
+    fn slots(&self) -> Vec<(*mut u8, Layout)> {
+        vec![(core::ptr::null_mut(), Layout::new::<u8>()); self.slots]
+    }
+}
+
+/// What a workload does per unit.
+#[derive(Debug, Clone)]
+pub enum Kind {
+    /// Allocate and free one block.
+    Pair(Layout),
+    /// Allocate, write every page, free (`resident: false`); or write every
+    /// page of a block allocated once before timing (`resident: true`, the
+    /// baseline with no page faults).
+    Touch { layout: Layout, resident: bool },
+    /// Run a program; with `cold`, untimed churn runs before each unit.
+    Program { program: Program, cold: bool },
+    /// One item allocated on this thread and freed on a consumer thread.
+    CrossThread(Layout),
+    /// Prewarm this plan, starting from a trimmed allocator.
+    Prewarm(Vec<(usize, usize)>),
+    /// Trim after the program has run (and freed everything).
+    Trim(Program),
+}
+
+/// A named workload.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    /// Short id, also the criterion group name and the `--only` key.
+    pub name: String,
+    /// What one operation is, for the table.
+    pub unit: &'static str,
+    /// Operations per unit.
+    pub ops: u64,
+    /// The fewest units a sample should have, so that fixed costs per
+    /// sample (a consumer thread being scheduled) stay small beside it.
+    pub min_units: u64,
+    /// What runs.
+    pub kind: Kind,
+}
+
+impl Workload {
+    fn new(name: impl Into<String>, unit: &'static str, ops: u64, kind: Kind) -> Self {
+        let min_units = if matches!(kind, Kind::CrossThread(_)) {
+            20_000
+        } else {
+            1
+        };
+        Workload {
+            name: name.into(),
+            unit,
+            ops,
+            min_units,
+            kind,
+        }
+    }
+
+    /// Bytes the workload holds live at its peak (what an ideal allocator
+    /// would need resident).
+    pub fn peak_live(&self) -> usize {
+        match &self.kind {
+            Kind::Pair(l) | Kind::Touch { layout: l, .. } => l.size(),
+            Kind::Program { program, .. } | Kind::Trim(program) => program.peak_bytes(),
+            Kind::CrossThread(l) => l.size() * (ring_cap(l.size()) + 1),
+            Kind::Prewarm(plan) => plan.iter().map(|&(s, n)| s * n).sum(),
+        }
+    }
+
+    /// Times `iters` units on `a`.
+    pub fn run<A: BenchAlloc + ?Sized>(&self, a: &A, iters: u64) -> Duration {
+        match &self.kind {
+            Kind::Pair(l) => {
+                let l = *l;
+                let t = Instant::now();
+                for _ in 0..iters {
+                    let p = checked(a.alloc(l), l);
+                    // SAFETY: allocated just above with `l`, freed once.
+                    unsafe { a.dealloc(black_box(p), l) };
+                }
+                t.elapsed()
+            }
+            Kind::Touch {
+                layout,
+                resident: false,
+            } => {
+                let l = *layout;
+                let t = Instant::now();
+                for _ in 0..iters {
+                    let p = checked(a.alloc(l), l);
+                    touch_pages(p, l.size());
+                    // SAFETY: allocated just above with `l`, freed once.
+                    unsafe { a.dealloc(black_box(p), l) };
+                }
+                t.elapsed()
+            }
+            Kind::Touch {
+                layout,
+                resident: true,
+            } => {
+                let l = *layout;
+                let p = checked(a.alloc(l), l);
+                touch_pages(p, l.size());
+                let t = Instant::now();
+                for _ in 0..iters {
+                    touch_pages(black_box(p), l.size());
+                }
+                let d = t.elapsed();
+                // SAFETY: allocated above with `l`, freed once.
+                unsafe { a.dealloc(p, l) };
+                d
+            }
+            Kind::Program { program, cold } => {
+                let mut slots = program.slots();
+                if !cold {
+                    let t = Instant::now();
+                    for _ in 0..iters {
+                        program.run(a, &mut slots);
+                    }
+                    return t.elapsed();
+                }
+                let churn = Churn::new();
+                let mut d = Duration::ZERO;
+                for _ in 0..iters {
+                    churn.run(a);
+                    let t = Instant::now();
+                    program.run(a, &mut slots);
+                    d += t.elapsed();
+                }
+                d
+            }
+            Kind::CrossThread(l) => cross_thread(a, *l, iters),
+            Kind::Prewarm(plan) => {
+                let mut d = Duration::ZERO;
+                for _ in 0..iters {
+                    a.trim();
+                    let t = Instant::now();
+                    a.prewarm(plan);
+                    d += t.elapsed();
+                }
+                d
+            }
+            Kind::Trim(program) => {
+                let mut slots = program.slots();
+                let mut d = Duration::ZERO;
+                for _ in 0..iters {
+                    program.run(a, &mut slots);
+                    let t = Instant::now();
+                    a.trim();
+                    d += t.elapsed();
+                }
+                d
+            }
+        }
+    }
+}
+
+/// Untimed work before a cold batch: another allocation pattern on the same
+/// allocator (so its free lists are no longer the batch's) and a sweep over
+/// a buffer larger than the last-level cache (so its metadata is not cached).
+struct Churn {
+    program: Program,
+    sweep: Vec<u8>,
+}
+
+impl Churn {
+    fn new() -> Self {
+        Churn {
+            program: Program::mixed(2_000, 16, 64 * KIB, 0xC0FFEE),
+            sweep: vec![0; 32 * MIB],
+        }
+    }
+
+    fn run<A: BenchAlloc + ?Sized>(&self, a: &A) {
+        let mut slots = self.program.slots();
+        self.program.run(a, &mut slots);
+        let mut x = 0u8;
+        for i in (0..self.sweep.len()).step_by(64) {
+            x = x.wrapping_add(self.sweep[i]);
+        }
+        black_box(x);
+    }
+}
+
+/// Capacity of the cross-thread ring for items of `size` bytes: deep enough
+/// that the producer rarely waits for a descheduled consumer on a loaded
+/// machine (at most 32 MiB in flight, 256 to 16,384 items).
+fn ring_cap(size: usize) -> usize {
+    (32 * MIB / size).clamp(256, 16_384)
+}
+
+/// A bounded single-producer single-consumer ring of pointers (as `usize`).
+struct Ring {
+    slots: Box<[AtomicUsize]>,
+    head: Padded,
+    tail: Padded,
+}
+
+#[repr(align(128))]
+struct Padded(AtomicUsize);
+
+impl Ring {
+    fn new(cap: usize) -> Self {
+        Ring {
+            slots: (0..cap).map(|_| AtomicUsize::new(0)).collect(),
+            head: Padded(AtomicUsize::new(0)),
+            tail: Padded(AtomicUsize::new(0)),
+        }
+    }
+
+    fn push(&self, v: usize) {
+        let tail = self.tail.0.load(Ordering::Relaxed);
+        wait_until(|| tail - self.head.0.load(Ordering::Acquire) < self.slots.len());
+        self.slots[tail % self.slots.len()].store(v, Ordering::Relaxed);
+        self.tail.0.store(tail + 1, Ordering::Release);
+    }
+
+    fn pop(&self) -> usize {
+        let head = self.head.0.load(Ordering::Relaxed);
+        wait_until(|| self.tail.0.load(Ordering::Acquire) != head);
+        let v = self.slots[head % self.slots.len()].load(Ordering::Relaxed);
+        self.head.0.store(head + 1, Ordering::Release);
+        v
+    }
+}
+
+/// Spins briefly, then yields (the machine may have fewer free cores than
+/// threads).
+#[inline(always)]
+fn wait_until(mut ready: impl FnMut() -> bool) {
+    let mut spins = 0u32;
+    while !ready() {
+        spins += 1;
+        if spins < 1_000 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// `iters` blocks allocated here, handed through a ring to a consumer thread
+/// that frees them. The clock starts once the consumer is running (thread
+/// start-up is not the allocator's cost) and stops when it has freed the
+/// last item.
+fn cross_thread<A: BenchAlloc + ?Sized>(a: &A, l: Layout, iters: u64) -> Duration {
+    let ring = Ring::new(ring_cap(l.size()));
+    let ready = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        let consumer = s.spawn(|| {
+            ready.store(1, Ordering::Release);
+            for _ in 0..iters {
+                let p = ring.pop() as *mut u8;
+                // SAFETY: the producer allocated `p` with `l` and sent it
+                // once; it is freed once, here.
+                unsafe { a.dealloc(p, l) };
+            }
+        });
+        wait_until(|| ready.load(Ordering::Acquire) == 1);
+        let t = Instant::now();
+        for _ in 0..iters {
+            ring.push(checked(a.alloc(l), l) as usize);
+        }
+        consumer.join().expect("consumer thread");
+        t.elapsed()
+    })
+}
+
+fn size_name(size: usize) -> String {
+    match size {
+        s if s >= MIB && s % MIB == 0 => format!("{}MiB", s / MIB),
+        s if s >= KIB && s % KIB == 0 => format!("{}KiB", s / KIB),
+        s => format!("{s}B"),
+    }
+}
+
+fn layout(size: usize, align: usize) -> Layout {
+    Layout::from_size_align(size, align).expect("workload layout")
+}
+
+/// Which workloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Suite {
+    /// The criterion bench's set (the foundation issue's workloads).
+    Bench,
+    /// Everything: the bench's set plus small pairs, a FIFO burst, cold
+    /// mixed batches and the MLP step (the comparison example).
+    Compare,
+}
+
+/// The MLP of the tensor-program workload: batch 64, 1024→4096→4096→1024.
+pub const MLP_BATCH: usize = 64;
+/// Layer widths of the MLP.
+pub const MLP_DIMS: [usize; 4] = [1024, 4096, 4096, 1024];
+
+/// The workloads of `suite`, in a fixed order.
+pub fn workloads(suite: Suite) -> Vec<Workload> {
+    let compare = suite == Suite::Compare;
+    let mut w = Vec::new();
+    if compare {
+        for size in [16, 64, 256] {
+            w.push(Workload::new(
+                format!("pair-{}", size_name(size)),
+                "alloc+free",
+                1,
+                Kind::Pair(layout(size, 8)),
+            ));
+        }
+        w.push(Workload::new(
+            "fifo-1000x64B",
+            "alloc+free",
+            1_000,
+            Kind::Program {
+                program: Program::fifo(1_000, 64),
+                cold: false,
+            },
+        ));
+    }
+    for size in [4 * KIB, 64 * KIB, MIB, 16 * MIB, 64 * MIB] {
+        for align in [64, PAGE] {
+            w.push(Workload::new(
+                format!("pair-{}-a{align}", size_name(size)),
+                "alloc+free",
+                1,
+                Kind::Pair(layout(size, align)),
+            ));
+        }
+    }
+    let touch = layout(16 * MIB, 64);
+    w.push(Workload::new(
+        "touch-16MiB",
+        "alloc+touch+free",
+        1,
+        Kind::Touch {
+            layout: touch,
+            resident: false,
+        },
+    ));
+    w.push(Workload::new(
+        "touch-16MiB-resident",
+        "touch",
+        1,
+        Kind::Touch {
+            layout: touch,
+            resident: true,
+        },
+    ));
+    let mixed = Program::mixed(1_000, 256, 4 * MIB, 42);
+    w.push(Workload::new(
+        "mixed-1000",
+        "alloc+free",
+        mixed.allocs(),
+        Kind::Program {
+            program: mixed.clone(),
+            cold: false,
+        },
+    ));
+    if compare {
+        w.push(Workload::new(
+            "mixed-1000-cold",
+            "alloc+free",
+            mixed.allocs(),
+            Kind::Program {
+                program: mixed.clone(),
+                cold: true,
+            },
+        ));
+    }
+    for size in [64, 64 * KIB] {
+        let align = if size >= PAGE { 64 } else { 8 };
+        w.push(Workload::new(
+            format!("xthread-{}", size_name(size)),
+            "item",
+            1,
+            Kind::CrossThread(layout(size, align)),
+        ));
+    }
+    let plan = vec![(64 * KIB, 64), (MIB, 16), (16 * MIB, 2)];
+    w.push(Workload::new(
+        "prewarm-52MiB",
+        "prewarm",
+        1,
+        Kind::Prewarm(plan),
+    ));
+    w.push(Workload::new(
+        "trim-after-mixed",
+        "trim",
+        1,
+        Kind::Trim(mixed),
+    ));
+    if compare {
+        let step = Program::mlp_step(MLP_BATCH, &MLP_DIMS);
+        w.push(Workload::new(
+            "mlp-step",
+            "step",
+            1,
+            Kind::Program {
+                program: step,
+                cold: false,
+            },
+        ));
+    }
+    w
+}

@@ -1,0 +1,398 @@
+//! The allocator comparison: every workload × every allocator, interleaved,
+//! as a markdown table (median and minimum time per operation, retained RSS)
+//! and a CSV.
+//!
+//! ```text
+//! cargo run --release --example compare --features peers -- [--quick] [--reps N] [--only WORKLOAD] [--alloc NAME] [--csv PATH]
+//! ```
+//!
+//! Without `--features peers` it compares the pool with glibc only.
+//! `--only` and `--alloc` keep the workloads and allocators whose names
+//! contain the given text (`--alloc` is for profiling one allocator).
+//!
+//! Method: each workload is first calibrated per allocator (units per
+//! sample, so that a sample lasts about the sample time). Then, for each
+//! repetition, every allocator takes one sample, in an order rotated by
+//! one each repetition (rep 1: A B C D, rep 2: B C D A, ...), so drift in
+//! machine load falls on all of them alike. Reported: the median and the
+//! minimum over repetitions, per operation. Retained RSS: see [`rss_phase`].
+
+#[path = "../benches/common/mod.rs"]
+mod common;
+
+use common::{Runner, Suite, Workload, allocators, workloads};
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const MIB: f64 = (1 << 20) as f64;
+
+/// Command-line options.
+#[derive(Debug)]
+struct Opts {
+    reps: usize,
+    sample: Duration,
+    only: Option<String>,
+    alloc: Option<String>,
+    csv: String,
+}
+
+impl Opts {
+    fn parse() -> Result<Self, String> {
+        let mut o = Opts {
+            reps: 21,
+            sample: Duration::from_millis(10),
+            only: None,
+            alloc: None,
+            csv: "target/compare.csv".into(),
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(a) = args.next() {
+            let mut value = |flag: &str| args.next().ok_or(format!("{flag} needs a value"));
+            match a.as_str() {
+                "--quick" => {
+                    o.reps = 3;
+                    o.sample = Duration::from_millis(2);
+                }
+                "--reps" => {
+                    o.reps = value("--reps")?
+                        .parse()
+                        .map_err(|e| format!("--reps: {e}"))?
+                }
+                "--only" => o.only = Some(value("--only")?),
+                "--alloc" => o.alloc = Some(value("--alloc")?),
+                "--csv" => o.csv = value("--csv")?,
+                // `cargo bench`/`cargo test` may pass this to examples.
+                "--bench" => {}
+                "-h" | "--help" => {
+                    return Err("usage: compare [--quick] [--reps N] [--only WORKLOAD-SUBSTRING] [--alloc NAME-SUBSTRING] [--csv PATH]".into());
+                }
+                other => return Err(format!("unknown argument {other:?} (try --help)")),
+            }
+        }
+        if o.reps == 0 {
+            return Err("--reps must be at least 1".into());
+        }
+        Ok(o)
+    }
+}
+
+/// One table row.
+#[derive(Debug)]
+struct Row {
+    workload: String,
+    unit: &'static str,
+    alloc: &'static str,
+    peak_live: usize,
+    iters: u64,
+    median_ns: f64,
+    min_ns: f64,
+    rss_after: i64,
+    rss_trimmed: i64,
+}
+
+fn main() {
+    let opts = match Opts::parse() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let allocs: Vec<_> = allocators()
+        .into_iter()
+        .filter(|a| opts.alloc.as_deref().is_none_or(|s| a.name().contains(s)))
+        .collect();
+    if allocs.is_empty() {
+        eprintln!("no allocator matches {:?}", opts.alloc);
+        std::process::exit(2);
+    }
+    let suite: Vec<Workload> = workloads(Suite::Compare)
+        .into_iter()
+        .filter(|w| opts.only.as_deref().is_none_or(|s| w.name.contains(s)))
+        .collect();
+    if suite.is_empty() {
+        eprintln!(
+            "no workload matches {:?}; workloads: {}",
+            opts.only,
+            names(&workloads(Suite::Compare))
+        );
+        std::process::exit(2);
+    }
+
+    println!("# Allocator comparison\n");
+    println!("- date: {}", utc_now());
+    println!(
+        "- machine: {} CPUs, {}; kernel {}",
+        nproc(),
+        cpu_model(),
+        read_trim("/proc/sys/kernel/osrelease")
+    );
+    println!(
+        "- transparent huge pages: {}",
+        read_trim("/sys/kernel/mm/transparent_hugepage/enabled")
+    );
+    println!("- load average at start: {}", read_trim("/proc/loadavg"));
+    println!(
+        "- allocators: {}{}",
+        allocs
+            .iter()
+            .map(|a| a.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        if cfg!(feature = "peers") {
+            ""
+        } else {
+            " (build with `--features peers` for mimalloc and jemalloc)"
+        }
+    );
+    println!(
+        "- {} repetitions, allocators interleaved (order rotated every repetition), ~{:?} per sample",
+        opts.reps, opts.sample
+    );
+    println!();
+
+    let start = Instant::now();
+    let mut rows = Vec::new();
+    for (i, w) in suite.iter().enumerate() {
+        eprintln!(
+            "[{}/{}] {} ({:.0} s elapsed, load {})",
+            i + 1,
+            suite.len(),
+            w.name,
+            start.elapsed().as_secs_f64(),
+            read_trim("/proc/loadavg")
+        );
+        rows.extend(measure(w, &allocs, &opts));
+    }
+
+    print_table(&rows);
+    println!();
+    println!("- load average at end: {}", read_trim("/proc/loadavg"));
+    println!("- total time: {:.0} s", start.elapsed().as_secs_f64());
+    match write_csv(&opts.csv, &rows) {
+        Ok(()) => println!("- CSV: {}", opts.csv),
+        Err(e) => eprintln!("could not write {}: {e}", opts.csv),
+    }
+}
+
+fn names(ws: &[Workload]) -> String {
+    ws.iter()
+        .map(|w| w.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Units per sample for `a` so that a sample lasts about `target`: the
+/// count is grown until a run takes a quarter of it, then the fastest of
+/// three runs at that count sets the rate (one stall must not shrink every
+/// later sample), never below the workload's `min_units`.
+fn calibrate(w: &Workload, a: &dyn Runner, target: Duration) -> u64 {
+    let mut iters = 1u64;
+    while a.run(w, iters) < target / 4 && iters < 1 << 32 {
+        iters *= 4;
+    }
+    let best = (0..3).map(|_| a.run(w, iters)).min().unwrap_or(target);
+    let per = best.as_secs_f64() / iters as f64;
+    ((target.as_secs_f64() / per.max(1e-12)) as u64).clamp(w.min_units, 1 << 34)
+}
+
+/// Times `w` on every allocator, interleaved, then measures retained RSS.
+fn measure(w: &Workload, allocs: &[Box<dyn Runner>], opts: &Opts) -> Vec<Row> {
+    let n = allocs.len();
+    let iters: Vec<u64> = allocs
+        .iter()
+        .map(|a| calibrate(w, a.as_ref(), opts.sample))
+        .collect();
+    let mut samples = vec![Vec::with_capacity(opts.reps); n];
+    for rep in 0..opts.reps {
+        for k in 0..n {
+            let i = (rep + k) % n;
+            let d = allocs[i].run(w, iters[i]);
+            samples[i].push(d.as_secs_f64() * 1e9 / (iters[i] * w.ops) as f64);
+        }
+    }
+    let rss = rss_phase(w, allocs, &iters);
+    (0..n)
+        .map(|i| {
+            let s = &mut samples[i];
+            s.sort_by(f64::total_cmp);
+            Row {
+                workload: w.name.clone(),
+                unit: w.unit,
+                alloc: allocs[i].name(),
+                peak_live: w.peak_live(),
+                iters: iters[i],
+                median_ns: median(s),
+                min_ns: s[0],
+                rss_after: rss[i].0,
+                rss_trimmed: rss[i].1,
+            }
+        })
+        .collect()
+}
+
+/// Retained RSS per allocator, one allocator at a time, in one process:
+/// every allocator is trimmed, RSS is read (`r0`), the allocator runs one
+/// sample of the workload (which frees all it allocates), RSS is read
+/// again (`after - r0`), the allocator trims, and RSS is read a third time
+/// (`trimmed - r0`). Trimming all allocators first means the others' cached
+/// memory does not move during the measurement; the harness allocates
+/// nothing between the reads. RSS comes from `/proc/self/statm`.
+fn rss_phase(w: &Workload, allocs: &[Box<dyn Runner>], iters: &[u64]) -> Vec<(i64, i64)> {
+    let rss = || tensorpool::resident_bytes().unwrap_or(0) as i64;
+    allocs
+        .iter()
+        .zip(iters)
+        .map(|(a, &it)| {
+            allocs.iter().for_each(|b| b.trim());
+            let r0 = rss();
+            a.run(w, it);
+            let after = rss();
+            a.trim();
+            (after - r0, rss() - r0)
+        })
+        .collect()
+}
+
+fn median(sorted: &[f64]) -> f64 {
+    let m = sorted.len() / 2;
+    if sorted.len() % 2 == 1 {
+        sorted[m]
+    } else {
+        (sorted[m - 1] + sorted[m]) / 2.0
+    }
+}
+
+/// `12.3 ns`, `4.56 µs`, `7.89 ms`.
+fn fmt_time(ns: f64) -> String {
+    let (v, unit) = match ns {
+        x if x >= 1e6 => (x / 1e6, "ms"),
+        x if x >= 1e3 => (x / 1e3, "µs"),
+        x => (x, "ns"),
+    };
+    if v >= 100.0 {
+        format!("{v:.0} {unit}")
+    } else if v >= 10.0 {
+        format!("{v:.1} {unit}")
+    } else {
+        format!("{v:.2} {unit}")
+    }
+}
+
+fn fmt_mib(bytes: i64) -> String {
+    format!("{:+.1}", bytes as f64 / MIB)
+}
+
+fn print_table(rows: &[Row]) {
+    let pool = common::alloc::POOL_NAME;
+    println!(
+        "Times are per operation (the unit column); `vs {pool}` is this allocator's median divided by {pool}'s"
+    );
+    println!(
+        "(above 1: {pool} is faster). RSS columns: MiB resident above the level before the allocator ran the"
+    );
+    println!(
+        "workload once (all allocators trimmed first), right after the workload freed everything, and after"
+    );
+    println!(
+        "that allocator's own trim (glibc `malloc_trim(0)`, mimalloc `mi_collect(true)`, jemalloc tcache"
+    );
+    println!(
+        "flush + `arena.<ALL>.purge`, tensorpool `trim()`). Peak live is what the workload holds at once."
+    );
+    println!();
+    println!(
+        "| workload | unit | peak live MiB | allocator | median | min | vs {pool} | RSS after MiB | RSS after trim MiB |"
+    );
+    println!("|---|---|---:|---|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let ratio = rows
+            .iter()
+            .find(|p| p.workload == r.workload && p.alloc == pool)
+            .map_or("–".into(), |p| {
+                format!("{:.2}", r.median_ns / p.median_ns)
+            });
+        println!(
+            "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} |",
+            r.workload,
+            r.unit,
+            r.peak_live as f64 / MIB,
+            r.alloc,
+            fmt_time(r.median_ns),
+            fmt_time(r.min_ns),
+            ratio,
+            fmt_mib(r.rss_after),
+            fmt_mib(r.rss_trimmed)
+        );
+    }
+}
+
+fn write_csv(path: &str, rows: &[Row]) -> std::io::Result<()> {
+    if let Some(dir) = std::path::Path::new(path)
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut out = String::from(
+        "workload,unit,allocator,peak_live_bytes,units_per_sample,median_ns,min_ns,rss_after_bytes,rss_after_trim_bytes\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{},{:.3},{:.3},{},{}",
+            r.workload,
+            r.unit,
+            r.alloc,
+            r.peak_live,
+            r.iters,
+            r.median_ns,
+            r.min_ns,
+            r.rss_after,
+            r.rss_trimmed
+        );
+    }
+    std::fs::File::create(path)?.write_all(out.as_bytes())
+}
+
+fn read_trim(path: &str) -> String {
+    std::fs::read_to_string(path).map_or_else(|_| "unavailable".into(), |s| s.trim().to_string())
+}
+
+fn nproc() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
+}
+
+fn cpu_model() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    info.lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .and_then(|r| r.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// The current UTC time as `YYYY-MM-DD HH:MM UTC` (civil-from-days).
+fn utc_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rem / 3_600,
+        rem % 3_600 / 60
+    )
+}

@@ -178,7 +178,7 @@ struct Ring {
     stop: AtomicBool,
 }
 
-const RING: usize = 4096;
+const RING: usize = 256;
 
 /// Spins briefly, then yields: on a loaded 2-core machine the other side
 /// may not be running.

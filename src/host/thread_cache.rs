@@ -289,17 +289,17 @@ pub(crate) fn release_pool_cache(pool: &PoolShared) {
 /// with `None` while the exit hook registers or after thread exit.
 #[inline(always)]
 pub(crate) fn with_global_cache<R>(f: impl FnOnce(Option<&mut ThreadCache>) -> R) -> R {
-    match CACHES.try_with(|cell| {
-        let tc = cell.get();
-        // One call site of `f`, so the whole fast path inlines.
-        // SAFETY: this thread's cell; the global pool's code never re-enters
-        // it (it maps from the OS and takes no allocating locks).
-        let cache = unsafe { if (*tc).life == Life::Live || ensure_exit_hook(tc) { Some(&mut (*tc).global) } else { None } };
-        f(cache)
-    }) {
-        Ok(r) => r,
+    // Only the address leaves `try_with` (a tiny closure always inlines): the
+    // cell has no destructor, so it lives as long as the thread.
+    let tc = match CACHES.try_with(|cell| cell.get()) {
+        Ok(tc) => tc,
         Err(_) => unreachable_tls(),
-    }
+    };
+    // One call site of `f`, so the whole fast path inlines.
+    // SAFETY: this thread's cell; the global pool's code never re-enters
+    // it (it maps from the OS and takes no allocating locks).
+    let cache = unsafe { if (*tc).life == Life::Live || ensure_exit_hook(tc) { Some(&mut (*tc).global) } else { None } };
+    f(cache)
 }
 
 #[cold]

@@ -40,12 +40,15 @@
 //! | pair 16 MiB | 2.61 ns | 4.35 ns | 72.9 ns | 400 ns | 842 ns |
 //! | pair 64 MiB | 2.62 ns | 4.45 ns | 9.92 µs | 998 ns | 1.09 µs |
 //! | 16 MiB + touch every page (resident: 36.6 µs) | 37.0 µs | 37.2 µs | 36.7 µs | 39.6 µs | 6.30 ms |
-//! | cross-thread 64 B | 54.8 ns | 58.9 ns | 66.8 ns | 100 ns | 173 ns |
-//! | cross-thread 64 KiB | 66.4 ns | 70.4 ns | 90.1 ns | 1.06 µs | 395 ns |
+//! | cross-thread 64 B (handoff alone: 56.0 ns) | 56.5 ns | 58.7 ns | 67.1 ns | 60.6 ns | 79.0 ns |
+//! | cross-thread 64 KiB (handoff alone: 55.3 ns) | 68.8 ns | 72.4 ns | 87.6 ns | 130 ns | 301 ns |
 //!
-//! The cross-thread rows swing with the machine's load (two spinning threads
-//! on two shared cores): 20 ns / 60 ns for tensorpool in a quiet run, several
-//! times more for every allocator in a busy one.
+//! The cross-thread rows are a second run (the ring padded to one slot per
+//! line); they include the handoff between the two threads, measured alone
+//! as `ring-floor` (no allocator): what the allocator adds is the row minus
+//! that, 0.5–2.7 ns at 64 B and 13–17 ns at 64 KiB for tensorpool. They
+//! swing with the load of this shared 2-core machine (one quiet run gave
+//! 20 ns / 60 ns for tensorpool, busy ones several times more for everyone).
 //!
 //! The route is a pure function of the layout's alignment, and `dealloc` and
 //! `realloc` receive the same alignment `alloc` did, so a pointer always goes

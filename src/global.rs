@@ -68,7 +68,9 @@
 //! tail or a newly mapped huge block (only the free-list link word is
 //! cleared). `realloc` keeps the address when the new size falls in the same
 //! class, or when a huge block's mapping still fits it (a tail wasting more
-//! than 1/8 is unmapped); otherwise it allocates, copies and frees.
+//! than 1/8 is unmapped); a huge block that must grow is extended in place
+//! or has its pages moved by `mremap` (no copy); otherwise it allocates,
+//! copies and frees.
 //!
 //! # Threads and fork
 //! A thread's cache goes back to the central lists when the thread exits
@@ -84,7 +86,7 @@
 
 use crate::AllocError;
 use crate::host::PoolStats;
-use crate::host::size_class::{MAX_ALIGN, class_for};
+use crate::host::size_class::{MAX_ALIGN, MAX_CLASS_SIZE, class_for};
 use crate::host::span::HUGE_CLASS;
 use crate::host::thread_cache::{ThreadCache, with_global_cache};
 use crate::host::{PoolShared, global_pool};
@@ -193,8 +195,8 @@ impl<A: GlobalAlloc> TensorGlobalAlloc<A> {
         // SAFETY: non-null (the pool owns it).
         let p = unsafe { NonNull::new_unchecked(ptr) };
         // SAFETY: a live block of `class` of the pool, the caller's.
-        if unsafe { pool().resize_in_place(p, class, new_size, align) } {
-            return ptr;
+        if let Some(q) = unsafe { resize_without_copy(p, class, new_size, align) } {
+            return q.as_ptr();
         }
         // SAFETY: valid per the caller.
         let layout = unsafe { Layout::from_size_align_unchecked(new_size, align) };
@@ -328,9 +330,11 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TensorGlobalAlloc<A> {
         let class = class_for(layout.size(), align).map_or(HUGE_CLASS, |c| c as u16);
         // SAFETY: `ptr` is a live pool block of `class` (layout routing: the
         // pool serves `layout` from `class_for`, or as a huge block), owned
-        // by the caller.
-        if unsafe { pool().resize_in_place(NonNull::new_unchecked(ptr), class, new_size, align) } {
-            return ptr;
+        // by the caller, so also non-null.
+        let resized =
+            unsafe { resize_without_copy(NonNull::new_unchecked(ptr), class, new_size, align) };
+        if let Some(q) = resized {
+            return q.as_ptr();
         }
         // SAFETY: the caller guarantees `new_size`, rounded up to `align`,
         // does not overflow `isize`, so this is a valid layout.
@@ -349,6 +353,33 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TensorGlobalAlloc<A> {
         }
         new
     }
+}
+
+/// `realloc` without a copy where possible: the same address (the same
+/// class, or a huge mapping that still fits; see
+/// `PoolShared::resize_in_place`), or a huge block grown by remapping its
+/// pages. `None`: allocate, copy and free instead.
+///
+/// # Safety
+/// - `p` is a live pool block of `class`, owned by the caller; if `Some` is
+///   returned, `p` is not used afterwards (unless it is the result).
+#[inline]
+unsafe fn resize_without_copy(
+    p: NonNull<u8>,
+    class: u16,
+    new_size: usize,
+    align: usize,
+) -> Option<NonNull<u8>> {
+    // SAFETY: forwarded from the caller.
+    if unsafe { pool().resize_in_place(p, class, new_size, align) } {
+        return Some(p);
+    }
+    if class == HUGE_CLASS && new_size > MAX_CLASS_SIZE {
+        // SAFETY: a live huge block of the caller's whose mapping is too
+        // small for `new_size` (`resize_in_place` said no).
+        return unsafe { pool().grow_huge(p, new_size) };
+    }
+    None
 }
 
 /// `pthread_atfork` registration state: [`NOT_REGISTERED`], [`REGISTERING`]

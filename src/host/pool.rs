@@ -221,6 +221,20 @@ impl PoolShared {
         Ok(())
     }
 
+    /// Grows a huge block to hold `new_size > MAX_CLASS_SIZE` bytes without
+    /// copying (see [`HugeCache::grow`]); `None`, the block unchanged, if the
+    /// OS refused. Used by `realloc` after [`resize_in_place`](Self::resize_in_place)
+    /// said no.
+    ///
+    /// # Safety
+    /// - `p` is a live huge block of this pool, owned by the caller, whose
+    ///   mapping is smaller than `new_size` rounded to the granule.
+    pub(crate) unsafe fn grow_huge(&self, p: NonNull<u8>, new_size: usize) -> Option<NonNull<u8>> {
+        debug_assert!(new_size > MAX_CLASS_SIZE);
+        // SAFETY: forwarded from the caller.
+        unsafe { self.huge.grow(self, p, huge_size(new_size)?) }
+    }
+
     /// Takes every lock of this pool (each class lock in class order, then
     /// the huge cache's) and the span arena's, and keeps them: the
     /// `pthread_atfork` prepare handler, so that no lock is held mid-update

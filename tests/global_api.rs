@@ -283,6 +283,27 @@ fn alloc_zeroed_skips_the_memset_on_fresh_mappings() {
         assert_eq!(*p.add(size - 1), 0);
         A.dealloc(p, l);
     }
+    // The same for a class block carved from a freshly mapped span: the
+    // 56 MiB class (one block per span), which no other test here uses.
+    let size = (48 << 20) + 1;
+    let l = Layout::from_size_align(size, 64).unwrap();
+    let before = rss();
+    // SAFETY: non-zero size; each block freed once with `l`.
+    unsafe {
+        let p = A.alloc_zeroed(l);
+        let grew = rss().saturating_sub(before);
+        assert!(
+            grew < 24 << 20,
+            "alloc_zeroed of a fresh 56 MiB span faulted in {grew} B"
+        );
+        assert!((0..size).step_by(4096).all(|i| *p.add(i) == 0) && *p == 0);
+        p.write_bytes(0xEE, size);
+        A.dealloc(p, l);
+        // Reused from this thread's cache: dirty, so it is zeroed now.
+        let q = A.alloc_zeroed(l);
+        assert!((0..size).step_by(4093).all(|i| *q.add(i) == 0) && *q.add(size - 1) == 0);
+        A.dealloc(q, l);
+    }
 }
 
 #[test]

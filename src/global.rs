@@ -1,8 +1,16 @@
 //! [`TensorGlobalAlloc`]: the process-wide host pool as a `#[global_allocator]`.
 //!
-//! ```ignore
+//! ```
+//! use tensorpool::TensorGlobalAlloc;
+//!
 //! #[global_allocator]
-//! static A: tensorpool::TensorGlobalAlloc = tensorpool::TensorGlobalAlloc::new();
+//! static A: TensorGlobalAlloc = TensorGlobalAlloc::new();
+//!
+//! fn main() {
+//!     let activations = vec![0f32; 1 << 20];
+//!     assert!(A.owns(activations.as_ptr().cast()));
+//!     assert!(A.stats().reserved_bytes >= 4 << 20);
+//! }
 //! ```
 //!
 //! # Routing

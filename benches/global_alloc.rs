@@ -6,7 +6,8 @@
 //! - `touch_16m`: alloc 16 MiB, write one byte per 4 KiB page, free (and
 //!   `resident` touching an already-resident buffer, the floor);
 //! - `cross_thread/{64,65536}`: one thread allocates, another frees
-//!   (a single-producer ring between them); time per block.
+//!   (a single-producer ring between them); time per block, and
+//!   `ring-floor`, the handoff alone with no allocator.
 //!
 //! `TensorGlobalAlloc` is also this binary's `#[global_allocator]`; the
 //! `tensorpool-global` rows call it through `std::alloc` (the
@@ -172,13 +173,25 @@ fn touch_16m(c: &mut Criterion) {
 /// A single-producer single-consumer ring of block addresses (0 = empty
 /// slot) with a consumer thread that frees what arrives.
 struct Ring {
-    slots: Vec<AtomicUsize>,
+    slots: Vec<Slot>,
     /// Blocks the consumer has freed so far.
     freed: AtomicUsize,
     stop: AtomicBool,
 }
 
-const RING: usize = 4096;
+/// A ring slot on its own 128-byte line, so the producer filling one slot
+/// and the consumer emptying another do not share a cache line.
+#[repr(align(128))]
+struct Slot(AtomicUsize);
+
+impl std::ops::Deref for Slot {
+    type Target = AtomicUsize;
+    fn deref(&self) -> &AtomicUsize {
+        &self.0
+    }
+}
+
+const RING: usize = 256;
 
 /// Spins briefly, then yields: on a loaded 2-core machine the other side
 /// may not be running.
@@ -200,7 +213,7 @@ fn consumer<G: GlobalAlloc + Sync + 'static>(
     layout: Layout,
 ) -> (Arc<Ring>, std::thread::JoinHandle<()>) {
     let ring = Arc::new(Ring {
-        slots: (0..RING).map(|_| AtomicUsize::new(0)).collect(),
+        slots: (0..RING).map(|_| Slot(AtomicUsize::new(0))).collect(),
         freed: AtomicUsize::new(0),
         stop: AtomicBool::new(false),
     });
@@ -264,14 +277,35 @@ impl Workload for Cross<'_, '_> {
     }
 }
 
+/// No allocator at all: hands out addresses inside one static buffer and
+/// frees nothing, so `cross_thread/ring-floor` is the cost of the handoff
+/// itself, which every allocator's row includes.
+struct Floor;
+
+static FLOOR_BUF: [AtomicUsize; RING] = [const { AtomicUsize::new(0) }; RING];
+static FLOOR_NEXT: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: blocks lie in a static buffer and may alias, which is sound for
+// this benchmark only: it writes one byte per block and reads nothing back;
+// dealloc does nothing.
+unsafe impl GlobalAlloc for Floor {
+    unsafe fn alloc(&self, _layout: Layout) -> *mut u8 {
+        let i = FLOOR_NEXT.fetch_add(1, Ordering::Relaxed) % RING;
+        FLOOR_BUF[i].as_ptr().cast()
+    }
+    unsafe fn dealloc(&self, _ptr: *mut u8, _layout: Layout) {}
+}
+
 fn cross_threads(c: &mut Criterion) {
     let mut group = c.benchmark_group("cross_thread");
     for size in [64usize, 64 << 10] {
         let layout = Layout::from_size_align(size, 8).unwrap();
-        for_each_allocator(&mut Cross {
+        let mut w = Cross {
             group: &mut group,
             layout,
-        });
+        };
+        w.run("ring-floor", &Floor);
+        for_each_allocator(&mut w);
     }
     group.finish();
 }

@@ -63,6 +63,40 @@ pub(crate) unsafe fn unmap(ptr: NonNull<u8>, len: usize) {
     debug_assert_eq!(r, 0);
 }
 
+/// Resizes the mapping `[old, old+old_len)` to `new_len` bytes with
+/// `mremap`: in place (`dst` is `None`; fails if the range after it is
+/// taken), or by moving its pages, without copying, over `dst`, a mapping
+/// of `new_len` bytes that it replaces. On success the old range is gone
+/// when moved; on failure nothing changed. Returns whether it worked.
+///
+/// # Safety
+/// - `[old, old+old_len)` was mapped by [`map_aligned`] and the caller owns
+///   it; `dst`, if any, is a whole mapping of `new_len` bytes from
+///   `map_aligned` that nothing refers to.
+pub(crate) unsafe fn remap(
+    old: NonNull<u8>,
+    old_len: usize,
+    new_len: usize,
+    dst: Option<NonNull<u8>>,
+) -> bool {
+    let old = old.as_ptr().cast();
+    // SAFETY: the caller owns both ranges; `mremap` either resizes/moves
+    // them as asked or fails without touching them.
+    let r = unsafe {
+        match dst {
+            None => libc::mremap(old, old_len, new_len, 0),
+            Some(d) => libc::mremap(
+                old,
+                old_len,
+                new_len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                d.as_ptr().cast::<libc::c_void>(),
+            ),
+        }
+    };
+    r != libc::MAP_FAILED
+}
+
 /// Tells the OS it may drop the physical pages in the page-aligned interior of
 /// `[ptr, ptr+len)`; they read as zero when touched again. Returns the bytes
 /// advised.

@@ -112,6 +112,67 @@ impl HugeCache {
         }
     }
 
+    /// Grows an in-use huge block to map `new_len` bytes (a granule
+    /// multiple above its length): in place if the address range after it
+    /// is free, else by moving its pages, without copying them, to a fresh
+    /// granule-aligned range. Returns the block's address, or `None` with the
+    /// block unchanged if the OS refused.
+    ///
+    /// # Safety
+    /// - `p` is a huge block of `pool`, in use by the caller.
+    pub(crate) unsafe fn grow(
+        &self,
+        pool: &PoolShared,
+        p: NonNull<u8>,
+        new_len: usize,
+    ) -> Option<NonNull<u8>> {
+        let rec = pagemap::lookup(p.as_ptr() as usize);
+        debug_assert!(!rec.is_null() && new_len % GRANULE == 0);
+        // SAFETY: the block is the caller's, so its record is live and only
+        // the caller's thread touches it; every range is registered before
+        // the block can be found through it and unregistered only once its
+        // pages are gone.
+        unsafe {
+            let len = (*rec).len;
+            debug_assert!(new_len > len);
+            if crate::os::remap(p, len, new_len, None) {
+                let tail = p.as_ptr().add(len);
+                if pagemap::register(tail as usize, new_len - len, rec) {
+                    (*rec).len = new_len;
+                    (*rec).block = new_len;
+                    pool.reserved.add((new_len - len) as u64);
+                    return Some(p);
+                }
+                // The tail cannot be described: give it back, keep the block.
+                crate::os::unmap(NonNull::new_unchecked(tail), new_len - len);
+                return None;
+            }
+            let dst = crate::os::map_aligned(new_len, GRANULE, false)?;
+            if !pagemap::register(dst.as_ptr() as usize, new_len, rec) {
+                crate::os::unmap(dst, new_len);
+                return None;
+            }
+            // Unregister the old range *before* the kernel frees it: once it is
+            // unmapped another thread may map and register it, and a late
+            // unregister here would wipe that thread's entries. Nobody else
+            // looks this block up meanwhile: it is the caller's.
+            pagemap::unregister(p.as_ptr() as usize, len);
+            if !crate::os::remap(p, len, new_len, Some(dst)) {
+                pagemap::unregister(dst.as_ptr() as usize, new_len);
+                crate::os::unmap(dst, new_len);
+                let back = pagemap::register(p.as_ptr() as usize, len, rec);
+                debug_assert!(back, "leaves of a registered range are never unmapped");
+                return None;
+            }
+            // The kernel moved the pages: the old range is unmapped.
+            (*rec).base = dst.as_ptr() as usize;
+            (*rec).len = new_len;
+            (*rec).block = new_len;
+            pool.reserved.add((new_len - len) as u64);
+            Some(dst)
+        }
+    }
+
     /// Takes the cache lock and keeps it (`pthread_atfork` prepare).
     pub(crate) fn lock_for_fork(&self) {
         self.lock.lock();

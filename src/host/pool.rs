@@ -72,14 +72,43 @@ impl PoolShared {
         cache: Option<&mut ThreadCache>,
         layout: Layout,
     ) -> Result<NonNull<u8>, AllocError> {
+        NonNull::new(self.alloc_raw(cache, layout)).ok_or_else(|| self.alloc_error(layout))
+    }
+
+    /// A block for `layout` (size > 0), or null; [`alloc_error`](Self::alloc_error)
+    /// says why. The hot path: no `Result` (48 bytes) crosses the thread-cache
+    /// closure.
+    #[inline(always)]
+    pub(crate) fn alloc_raw(&self, cache: Option<&mut ThreadCache>, layout: Layout) -> *mut u8 {
         if let Some(c) = class_for(layout.size(), layout.align()) {
-            let p = match cache {
+            return match cache {
                 Some(tc) => tc.alloc(self, c),
                 None => thread_cache::central_alloc(self, c).0,
             };
-            return NonNull::new(p).ok_or_else(|| self.oom(layout.size()));
         }
-        self.alloc_huge(layout).map(|(p, _)| p)
+        self.alloc_huge(layout)
+            .map_or(core::ptr::null_mut(), |(p, _)| p.as_ptr())
+    }
+
+    /// Why `alloc_raw(layout)` returned null.
+    #[cold]
+    pub(crate) fn alloc_error(&self, layout: Layout) -> AllocError {
+        let (size, align) = (layout.size(), layout.align());
+        if align > MAX_ALIGN {
+            return AllocError::InvalidLayout {
+                size,
+                align,
+                problem: LayoutProblem::AlignTooLarge { max: MAX_ALIGN },
+            };
+        }
+        if size > MAX_CLASS_SIZE && huge_size(size).is_none() {
+            return AllocError::InvalidLayout {
+                size,
+                align,
+                problem: LayoutProblem::SizeOverflow,
+            };
+        }
+        self.oom(size)
     }
 
     /// A zeroed block for `layout` (size > 0). The memset is skipped for a
@@ -266,6 +295,20 @@ impl PoolShared {
         Ok(())
     }
 
+    /// Grows a huge block to hold `new_size > MAX_CLASS_SIZE` bytes without
+    /// copying (see [`HugeCache::grow`]); `None`, the block unchanged, if the
+    /// OS refused. Used by `realloc` after [`resize_in_place`](Self::resize_in_place)
+    /// said no.
+    ///
+    /// # Safety
+    /// - `p` is a live huge block of this pool, owned by the caller, whose
+    ///   mapping is smaller than `new_size` rounded to the granule.
+    pub(crate) unsafe fn grow_huge(&self, p: NonNull<u8>, new_size: usize) -> Option<NonNull<u8>> {
+        debug_assert!(new_size > MAX_CLASS_SIZE);
+        // SAFETY: forwarded from the caller.
+        unsafe { self.huge.grow(self, p, huge_size(new_size)?) }
+    }
+
     /// Takes every lock of this pool (each class lock in class order, then
     /// the huge cache's) and the span arena's, and keeps them: the
     /// `pthread_atfork` prepare handler, so that no lock is held mid-update
@@ -427,7 +470,8 @@ impl HostPool {
         if layout.size() == 0 {
             return Ok(dangling(layout));
         }
-        thread_cache::with_pool_cache(&self.shared, |tc| self.shared.alloc(tc, layout))
+        let p = thread_cache::with_pool_cache(&self.shared, |tc| self.shared.alloc_raw(tc, layout));
+        NonNull::new(p).ok_or_else(|| self.shared.alloc_error(layout))
     }
 
     /// Allocates a zeroed block for `layout`.

@@ -214,6 +214,17 @@ thread_local! {
     };
 }
 
+/// This thread's caches. The cell has no destructor, so the address stays
+/// valid for the whole life of the thread; only the address leaves the tiny
+/// `try_with` closure, which always inlines.
+#[inline(always)]
+fn caches() -> *mut ThreadCaches {
+    match CACHES.try_with(|cell| cell.get()) {
+        Ok(tc) => tc,
+        Err(_) => unreachable_tls(),
+    }
+}
+
 /// Runs `f` with this thread's cache for `pool` (a strong reference to it
 /// is taken on first use), or with `None` once the thread is exiting.
 ///
@@ -224,35 +235,37 @@ pub(crate) fn with_pool_cache<R>(
     pool: &Arc<PoolShared>,
     f: impl FnOnce(Option<&mut ThreadCache>) -> R,
 ) -> R {
-    let target = Arc::as_ptr(pool);
-    CACHES.with(|cell| {
-        let tc = cell.get();
-        // SAFETY: the cell is this thread's; no `&mut` to it outlives this
-        // call and the pool's code does not re-enter it (see above).
-        let slot0 = unsafe { &mut (*tc).pools[0] };
-        if slot0.pool == target {
-            return f(Some(&mut slot0.cache));
-        }
-        slow_pool_cache(tc, pool, f)
-    })
+    let tc = caches();
+    // SAFETY: the cell is this thread's; the only `&mut` made from it is the
+    // one handed to `f`, and the pool's code does not re-enter it (see above).
+    unsafe {
+        let cache = if (*tc).pools[0].pool == Arc::as_ptr(pool) {
+            &raw mut (*tc).pools[0].cache
+        } else {
+            pool_cache_slow(tc, pool)
+        };
+        f(cache.as_mut())
+    }
 }
 
+/// The cache of `pool` in slots 1.., installing it (and evicting the oldest
+/// slot) if absent; null once the thread is exiting.
+///
+/// # Safety
+/// - `tc` is this thread's `CACHES` cell and no reference into it is live.
+#[cold]
 #[inline(never)]
-fn slow_pool_cache<R>(
-    tc: *mut ThreadCaches,
-    pool: &Arc<PoolShared>,
-    f: impl FnOnce(Option<&mut ThreadCache>) -> R,
-) -> R {
+unsafe fn pool_cache_slow(tc: *mut ThreadCaches, pool: &Arc<PoolShared>) -> *mut ThreadCache {
     let target = Arc::as_ptr(pool);
-    // SAFETY: as in `with_pool_cache`; every `&mut` below ends before `f`
-    // runs or is the one handed to `f`.
+    // SAFETY: the caller's contract; no reference into the cell outlives a
+    // statement here.
     unsafe {
         if !ensure_exit_hook(tc) {
-            return f(None);
+            return null_mut();
         }
         for i in 1..POOL_SLOTS {
             if (*tc).pools[i].pool == target {
-                return f(Some(&mut (*tc).pools[i].cache));
+                return &raw mut (*tc).pools[i].cache;
             }
         }
         // Take a free slot, or evict the oldest.
@@ -270,7 +283,7 @@ fn slow_pool_cache<R>(
             }
         };
         (*tc).pools[i].pool = Arc::into_raw(pool.clone());
-        f(Some(&mut (*tc).pools[i].cache))
+        &raw mut (*tc).pools[i].cache
     }
 }
 
@@ -297,33 +310,28 @@ pub(crate) fn release_pool_cache(pool: &PoolShared) {
 
 /// Runs `f` with this thread's cache for the process-wide global pool, or
 /// with `None` while the exit hook registers or after thread exit.
-#[allow(dead_code)] // used by src/global.rs
-#[doc(hidden)]
-///
-/// with `None` while the exit hook registers or after thread exit.
 #[inline(always)]
 pub(crate) fn with_global_cache<R>(f: impl FnOnce(Option<&mut ThreadCache>) -> R) -> R {
-    match CACHES.try_with(|cell| {
-        let tc = cell.get();
-        // One call site of `f`, so the whole fast path inlines.
-        // SAFETY: this thread's cell; the global pool's code never re-enters
-        // it (it maps from the OS and takes no allocating locks).
-        let cache = unsafe {
-            if (*tc).life == Life::Live || ensure_exit_hook(tc) {
-                Some(&mut (*tc).global)
-            } else {
-                None
-            }
-        };
-        f(cache)
-    }) {
-        Ok(r) => r,
+    // Only the address leaves `try_with` (a tiny closure always inlines): the
+    // cell has no destructor, so it lives as long as the thread.
+    let tc = match CACHES.try_with(|cell| cell.get()) {
+        Ok(tc) => tc,
         Err(_) => unreachable_tls(),
-    }
+    };
+    // One call site of `f`, so the whole fast path inlines.
+    // SAFETY: this thread's cell; the global pool's code never re-enters
+    // it (it maps from the OS and takes no allocating locks).
+    let cache = unsafe {
+        if (*tc).life == Life::Live || ensure_exit_hook(tc) {
+            Some(&mut (*tc).global)
+        } else {
+            None
+        }
+    };
+    f(cache)
 }
 
 #[cold]
-#[allow(dead_code)] // used by `with_global_cache`
 fn unreachable_tls() -> ! {
     // A `thread_local` without destructor is never torn down, so `try_with`
     // cannot fail; abort rather than panic inside an allocator.

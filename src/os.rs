@@ -16,6 +16,33 @@ pub(crate) const PAGE: usize = 4096;
 pub(crate) fn map_aligned(len: usize, align: usize, populate: bool) -> Option<NonNull<u8>> {
     debug_assert!(align.is_power_of_two() && align >= PAGE && len % PAGE == 0);
     let over = len.checked_add(align - PAGE)?;
+    if align > PAGE && !populate {
+        // Exact size first: the kernel tends to place a mapping right below
+        // the previous one, so when every span is a multiple of the alignment
+        // most come out aligned and one syscall suffices (mimalloc does the
+        // same). Otherwise fall back to over-mapping and trimming.
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        // SAFETY: an anonymous private mapping at an address of the kernel's
+        // choosing touches no existing memory.
+        let raw = unsafe {
+            libc::mmap(
+                core::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return None;
+        }
+        if raw as usize % align == 0 {
+            return NonNull::new(raw.cast());
+        }
+        // SAFETY: the misaligned mapping we just made; nobody knows of it.
+        unsafe { libc::munmap(raw, len) };
+    }
     let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
     if populate {
         flags |= libc::MAP_POPULATE;
@@ -50,6 +77,109 @@ pub(crate) fn map_aligned(len: usize, align: usize, populate: bool) -> Option<No
         unsafe { libc::munmap((aligned + len) as *mut libc::c_void, tail) };
     }
     NonNull::new(aligned as *mut u8)
+}
+
+/// The transparent huge page size assumed (x86-64 and aarch64 with 4 KiB base pages).
+pub(crate) const HUGE_PAGE: usize = 2 << 20;
+
+/// Maps a span of `len` bytes (a multiple of `GRANULE`) for the pool: aligned to
+/// `granule`, or, with `huge` and `len ≥ HUGE_PAGE`, to 2 MiB and advised
+/// `MADV_HUGEPAGE`, so the kernel can back it with huge pages (one fault per
+/// 2 MiB instead of 512). With `populate`, every page is faulted in up front —
+/// after the advice, so the pages it faults in can be huge ones.
+pub(crate) fn map_span(
+    len: usize,
+    granule: usize,
+    populate: bool,
+    huge: bool,
+) -> Option<NonNull<u8>> {
+    if !(huge && len >= HUGE_PAGE) {
+        return map_aligned(len, granule, populate);
+    }
+    let p = map_aligned(len, HUGE_PAGE.max(granule), false)?;
+    // SAFETY: our fresh mapping; the advice only changes how it is backed.
+    unsafe { libc::madvise(p.as_ptr().cast(), len, libc::MADV_HUGEPAGE) };
+    if populate {
+        populate_pages(p.as_ptr(), len);
+    }
+    Some(p)
+}
+
+/// Faults in every page of a fresh mapping: `MADV_POPULATE_WRITE` (Linux 5.14),
+/// or one write per page where the kernel lacks it.
+fn populate_pages(p: *mut u8, len: usize) {
+    const MADV_POPULATE_WRITE: libc::c_int = 23;
+    // SAFETY: `[p, p+len)` is our fresh private mapping.
+    if unsafe { libc::madvise(p.cast(), len, MADV_POPULATE_WRITE) } == 0 {
+        return;
+    }
+    let mut off = 0;
+    while off < len {
+        // SAFETY: inside our fresh mapping; fresh anonymous memory is zero,
+        // so writing zero changes nothing but residency.
+        unsafe { p.add(off).write_volatile(0) };
+        off += PAGE;
+    }
+}
+
+/// Ranges waiting to be unmapped, coalesced when flushed.
+///
+/// The kernel merges neighbouring anonymous mappings into one VMA, so
+/// unmapping spans one by one splits that VMA (and shoots down TLBs) every
+/// time. Trim collects the ranges it releases here (a fixed array: no
+/// allocation while pool locks are held), sorts them, joins the adjacent
+/// ones and unmaps each run with one call. Flushed on drop.
+pub(crate) struct UnmapBatch {
+    ranges: [(usize, usize); 128],
+    n: usize,
+}
+
+impl UnmapBatch {
+    pub(crate) const fn new() -> Self {
+        UnmapBatch {
+            ranges: [(0, 0); 128],
+            n: 0,
+        }
+    }
+
+    /// Queues `[base, base+len)` for unmapping.
+    ///
+    /// # Safety
+    /// - As for [`unmap`]: the range is a page-aligned part of a mapping from
+    ///   [`map_aligned`] that nothing refers to any more. It stays mapped
+    ///   until the flush, so no other mapping can take its place before.
+    pub(crate) unsafe fn push(&mut self, base: usize, len: usize) {
+        if self.n == self.ranges.len() {
+            self.flush();
+        }
+        self.ranges[self.n] = (base, len);
+        self.n += 1;
+    }
+
+    /// Unmaps everything queued.
+    pub(crate) fn flush(&mut self) {
+        let r = &mut self.ranges[..self.n];
+        r.sort_unstable_by_key(|&(b, _)| b);
+        let mut i = 0;
+        while i < r.len() {
+            let (start, mut end) = (r[i].0, r[i].0 + r[i].1);
+            i += 1;
+            while i < r.len() && r[i].0 == end {
+                end += r[i].1;
+                i += 1;
+            }
+            // SAFETY: every queued range met `unmap`'s contract (see `push`),
+            // and adjacent ones together are one such range.
+            unsafe { unmap(NonNull::new_unchecked(start as *mut u8), end - start) };
+        }
+        self.n = 0;
+    }
+}
+
+impl Drop for UnmapBatch {
+    fn drop(&mut self) {
+        self.flush();
+    }
 }
 
 /// Unmaps a region.

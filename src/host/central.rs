@@ -12,6 +12,7 @@ use super::pool::PoolShared;
 use super::size_class::{GRANULE, blocks_per_span, class_size, span_bytes};
 use super::span::{self, SpanMeta};
 use super::transfer::{FreeBlock, TransferStack};
+use crate::os::UnmapBatch;
 use crate::sync::{AtomicUsize, Ordering, RawLock, UnsafeCell};
 use core::ptr::null_mut;
 
@@ -180,7 +181,12 @@ impl Central {
     /// Maps one span and makes it the bump span. Lock held.
     fn grow(&self, pool: &PoolShared, c: usize, inner: &mut Inner, populate: bool) -> bool {
         let len = span_bytes(c);
-        let Some(base) = crate::os::map_aligned(len, GRANULE, populate) else {
+        let Some(base) = crate::os::map_span(
+            len,
+            GRANULE,
+            populate,
+            pool.huge_pages.load(Ordering::Relaxed),
+        ) else {
             return false;
         };
         let base = base.as_ptr() as usize;
@@ -262,7 +268,13 @@ impl Central {
     ///
     /// # Safety
     /// - `s` is a span of this class with no block in use or on any list.
-    unsafe fn release_span(&self, pool: &PoolShared, inner: &mut Inner, s: *mut SpanMeta) -> usize {
+    unsafe fn release_span(
+        &self,
+        pool: &PoolShared,
+        inner: &mut Inner,
+        s: *mut SpanMeta,
+        out: &mut UnmapBatch,
+    ) -> usize {
         // SAFETY: `s` is a live record of this class (caller); list edits under the lock.
         unsafe {
             let (prev, next, base, len) = ((*s).prev, (*s).next, (*s).base, (*s).len);
@@ -280,7 +292,7 @@ impl Central {
             }
             pagemap::unregister(base, len);
             span::free_record(s);
-            crate::os::unmap(core::ptr::NonNull::new_unchecked(base as *mut u8), len);
+            out.push(base, len);
             pool.reserved.sub(len as u64);
             pool.segments.sub(1);
             len
@@ -290,7 +302,13 @@ impl Central {
     /// Releases every span whose blocks are all free; with `discard`, also
     /// drops the pages of free blocks of two pages or more (keeping the
     /// first page, which holds the link). Returns bytes given back.
-    pub(crate) fn trim(&self, pool: &PoolShared, c: usize, discard: bool) -> usize {
+    pub(crate) fn trim(
+        &self,
+        pool: &PoolShared,
+        c: usize,
+        discard: bool,
+        out: &mut UnmapBatch,
+    ) -> usize {
         let size = class_size(c);
         self.locked(|inner| {
             self.drain_incoming(inner);
@@ -359,7 +377,7 @@ impl Central {
                 // SAFETY: as above.
                 if unsafe { (*s).free_seen == (*s).nblocks } {
                     // SAFETY: all its blocks are free and no longer on any list.
-                    released += unsafe { self.release_span(pool, inner, s) };
+                    released += unsafe { self.release_span(pool, inner, s, out) };
                 } else {
                     // SAFETY: as above.
                     unsafe { (*s).free_seen = 0 };
@@ -377,6 +395,7 @@ impl Central {
     #[cold]
     fn enforce_limit(&self, pool: &PoolShared, c: usize) {
         let size = class_size(c);
+        let mut unmaps = UnmapBatch::new();
         self.locked(|inner| {
             self.drain_incoming(inner);
             while pool.cached.load(Ordering::Relaxed) > pool.retain_limit.load(Ordering::Relaxed)
@@ -388,7 +407,7 @@ impl Central {
                     inner.free = (*b).next;
                     inner.free_len -= 1;
                     let s = pagemap::lookup(b as usize);
-                    self.release_span(pool, inner, s);
+                    self.release_span(pool, inner, s, &mut unmaps);
                 }
                 pool.cached.fetch_sub(size, Ordering::Relaxed);
             }
@@ -415,11 +434,12 @@ impl Central {
     /// # Safety
     /// - No block of this class is in use or cached anywhere but here.
     pub(crate) unsafe fn release_all(&self, pool: &PoolShared) {
+        let mut unmaps = UnmapBatch::new();
         self.locked(|inner| {
             self.drain_incoming(inner);
             while !inner.spans.is_null() {
                 // SAFETY: the caller guarantees nothing uses these blocks.
-                unsafe { self.release_span(pool, inner, inner.spans) };
+                unsafe { self.release_span(pool, inner, inner.spans, &mut unmaps) };
             }
             inner.free = null_mut();
             inner.free_len = 0;

@@ -147,7 +147,12 @@ impl HugeCache {
                 crate::os::unmap(NonNull::new_unchecked(tail), new_len - len);
                 return None;
             }
-            let dst = crate::os::map_aligned(new_len, GRANULE, false)?;
+            let dst = crate::os::map_span(
+                new_len,
+                GRANULE,
+                false,
+                pool.huge_pages.load(Ordering::Relaxed),
+            )?;
             if !pagemap::register(dst.as_ptr() as usize, new_len, rec) {
                 crate::os::unmap(dst, new_len);
                 return None;
@@ -262,7 +267,12 @@ impl HugeCache {
 }
 
 fn map_huge(pool: &PoolShared, len: usize, populate: bool) -> Option<NonNull<u8>> {
-    let p = crate::os::map_aligned(len, GRANULE, populate)?;
+    let p = crate::os::map_span(
+        len,
+        GRANULE,
+        populate,
+        pool.huge_pages.load(Ordering::Relaxed),
+    )?;
     let rec = span::alloc_record();
     if rec.is_null() {
         // SAFETY: just mapped, unpublished.

@@ -251,6 +251,7 @@ fn prewarm_is_explicit_and_serves_without_mapping() {
 fn retain_limit_bounds_cached_big_blocks() {
     let pool = HostPool::with_config(HostPoolConfig {
         retain_limit: Some(8 << 20),
+        ..Default::default()
     });
     let l = layout(4 << 20, 64);
     let ps: Vec<_> = (0..8).map(|_| pool.allocate(l).unwrap()).collect();
@@ -368,6 +369,7 @@ fn model_matches_pool() {
     for limit in [None, Some(24 << 20)] {
         let pool = HostPool::with_config(HostPoolConfig {
             retain_limit: limit,
+            ..Default::default()
         });
         let mut model = PoolModel::new(limit);
         let mut live: Vec<(NonNull<u8>, Layout, usize)> = Vec::new();

@@ -37,6 +37,13 @@ fn bench(c: &mut Criterion) {
     }
 }
 
+/// Constructing a pool maps nothing; the issue asks for well under 1 ms.
+fn construction(c: &mut Criterion) {
+    c.bench_function("pool-construct+drop", |b| {
+        b.iter(|| drop(std::hint::black_box(tensorpool::host::HostPool::new())))
+    });
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_millis(300))
@@ -47,6 +54,7 @@ fn config() -> Criterion {
 
 fn main() {
     let mut c = config();
+    construction(&mut c);
     bench(&mut c);
     c.final_summary();
 }

@@ -13,36 +13,9 @@ pub(crate) const PAGE: usize = 4096;
 /// Maps `len` bytes (a multiple of `align`, `align` a power of two ≥ PAGE),
 /// read-write, private, aligned to `align`. With `populate`, the kernel
 /// faults every page in up front (`MAP_POPULATE`). `None` if the OS refuses.
-pub(crate) fn map_aligned(len: usize, align: usize, populate: bool) -> Option<NonNull<u8>> {
-    debug_assert!(align.is_power_of_two() && align >= PAGE && len % PAGE == 0);
-    let over = len.checked_add(align - PAGE)?;
-    if align > PAGE && !populate {
-        // Exact size first: the kernel tends to place a mapping right below
-        // the previous one, so when every span is a multiple of the alignment
-        // most come out aligned and one syscall suffices (mimalloc does the
-        // same). Otherwise fall back to over-mapping and trimming.
-        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-        // SAFETY: an anonymous private mapping at an address of the kernel's
-        // choosing touches no existing memory.
-        let raw = unsafe {
-            libc::mmap(
-                core::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                -1,
-                0,
-            )
-        };
-        if raw == libc::MAP_FAILED {
-            return None;
-        }
-        if raw as usize % align == 0 {
-            return NonNull::new(raw.cast());
-        }
-        // SAFETY: the misaligned mapping we just made; nobody knows of it.
-        unsafe { libc::munmap(raw, len) };
-    }
+/// A fresh private anonymous read-write mapping of `len` bytes where the
+/// kernel chooses (`MAP_NORESERVE`; `MAP_POPULATE` with `populate`).
+fn mmap_anon(len: usize, populate: bool) -> Option<*mut libc::c_void> {
     let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
     if populate {
         flags |= libc::MAP_POPULATE;
@@ -52,16 +25,32 @@ pub(crate) fn map_aligned(len: usize, align: usize, populate: bool) -> Option<No
     let raw = unsafe {
         libc::mmap(
             core::ptr::null_mut(),
-            over,
+            len,
             libc::PROT_READ | libc::PROT_WRITE,
             flags,
             -1,
             0,
         )
     };
-    if raw == libc::MAP_FAILED {
-        return None;
+    (raw != libc::MAP_FAILED).then_some(raw)
+}
+
+pub(crate) fn map_aligned(len: usize, align: usize, populate: bool) -> Option<NonNull<u8>> {
+    debug_assert!(align.is_power_of_two() && align >= PAGE && len % PAGE == 0);
+    let over = len.checked_add(align - PAGE)?;
+    if align > PAGE && !populate {
+        // Exact size first: the kernel tends to place a mapping right below
+        // the previous one, so when every span is a multiple of the alignment
+        // most come out aligned and one syscall suffices (mimalloc does the
+        // same). Otherwise fall back to over-mapping and trimming.
+        let raw = mmap_anon(len, false)?;
+        if raw as usize % align == 0 {
+            return NonNull::new(raw.cast());
+        }
+        // SAFETY: the misaligned mapping we just made; nobody knows of it.
+        unsafe { libc::munmap(raw, len) };
     }
+    let raw = mmap_anon(over, populate)?;
     let start = raw as usize;
     let aligned = (start + align - 1) & !(align - 1);
     let head = aligned - start;

@@ -38,19 +38,8 @@ unsafe impl Allocator for HostPool {
         old: Layout,
         new: Layout,
     ) -> Result<NonNull<[u8]>, AllocError> {
-        // Same class: the block already holds the new size.
-        if old.align() == new.align() && HostPool::rounded_size(old) == HostPool::rounded_size(new)
-        {
-            return Ok(NonNull::slice_from_raw_parts(ptr, new.size()));
-        }
-        let q = HostPool::allocate(self, new).map_err(|_| AllocError)?;
-        // SAFETY: 1. `ptr` is live with `old.size()` bytes (caller contract);
-        // 2. `q` is a fresh block of ≥ new.size() ≥ old.size() bytes, disjoint.
-        unsafe {
-            core::ptr::copy_nonoverlapping(ptr.as_ptr(), q.as_ptr(), old.size());
-            HostPool::deallocate(self, ptr, old);
-        }
-        Ok(NonNull::slice_from_raw_parts(q, new.size()))
+        // SAFETY: forwarded: `ptr` is live with `old` (allocator-api2 contract).
+        unsafe { move_block(self, ptr, old, new) }
     }
 
     unsafe fn shrink(
@@ -59,18 +48,34 @@ unsafe impl Allocator for HostPool {
         old: Layout,
         new: Layout,
     ) -> Result<NonNull<[u8]>, AllocError> {
-        if old.align() == new.align() && HostPool::rounded_size(old) == HostPool::rounded_size(new)
-        {
-            return Ok(NonNull::slice_from_raw_parts(ptr, new.size()));
-        }
-        let q = HostPool::allocate(self, new).map_err(|_| AllocError)?;
-        // SAFETY: as in `grow`, copying the `new.size() ≤ old.size()` bytes kept.
-        unsafe {
-            core::ptr::copy_nonoverlapping(ptr.as_ptr(), q.as_ptr(), new.size());
-            HostPool::deallocate(self, ptr, old);
-        }
-        Ok(NonNull::slice_from_raw_parts(q, new.size()))
+        // SAFETY: as in `grow`.
+        unsafe { move_block(self, ptr, old, new) }
     }
+}
+
+/// Resizes: in place when the new layout rounds to the same class, else a
+/// new block, a copy of the bytes kept, and a free of the old one.
+///
+/// # Safety
+/// - `ptr` is a live block of `pool` allocated with `old`.
+unsafe fn move_block(
+    pool: &HostPool,
+    ptr: NonNull<u8>,
+    old: Layout,
+    new: Layout,
+) -> Result<NonNull<[u8]>, AllocError> {
+    if old.align() == new.align() && HostPool::rounded_size(old) == HostPool::rounded_size(new) {
+        return Ok(NonNull::slice_from_raw_parts(ptr, new.size()));
+    }
+    let q = HostPool::allocate(pool, new).map_err(|_| AllocError)?;
+    // SAFETY: 1. `ptr` is live with `old.size()` bytes (caller); 2. `q` is a
+    // fresh, disjoint block of ≥ new.size() bytes; 3. the copy takes the
+    // smaller of the two; 4. `ptr` is freed with its own layout, once.
+    unsafe {
+        core::ptr::copy_nonoverlapping(ptr.as_ptr(), q.as_ptr(), old.size().min(new.size()));
+        HostPool::deallocate(pool, ptr, old);
+    }
+    Ok(NonNull::slice_from_raw_parts(q, new.size()))
 }
 
 #[cfg(test)]

@@ -199,7 +199,28 @@ impl HugeCache {
     /// # Safety
     /// - `p` is a huge block of `pool`, not in use.
     pub(crate) unsafe fn free(&self, pool: &PoolShared, p: NonNull<u8>, len: usize) {
-        let limit = pool.retain_limit.load(Ordering::Relaxed);
+        // SAFETY: forwarded from the caller.
+        unsafe { self.cache_or_unmap(pool, p, len, true) };
+    }
+
+    /// Caches the huge block `p` of `len` bytes if a slot is free (and, with
+    /// `limited`, the pool stays under its retained limit); else unmaps it.
+    /// Returns whether it was kept.
+    ///
+    /// # Safety
+    /// - `p` is a huge block of `pool` of `len` bytes, not in use.
+    unsafe fn cache_or_unmap(
+        &self,
+        pool: &PoolShared,
+        p: NonNull<u8>,
+        len: usize,
+        limited: bool,
+    ) -> bool {
+        let limit = if limited {
+            pool.retain_limit.load(Ordering::Relaxed)
+        } else {
+            usize::MAX
+        };
         let kept = self.locked(|s| {
             if s.n == HUGE_SLOTS || pool.cached.load(Ordering::Relaxed).saturating_add(len) > limit
             {
@@ -216,6 +237,7 @@ impl HugeCache {
             // SAFETY: forwarded from the caller.
             unsafe { unmap_huge(pool, p) };
         }
+        kept
     }
 
     /// Caches `count` fresh, populated blocks of `need` bytes (as many as fit).
@@ -225,20 +247,9 @@ impl HugeCache {
         for _ in have..count.min(HUGE_SLOTS) {
             let p = map_huge(pool, need, true)?;
             mapped += need;
-            let kept = self.locked(|s| {
-                if s.n == HUGE_SLOTS {
-                    return false;
-                }
-                s.ptr[s.n] = p.as_ptr() as usize;
-                s.len[s.n] = need;
-                s.n += 1;
-                true
-            });
-            if kept {
-                pool.cached.fetch_add(need, Ordering::Relaxed);
-            } else {
-                // SAFETY: just mapped, never handed out.
-                unsafe { unmap_huge(pool, p) };
+            // Prewarm is explicit: the retained limit does not apply.
+            // SAFETY: just mapped, never handed out.
+            if !unsafe { self.cache_or_unmap(pool, p, need, false) } {
                 break;
             }
         }

@@ -37,6 +37,25 @@ fn bench(c: &mut Criterion) {
     }
 }
 
+/// Alloc+free pairs through `HostPool`'s own API in a tight loop: the hot
+/// path with nothing of the harness around it (the issue's "pool hit" target).
+fn pool_api_pairs(c: &mut Criterion) {
+    use std::hint::black_box;
+    let pool = tensorpool::host::HostPool::new();
+    let mut g = c.benchmark_group("pool-api-pair");
+    for size in [64usize, 4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20] {
+        let l = core::alloc::Layout::from_size_align(size, 64).unwrap();
+        g.bench_function(format!("{size}B"), |b| {
+            b.iter(|| {
+                let p = pool.allocate(black_box(l)).unwrap();
+                // SAFETY: allocated just above with `l`, freed once.
+                unsafe { pool.deallocate(black_box(p), l) };
+            })
+        });
+    }
+    g.finish();
+}
+
 /// Constructing a pool maps nothing; the issue asks for well under 1 ms.
 fn construction(c: &mut Criterion) {
     c.bench_function("pool-construct+drop", |b| {
@@ -55,6 +74,7 @@ fn config() -> Criterion {
 fn main() {
     let mut c = config();
     construction(&mut c);
+    pool_api_pairs(&mut c);
     bench(&mut c);
     c.final_summary();
 }

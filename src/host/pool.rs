@@ -481,7 +481,7 @@ impl HostPool {
 
     /// Allocates a block for `layout`. Size 0 gives a dangling, aligned
     /// pointer that owns no memory.
-    #[inline]
+    #[inline(always)] // thin: a non-inlined call returns the 48-byte Result through memory
     pub fn allocate(&self, layout: Layout) -> Result<NonNull<u8>, AllocError> {
         if layout.size() == 0 {
             return Ok(dangling(layout));
@@ -504,7 +504,7 @@ impl HostPool {
     /// - `ptr` was returned by [`allocate`](Self::allocate) (or
     ///   `allocate_zeroed`) of this pool (any clone) with this `layout`, and
     ///   is not used afterwards.
-    #[inline]
+    #[inline(always)]
     pub unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
         if layout.size() == 0 {
             return;

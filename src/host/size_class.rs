@@ -56,6 +56,31 @@ pub const CLASS_SIZES: [usize; NUM_CLASSES] = compute_sizes();
 #[inline(always)]
 pub fn class_of(size: usize) -> usize {
     debug_assert!(size <= MAX_CLASS_SIZE);
+    if size <= SMALL_LOOKUP_MAX {
+        // One byte load instead of a branch and a bit scan.
+        return SMALL_CLASS[(size + 7) >> 3] as usize;
+    }
+    class_of_computed(size)
+}
+
+/// Sizes up to this are classed by [`SMALL_CLASS`].
+const SMALL_LOOKUP_MAX: usize = 1024;
+
+/// `SMALL_CLASS[(size + 7) / 8]` is the class of `size` for `size ≤ 1 KiB`
+/// (every class boundary up to 1 KiB is a multiple of 8).
+const SMALL_CLASS: [u8; SMALL_LOOKUP_MAX / 8 + 1] = {
+    let mut t = [0u8; SMALL_LOOKUP_MAX / 8 + 1];
+    let mut i = 1;
+    while i < t.len() {
+        t[i] = class_of_computed(i * 8) as u8;
+        i += 1;
+    }
+    t
+};
+
+/// `class_of` by arithmetic (any `size ≤ MAX_CLASS_SIZE`).
+#[inline(always)]
+const fn class_of_computed(size: usize) -> usize {
     if size <= 64 {
         return size.saturating_sub(1) >> 3;
     }
@@ -186,7 +211,8 @@ pub fn class_for(size: usize, align: usize) -> Option<usize> {
         return None;
     }
     let c = class_of(size);
-    if align <= CLASS_ALIGNS[c] as usize {
+    // Every block is 8-aligned: most requests skip the table.
+    if align <= 8 || align <= CLASS_ALIGNS[c] as usize {
         return Some(c);
     }
     class_for_aligned(c, align)

@@ -6,12 +6,16 @@
 //!   plain column (what the original system's batch update amounts to,
 //!   without its lost increments). Throughput in elements (ids).
 //! - `scan/{op}/{table}`: `lru(16)`, `touched_before` (≈1 % match),
-//!   `usage_by_category`, `decay(1)` with every count changing
+//!   `usage_by_category_scan`, `decay(1)` with every count changing
 //!   (`decay_all`) and with none changing (`decay_none`), each on the
 //!   scalar and the AVX2/NEON backend; against `floor`, a plain sequential
 //!   read (auto-vectorized sum) of as many bytes as the op must read
 //!   (12 B/slot: tag + last or tag + size; 8 B/slot for decay).
 //!   Throughput in bytes, so criterion prints GB/s for all of them.
+//!   Beside them `usage/counters` and `usage_dev/counters`: what
+//!   `usage_by_category` and `usage_by_device` cost (O(1) counter reads;
+//!   their GB/s is of the bytes a scan would read), and `usage_dev/scan`,
+//!   the per-device scan.
 //! - `layout/…`: the measurement behind the table's layout: a filter scan
 //!   and a touch over 64-byte records (AoS) against the same over columns
 //!   (SoA).
@@ -167,9 +171,21 @@ fn scans(c: &mut Criterion) {
             );
             g.bench_function(
                 BenchmarkId::new(format!("usage/{}", be.name()), label(n)),
-                |b| b.iter(|| t.usage_by_category()),
+                |b| b.iter(|| t.usage_by_category_scan()),
             );
         }
+        // What `usage_by_category` and `usage_by_device` cost now: reads of
+        // the counters insert and remove keep (no scan, so no backend), and
+        // the per-device scan they replace.
+        g.bench_function(BenchmarkId::new("usage/counters", label(n)), |b| {
+            b.iter(|| t.usage_by_category())
+        });
+        g.bench_function(BenchmarkId::new("usage_dev/counters", label(n)), |b| {
+            b.iter(|| t.usage_by_device())
+        });
+        g.bench_function(BenchmarkId::new("usage_dev/scan", label(n)), |b| {
+            b.iter(|| t.usage_by_device_scan())
+        });
         g.throughput(Throughput::Bytes(8 * n as u64));
         g.bench_function(BenchmarkId::new("floor8", label(n)), |b| {
             b.iter(|| floor(black_box(&words[..n])))

@@ -8,11 +8,16 @@
 //! - after 10,000 insert/remove cycles the live count equals the live
 //!   allocations, on one thread and with two threads churning at once;
 //! - a touch racing the removal of its tensor never lands on the tensor
-//!   that reuses the slot.
+//!   that reuses the slot;
+//! - 4 threads inserting and removing at once leave the usage counters
+//!   equal to the column scans and to the threads' own tally, and a reader
+//!   meanwhile never sees a torn counter snapshot (a count without its
+//!   bytes).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tensorpool::meta::{IdIssuer, MetaTable, NewTensor, TensorKey, next_id};
+use tensorpool::stats::CategoryUsage;
 use tensorpool::{Device, TensorFlags};
 
 fn nt(size: u64) -> NewTensor {
@@ -243,4 +248,80 @@ fn touch_racing_removal_never_reaches_the_next_tenant() {
     assert_eq!(private_checked, 10_000);
     assert!(touches.load(Ordering::Relaxed) > 0);
     t.check_invariants();
+}
+
+/// One size per category, so that in any consistent snapshot a category's
+/// bytes are its count times this.
+const CAT_SIZES: [u64; 5] = [64, 8 << 10, 100_000, 2 << 20, 32 << 20];
+
+#[test]
+fn usage_counters_equal_the_scan_after_four_threads_churn() {
+    let t = Arc::new(MetaTable::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (t, stop) = (t.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for (u, size) in t.usage_by_category().iter().zip(CAT_SIZES) {
+                    assert_eq!(u.bytes, u.count * size, "torn category snapshot {u:?}");
+                }
+                for (d, u) in t.usage_by_device() {
+                    assert!(
+                        (u.count * CAT_SIZES[0]..=u.count * CAT_SIZES[4]).contains(&u.bytes),
+                        "torn device snapshot {d}: {u:?}"
+                    );
+                }
+                reads += 1;
+            }
+            reads
+        })
+    };
+    let start = Arc::new(std::sync::Barrier::new(4));
+    let hs: Vec<_> = (0..4u32)
+        .map(|th| {
+            let (t, start) = (t.clone(), start.clone());
+            std::thread::spawn(move || {
+                let mut rng = Rng(u64::from(th) + 11);
+                start.wait();
+                let devices = [Device::Host, Device::Cuda(th), Device::Remote(th)];
+                let mut live: Vec<(TensorKey, u64, Device)> = Vec::new();
+                for _ in 0..100_000 {
+                    if live.len() < 32 || rng.below(2) == 0 {
+                        let size = CAT_SIZES[rng.below(5) as usize];
+                        let dev = devices[rng.below(3) as usize];
+                        let k = t.insert(next_id().unwrap(), &NewTensor::bytes(size, dev));
+                        live.push((k, size, dev));
+                    } else {
+                        let (k, _, _) = live.swap_remove(rng.below(live.len() as u64) as usize);
+                        assert!(t.remove(k).is_some());
+                    }
+                }
+                live
+            })
+        })
+        .collect();
+    let mut by_dev: std::collections::BTreeMap<u16, CategoryUsage> = Default::default();
+    let mut total = CategoryUsage::default();
+    for h in hs {
+        for (_, size, dev) in h.join().unwrap() {
+            for u in [by_dev.entry(dev.code()).or_default(), &mut total] {
+                u.count += 1;
+                u.bytes += size;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(reader.join().unwrap() > 0);
+    t.check_invariants();
+    let cat = t.usage_by_category();
+    assert_eq!(cat, t.usage_by_category_scan());
+    assert_eq!(t.usage_by_device(), t.usage_by_device_scan());
+    let want: Vec<(Device, CategoryUsage)> = by_dev
+        .into_iter()
+        .map(|(c, u)| (Device::from_code(c), u))
+        .collect();
+    assert_eq!(t.usage_by_device(), want);
+    assert_eq!(cat.iter().map(|u| u.count).sum::<u64>(), total.count);
+    assert_eq!(cat.iter().map(|u| u.bytes).sum::<u64>(), total.bytes);
 }

@@ -2,14 +2,19 @@
 //!
 //! 1. Every batch backend this build and CPU can run (scalar, AVX2, NEON)
 //!    returns exactly the scalar reference's `lru`, `touched_before`,
-//!    `usage_by_category`, `usage_by_device` and `decay` results, on random
-//!    tables: empty, one entry, lengths that are not a multiple of the
-//!    vector width, pinned and dead entries, tables spanning two chunks.
-//! 2. The scalar reference agrees with a plain model of the same table.
+//!    `usage_by_category_scan`, `usage_by_device_scan` and `decay` results,
+//!    on random tables: empty, one entry, lengths that are not a multiple
+//!    of the vector width, pinned and dead entries, tables spanning two
+//!    chunks.
+//! 2. The scalar reference, and the usage counters (`usage_by_category`,
+//!    `usage_by_device`), agree with a plain model of the same table.
 //! 3. A weighted sequence of insert / remove / get / touch / decay /
 //!    stale-key operations agrees with a `HashMap` oracle: stale keys are
 //!    errors and change nothing; touch counts every duplicate; freed slots
-//!    are reused (the high-water mark never exceeds the peak live count).
+//!    are reused (the high-water mark never exceeds the peak live count);
+//!    after every operation the usage counters equal the oracle's totals
+//!    per category and per device, also with more devices live than the
+//!    counters have device entries (about a third of the cases).
 //!
 //! Case counts default to 64 per property (`PROPTEST_CASES` overrides).
 
@@ -171,8 +176,8 @@ fn scans(t: &MetaTable, k: usize, before: u64) -> Scans {
     Scans {
         lru,
         before: tb,
-        by_cat: t.usage_by_category(),
-        by_dev: t.usage_by_device(),
+        by_cat: t.usage_by_category_scan(),
+        by_dev: t.usage_by_device_scan(),
     }
 }
 
@@ -211,16 +216,18 @@ proptest! {
             d.bytes += e.size;
         }
         prop_assert_eq!(reference.by_cat, cat_model);
+        prop_assert_eq!(t.usage_by_category(), cat_model, "counters");
         let dev_model: Vec<(Device, CategoryUsage)> = dev_model.into_iter().map(|(c, u)| (Device::from_code(c), u)).collect();
         prop_assert_eq!(&reference.by_dev, &dev_model);
+        prop_assert_eq!(&t.usage_by_device(), &dev_model, "counters");
 
         for b in supported() {
             t.set_backend(b).unwrap();
             let got = scans(&t, k, before);
             prop_assert_eq!(&got.lru, &reference.lru, "lru on {:?}", b);
             prop_assert_eq!(&got.before, &reference.before, "touched_before on {:?}", b);
-            prop_assert_eq!(got.by_cat, reference.by_cat, "usage_by_category on {:?}", b);
-            prop_assert_eq!(&got.by_dev, &reference.by_dev, "usage_by_device on {:?}", b);
+            prop_assert_eq!(got.by_cat, reference.by_cat, "usage_by_category_scan on {:?}", b);
+            prop_assert_eq!(&got.by_dev, &reference.by_dev, "usage_by_device_scan on {:?}", b);
         }
 
         // Decay mutates: one fresh, identical table per backend.
@@ -255,12 +262,46 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (size(), device(), 0u8..8).prop_map(|(size, device, flags)| Op::Insert { size, device, flags }),
+        4 => (size(), many_devices(), 0u8..8).prop_map(|(size, device, flags)| Op::Insert { size, device, flags }),
         2 => any::<usize>().prop_map(Op::Remove),
         2 => any::<usize>().prop_map(Op::Get),
         3 => (prop::collection::vec(any::<usize>(), 0..150), 0u64..1000).prop_map(|(v, now)| Op::Touch(v, now)),
         1 => (0u32..4).prop_map(Op::Decay),
     ]
+}
+
+/// The usual devices, and often one of 24 more: some runs have more
+/// devices live than the counters' `DEVICE_SLOTS` entries.
+fn many_devices() -> impl Strategy<Value = Device> {
+    prop_oneof![
+        1 => device(),
+        1 => (0u32..24).prop_map(Device::Remote),
+    ]
+}
+
+/// The oracle's live count and bytes per category and per device (sorted by code).
+fn oracle_usage(
+    oracle: &HashMap<TensorKey, Model>,
+) -> (
+    [CategoryUsage; Category::COUNT],
+    Vec<(Device, CategoryUsage)>,
+) {
+    let mut cat = [CategoryUsage::default(); Category::COUNT];
+    let mut dev: std::collections::BTreeMap<u16, CategoryUsage> = Default::default();
+    for o in oracle.values() {
+        for u in [
+            &mut cat[Category::of_size(o.size as usize).index()],
+            dev.entry(o.device.code()).or_default(),
+        ] {
+            u.count += 1;
+            u.bytes += o.size;
+        }
+    }
+    let dev = dev
+        .into_iter()
+        .map(|(c, u)| (Device::from_code(c), u))
+        .collect();
+    (cat, dev)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -292,6 +333,7 @@ proptest! {
         let mut issued: Vec<TensorKey> = Vec::new();
         let mut peak = 0usize;
         for op in ops {
+            let op_name = format!("{op:?}");
             match op {
                 Op::Insert { size, device, flags } => {
                     let key = t.insert(ids.issue().unwrap(), &new_tensor(size, device, flags));
@@ -335,6 +377,9 @@ proptest! {
             }
             peak = peak.max(oracle.len());
             prop_assert_eq!(t.live(), oracle.len());
+            let (cat, dev) = oracle_usage(&oracle);
+            prop_assert_eq!(t.usage_by_category(), cat, "category counters after {}", op_name);
+            prop_assert_eq!(t.usage_by_device(), dev, "device counters after {}", op_name);
             prop_assert!(t.high_water() <= peak, "freed slots are reused: hw {} > peak {}", t.high_water(), peak);
         }
         t.check_invariants();

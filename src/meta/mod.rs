@@ -1,6 +1,6 @@
 //! Tensor metadata: ids ([`id`]), 64-byte records ([`record`]), the
-//! metadata table ([`table`]) and its batch scans in scalar, AVX2 and NEON
-//! versions ([`batch`]).
+//! metadata table ([`table`]), its batch scans in scalar, AVX2 and NEON
+//! versions ([`batch`]) and its usage counters (`usage`).
 //!
 //! Under `--cfg tensorpool_loom` only [`id`] is built (it is loom-modelled).
 pub mod id;
@@ -13,6 +13,8 @@ pub mod hash;
 pub mod record;
 #[cfg(not(tensorpool_loom))]
 pub mod table;
+#[cfg(not(tensorpool_loom))]
+mod usage;
 
 pub use id::{IdIssuer, TensorId};
 #[cfg(not(tensorpool_loom))]

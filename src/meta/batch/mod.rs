@@ -98,6 +98,18 @@ pub(crate) fn live_tag(flags: u8, cat: Category, device_code: u16) -> u32 {
         | u32::from(device_code) << DEVICE_SHIFT
 }
 
+/// The size-category index (as [`Category::index`]) in a live tag.
+#[inline]
+pub(crate) fn tag_category(tag: u32) -> usize {
+    ((tag & CAT_MASK) >> CAT_SHIFT) as usize
+}
+
+/// The device code in a live tag.
+#[inline]
+pub(crate) fn tag_device(tag: u32) -> u16 {
+    (tag >> DEVICE_SHIFT) as u16
+}
+
 /// Which implementation of the batch scans a table runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BatchBackend {
@@ -264,7 +276,7 @@ pub(crate) fn usage_by_device(
         if t & LIVE == 0 {
             continue;
         }
-        let code = (t >> DEVICE_SHIFT) as u16;
+        let code = tag_device(t);
         if acc.get(at).is_none_or(|e| e.0 != code) {
             at = match acc.binary_search_by_key(&code, |e| e.0) {
                 Ok(p) => p,

@@ -11,7 +11,7 @@ use super::central::Central;
 use super::huge::HugeCache;
 use super::pagemap;
 use super::prewarm::Prewarm;
-use super::size_class::{MAX_ALIGN, MAX_CLASS_SIZE, NUM_CLASSES, class_for, class_size, huge_size};
+use super::size_class::{MAX_ALIGN, MAX_CLASS_SIZE, NUM_CLASSES, class_for, huge_size};
 use super::span::HUGE_CLASS;
 use super::thread_cache::{self, ThreadCache};
 use crate::allocator::Device;
@@ -600,9 +600,4 @@ impl Drop for HostPool {
 fn dangling(layout: Layout) -> NonNull<u8> {
     // An address equal to the alignment is non-null and aligned; it owns nothing.
     NonNull::new(core::ptr::without_provenance_mut(layout.align())).unwrap_or(NonNull::dangling())
-}
-
-#[allow(dead_code)]
-fn _class_size_used(c: usize) -> usize {
-    class_size(c)
 }

@@ -246,45 +246,22 @@ fn from_pool(
     with_global_cache(f).map_or(null_mut(), NonNull::as_ptr)
 }
 
-/// The hot path of `alloc`: a class block from this thread's cache, with
-/// no `Result` to build; everything else (huge blocks, no cache, a refill
-/// that fails) goes through `PoolShared::alloc` out of line.
+/// The hot path of `alloc`: the pool's raw path (no `Result` to build; huge
+/// blocks and refills are out of line inside it), null on failure.
 #[inline(always)]
 fn pool_alloc(layout: Layout) -> *mut u8 {
     ensure_atfork();
-    with_global_cache(|tc| match (class_for(layout.size(), layout.align()), tc) {
-        (Some(c), Some(tc)) => tc.alloc(pool(), c),
-        (_, tc) => alloc_slow(tc, layout),
-    })
+    with_global_cache(|tc| pool().alloc_raw(tc, layout))
 }
 
-#[cold]
-#[inline(never)]
-fn alloc_slow(tc: Option<&mut ThreadCache>, layout: Layout) -> *mut u8 {
-    pool().alloc(tc, layout).map_or(null_mut(), NonNull::as_ptr)
-}
-
-/// The hot path of `dealloc`, shaped like [`pool_alloc`].
+/// The hot path of `dealloc`.
 ///
 /// # Safety
 /// - `ptr` is a live pool block allocated with `layout`, not used afterwards.
 #[inline(always)]
 unsafe fn pool_free(ptr: *mut u8, layout: Layout) {
-    with_global_cache(|tc| match (class_for(layout.size(), layout.align()), tc) {
-        // SAFETY: the pool serves `layout` from class `c` (forwarded).
-        (Some(c), Some(tc)) => unsafe { tc.free(pool(), c, ptr) },
-        // SAFETY: forwarded from the caller.
-        (_, tc) => unsafe { free_slow(tc, ptr, layout) },
-    })
-}
-
-/// # Safety
-/// - As for [`pool_free`].
-#[cold]
-#[inline(never)]
-unsafe fn free_slow(tc: Option<&mut ThreadCache>, ptr: *mut u8, layout: Layout) {
     // SAFETY: forwarded from the caller; a pool block is non-null.
-    unsafe { pool().free(tc, NonNull::new_unchecked(ptr), layout) }
+    with_global_cache(|tc| unsafe { pool().free(tc, NonNull::new_unchecked(ptr), layout) })
 }
 
 // SAFETY: the pool hands out blocks of at least `layout.size()` bytes at

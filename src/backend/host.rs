@@ -51,7 +51,7 @@ impl HostBackend {
 
 // SAFETY: 1. host blocks come from `HostPool::allocate` with the request's
 // size and alignment, valid until deallocated, and the pool never hands out
-// a live block twice; 2. zeroed requests are memset here; 3. ids come from
+// a live block twice; 2. zeroed requests come from `allocate_zeroed`; 3. ids come from
 // the process-wide issuer (unique, never reused).
 unsafe impl TensorAllocator for HostBackend {
     fn device(&self) -> Device {
@@ -63,12 +63,12 @@ unsafe impl TensorAllocator for HostBackend {
         let addr = match c.layout {
             None => Addr::None,
             Some(l) => {
-                let p = self.pool.allocate(l).map_err(|e| self.ledger.oom(e))?;
-                if req.zeroed {
-                    // SAFETY: `p` is a fresh block of ≥ l.size() bytes.
-                    unsafe { p.as_ptr().write_bytes(0, l.size()) };
-                }
-                Addr::Host(p)
+                let p = if req.zeroed {
+                    self.pool.allocate_zeroed(l)
+                } else {
+                    self.pool.allocate(l)
+                };
+                Addr::Host(p.map_err(|e| self.ledger.oom(e))?)
             }
         };
         self.ledger.record(req, c, addr).inspect_err(|_| {

@@ -68,16 +68,6 @@ impl PoolShared {
         &self.centrals[c].0
     }
 
-    /// A block for `layout` (size > 0). Never panics or allocates.
-    #[inline(always)]
-    pub(crate) fn alloc(
-        &self,
-        cache: Option<&mut ThreadCache>,
-        layout: Layout,
-    ) -> Result<NonNull<u8>, AllocError> {
-        NonNull::new(self.alloc_raw(cache, layout)).ok_or_else(|| self.alloc_error(layout))
-    }
-
     /// A block for `layout` (size > 0), or null; [`alloc_error`](Self::alloc_error)
     /// says why. The hot path: no `Result` (48 bytes) crosses the thread-cache
     /// closure.
@@ -492,10 +482,11 @@ impl HostPool {
 
     /// Allocates a zeroed block for `layout`.
     pub fn allocate_zeroed(&self, layout: Layout) -> Result<NonNull<u8>, AllocError> {
-        let p = self.allocate(layout)?;
-        // SAFETY: `p` is valid for `layout.size()` bytes (zero for dangling).
-        unsafe { p.as_ptr().write_bytes(0, layout.size()) };
-        Ok(p)
+        if layout.size() == 0 {
+            return Ok(dangling(layout));
+        }
+        // The pool's own zeroing: no memset on fresh pages (the OS zeroed them).
+        thread_cache::with_pool_cache(&self.shared, |tc| self.shared.alloc_zeroed(tc, layout))
     }
 
     /// Frees a block.

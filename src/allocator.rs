@@ -344,6 +344,19 @@ impl Allocation {
     pub fn tag(&self) -> u64 {
         self.tag
     }
+    /// Checks that `len` bytes at `offset` lie inside the allocation:
+    /// [`AllocError::OutOfRange`] (naming offset, length and size) if not.
+    pub fn check_range(&self, offset: usize, len: usize) -> Result<(), AllocError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(AllocError::OutOfRange {
+                id: self.id.get(),
+                offset,
+                len,
+                size: self.size,
+            }),
+        }
+    }
 }
 
 /// A tensor memory backend.
@@ -374,6 +387,41 @@ pub unsafe trait TensorAllocator: Send + Sync {
 
     /// Returns cached memory to the OS or driver; the bytes returned.
     fn trim(&self) -> usize;
+
+    /// Copies `src` into the allocation at byte `offset`.
+    ///
+    /// Bounds-checked: `offset + src.len() ≤ a.size()`, else
+    /// [`AllocError::OutOfRange`]. A stale, freed, forged or foreign
+    /// allocation is an error and no byte is written. Backends that queue
+    /// work (remote, device streams) may return before the bytes land; a
+    /// later [`read`](Self::read) of the same bytes sees them
+    /// (read-your-writes) and [`synchronize`](Self::synchronize) surfaces
+    /// any deferred failure. Backends without bytes return
+    /// [`AllocError::Unsupported`].
+    fn write(&self, a: &Allocation, offset: usize, src: &[u8]) -> Result<(), AllocError> {
+        let _ = (a, offset, src);
+        Err(AllocError::Unsupported {
+            what: "write: this backend holds no bytes",
+        })
+    }
+
+    /// Copies `dst.len()` bytes at byte `offset` of the allocation into `dst`.
+    ///
+    /// The same checks as [`write`](Self::write); a stale or forged
+    /// allocation never reads someone else's bytes.
+    fn read(&self, a: &Allocation, offset: usize, dst: &mut [u8]) -> Result<(), AllocError> {
+        let _ = (a, offset, dst);
+        Err(AllocError::Unsupported {
+            what: "read: this backend holds no bytes",
+        })
+    }
+
+    /// Completes queued work (batched writes and frees, device streams) and
+    /// returns the first error it deferred. Backends with nothing queued
+    /// return `Ok(())`.
+    fn synchronize(&self) -> Result<(), AllocError> {
+        Ok(())
+    }
 }
 
 /// Why a typed view was refused.
@@ -443,6 +491,23 @@ impl TensorBuf {
         // SAFETY: as in `as_slice`, and `&mut self` makes this view unique.
         let bytes = unsafe { core::slice::from_raw_parts_mut(p, self.alloc.size) };
         bytemuck::try_cast_slice_mut(bytes).map_err(ViewError::Cast)
+    }
+    /// The backend that owns the allocation.
+    pub fn backend(&self) -> &Arc<dyn TensorAllocator> {
+        &self.backend
+    }
+    /// Copies the first `dst.len()` elements of the tensor into `dst`,
+    /// through the backend's [`TensorAllocator::read`], so it works on every
+    /// backend that holds bytes (host, device, remote, offload).
+    pub fn read_into<T: bytemuck::Pod>(&self, dst: &mut [T]) -> Result<(), AllocError> {
+        self.backend
+            .read(&self.alloc, 0, bytemuck::cast_slice_mut(dst))
+    }
+    /// Copies `src` into the start of the tensor through the backend's
+    /// [`TensorAllocator::write`].
+    pub fn write_from<T: bytemuck::Pod>(&self, src: &[T]) -> Result<(), AllocError> {
+        self.backend
+            .write(&self.alloc, 0, bytemuck::cast_slice(src))
     }
     /// Gives up ownership without freeing.
     pub fn into_allocation(self) -> Allocation {

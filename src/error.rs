@@ -144,6 +144,90 @@ pub enum AllocError {
         /// What is missing.
         what: &'static str,
     },
+    /// A read or write reaches past the end of the allocation.
+    #[error(
+        "out of range on allocation {id}: offset {offset} B + length {len} B is past its size of {size} B"
+    )]
+    OutOfRange {
+        /// The allocation's id.
+        id: u64,
+        /// Byte offset asked for.
+        offset: usize,
+        /// Length asked for.
+        len: usize,
+        /// The allocation's size in bytes.
+        size: usize,
+    },
+    /// A field of the given allocation disagrees with what the backend
+    /// recorded when it handed the allocation out (forged or mixed-up handle).
+    #[error(
+        "allocation {id} does not match the backend's record: {field} given {given:#x}, recorded {recorded:#x}"
+    )]
+    Mismatch {
+        /// The allocation's id.
+        id: u64,
+        /// Which field disagrees: "address", "size", "align", "device" …
+        field: &'static str,
+        /// The value in the given allocation.
+        given: u64,
+        /// The value the backend recorded.
+        recorded: u64,
+    },
+    /// Bytes were asked for that were never written (a backend that defines
+    /// this as an error, such as the remote backend's lazy storage).
+    #[error("allocation {id}: bytes {offset}..{end} were never written")]
+    NotWritten {
+        /// The allocation's id.
+        id: u64,
+        /// First byte asked for.
+        offset: usize,
+        /// One past the last byte asked for.
+        end: usize,
+    },
+    /// The backend cannot run here: no driver, no library, store unreachable.
+    #[error("backend {backend} is unavailable: {reason}")]
+    BackendUnavailable {
+        /// Which backend.
+        backend: &'static str,
+        /// Why (library missing, connection refused, …).
+        reason: String,
+    },
+    /// A file or device operation failed.
+    #[error("I/O error during {op} on {path}: {message}")]
+    Io {
+        /// What was being done ("spill write", "load", "open" …).
+        op: &'static str,
+        /// The file (or device) path.
+        path: String,
+        /// The OS error, as text.
+        message: String,
+    },
+    /// Stored bytes failed verification (checksum, length, header).
+    #[error("integrity check failed for {what}: {detail}")]
+    Integrity {
+        /// What was checked: a file path, a store key.
+        what: String,
+        /// What did not match.
+        detail: String,
+    },
+    /// A remote store or device driver reported a failure.
+    #[error("{backend} failure during {op}: {message}")]
+    Backend {
+        /// Which backend or driver ("redis", "cuda" …).
+        backend: &'static str,
+        /// The operation.
+        op: &'static str,
+        /// The error as reported.
+        message: String,
+    },
+    /// A wait did not finish in time.
+    #[error("timed out after {waited_ms} ms waiting for {what}")]
+    Timeout {
+        /// What was waited for.
+        what: &'static str,
+        /// How long it waited.
+        waited_ms: u64,
+    },
 }
 
 impl AllocError {
@@ -151,7 +235,10 @@ impl AllocError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            AllocError::OutOfMemory { .. } | AllocError::LimitExceeded { .. }
+            AllocError::OutOfMemory { .. }
+                | AllocError::LimitExceeded { .. }
+                | AllocError::Timeout { .. }
+                | AllocError::Backend { .. }
         )
     }
 }

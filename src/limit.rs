@@ -109,4 +109,16 @@ unsafe impl<A: TensorAllocator> TensorAllocator for Limited<A> {
     fn trim(&self) -> usize {
         self.inner.trim()
     }
+
+    fn write(&self, a: &Allocation, offset: usize, src: &[u8]) -> Result<(), AllocError> {
+        self.inner.write(a, offset, src)
+    }
+
+    fn read(&self, a: &Allocation, offset: usize, dst: &mut [u8]) -> Result<(), AllocError> {
+        self.inner.read(a, offset, dst)
+    }
+
+    fn synchronize(&self) -> Result<(), AllocError> {
+        self.inner.synchronize()
+    }
 }

@@ -398,3 +398,51 @@ fn meta_predicts_host_reserved_and_peak() {
         assert_eq!(hs.per_category, ms.per_category);
     }
 }
+
+#[test]
+fn contract_v2_write_read_round_trip_and_bounds() {
+    use std::sync::Arc;
+    use tensorpool::backend::{HostBackend, MetaBackend};
+    use tensorpool::{AllocError, AllocRequest, TensorAllocator, TensorBuf};
+    let b = HostBackend::new();
+    let a = b.allocate(&AllocRequest::bytes(1000)).unwrap();
+    let src: Vec<u8> = (0..997u32).map(|i| (i * 7 + 3) as u8).collect();
+    b.write(&a, 3, &src).unwrap();
+    let mut back = vec![0u8; 997];
+    b.read(&a, 3, &mut back).unwrap();
+    assert_eq!(back, src);
+    let e = b.write(&a, 4, &src).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            AllocError::OutOfRange {
+                offset: 4,
+                len: 997,
+                size: 1000,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = b.read(&a, usize::MAX, &mut back[..2]).unwrap_err();
+    assert!(matches!(e, AllocError::OutOfRange { .. }), "{e}");
+    // SAFETY: no view of `a` is held.
+    unsafe { b.deallocate(&a).unwrap() };
+    let e = b.read(&a, 0, &mut back[..1]).unwrap_err();
+    assert!(matches!(e, AllocError::UnknownId { .. }), "{e}");
+    let m = MetaBackend::new();
+    let a = m.allocate(&AllocRequest::bytes(16)).unwrap();
+    assert!(matches!(
+        m.write(&a, 0, &[1]),
+        Err(AllocError::Unsupported { .. })
+    ));
+    assert!(m.synchronize().is_ok());
+    // Typed copies through the owning handle.
+    let host: Arc<dyn TensorAllocator> = Arc::new(HostBackend::new());
+    let t = TensorBuf::new(&host, &AllocRequest::bytes(64)).unwrap();
+    let xs: Vec<f32> = (0..16).map(|i| i as f32 * 0.5).collect();
+    t.write_from(&xs).unwrap();
+    let mut ys = [0f32; 16];
+    t.read_into(&mut ys).unwrap();
+    assert_eq!(&ys[..], &xs[..]);
+}

@@ -112,4 +112,37 @@ unsafe impl TensorAllocator for HostBackend {
     fn trim(&self) -> usize {
         self.pool.trim()
     }
+
+    fn write(&self, a: &Allocation, offset: usize, src: &[u8]) -> Result<(), AllocError> {
+        let p = self.live_range(a, offset, src.len())?;
+        // SAFETY: 1. `live_range` checked that `a` is live here and that
+        // `offset + len ≤ a.size()`, so `p .. p + len` lies inside a block the
+        // pool handed out for `a`; 2. `deallocate`'s contract forbids freeing
+        // `a` while it is in use, so the block stays live for this copy;
+        // 3. `src` is a distinct borrow, so the ranges do not overlap.
+        unsafe { core::ptr::copy_nonoverlapping(src.as_ptr(), p, src.len()) };
+        Ok(())
+    }
+
+    fn read(&self, a: &Allocation, offset: usize, dst: &mut [u8]) -> Result<(), AllocError> {
+        let p = self.live_range(a, offset, dst.len())?;
+        // SAFETY: as in `write`, with the copy going the other way.
+        unsafe { core::ptr::copy_nonoverlapping(p, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+}
+
+impl HostBackend {
+    /// The host address of `len` bytes at `offset` of `a`, after checking
+    /// that `a` is live as recorded and the range lies inside it. For a
+    /// zero-length range a dangling (never dereferenced) pointer.
+    fn live_range(&self, a: &Allocation, offset: usize, len: usize) -> Result<*mut u8, AllocError> {
+        self.ledger.verify(a)?;
+        a.check_range(offset, len)?;
+        Ok(match a.host_ptr() {
+            // `offset ≤ size`, so the sum stays inside (or one past) the block.
+            Some(p) => p.as_ptr().wrapping_add(offset),
+            None => core::ptr::NonNull::<u8>::dangling().as_ptr(),
+        })
+    }
 }

@@ -127,9 +127,9 @@ impl Ledger {
         ))
     }
 
-    /// Checks that `a` is a live allocation of this ledger and removes it.
-    /// On error nothing changes.
-    pub fn release(&self, a: &Allocation) -> Result<TensorMeta, AllocError> {
+    /// Checks that `a` is a live allocation of this ledger, as recorded.
+    /// Changes nothing.
+    pub fn verify(&self, a: &Allocation) -> Result<(TensorKey, TensorMeta), AllocError> {
         if a.device() != self.device {
             return Err(AllocError::WrongDevice {
                 id: a.id().get(),
@@ -153,8 +153,18 @@ impl Ledger {
                 recorded_align: a.align(),
             });
         }
+        Ok((key, m))
+    }
+
+    /// Checks that `a` is a live allocation of this ledger and removes it.
+    /// On error nothing changes.
+    pub fn release(&self, a: &Allocation) -> Result<TensorMeta, AllocError> {
+        let (key, _) = self.verify(a)?;
         // A racing double free loses here: exactly one `remove` succeeds.
-        let m = self.table.remove(key).ok_or(unknown)?;
+        let m = self.table.remove(key).ok_or(AllocError::UnknownId {
+            id: a.id().get(),
+            device: self.device,
+        })?;
         let rounded = if a.size() == 0 {
             0
         } else {

@@ -16,6 +16,8 @@
 //! one each repetition (rep 1: A B C D, rep 2: B C D A, ...), so drift in
 //! machine load falls on all of them alike. Reported: the median and the
 //! minimum over repetitions, per operation. Retained RSS: see [`rss_phase`].
+//! Peak RSS: see [`peak_rss`] (each allocator runs the workload in a fresh
+//! child process, since RSS is process-wide).
 
 #[path = "../benches/common/mod.rs"]
 mod common;
@@ -89,9 +91,15 @@ struct Row {
     min_ns: f64,
     rss_after: i64,
     rss_trimmed: i64,
+    /// Peak RSS above the child's start while it ran the workload, and the
+    /// peak live bytes it measured; `None` if the child failed.
+    peak: Option<(i64, usize)>,
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some(CHILD_FLAG) {
+        std::process::exit(child_main());
+    }
     let opts = match Opts::parse() {
         Ok(o) => o,
         Err(e) => {
@@ -213,6 +221,11 @@ fn measure(w: &Workload, allocs: &[Box<dyn Runner>], opts: &Opts) -> Vec<Row> {
         }
     }
     let rss = rss_phase(w, allocs, &iters);
+    let peaks: Vec<_> = allocs
+        .iter()
+        .zip(&iters)
+        .map(|(a, &it)| peak_rss(w, a.name(), it.max(w.rss_units)))
+        .collect();
     (0..n)
         .map(|i| {
             let s = &mut samples[i];
@@ -227,6 +240,7 @@ fn measure(w: &Workload, allocs: &[Box<dyn Runner>], opts: &Opts) -> Vec<Row> {
                 min_ns: s[0],
                 rss_after: rss[i].0,
                 rss_trimmed: rss[i].1,
+                peak: peaks[i],
             }
         })
         .collect()
@@ -253,6 +267,87 @@ fn rss_phase(w: &Workload, allocs: &[Box<dyn Runner>], iters: &[u64]) -> Vec<(i6
             (after - r0, rss() - r0)
         })
         .collect()
+}
+
+/// The first argument that makes the example a peak-RSS child.
+const CHILD_FLAG: &str = "--peak-rss-child";
+
+/// Peak RSS of `units` units of `w` on allocator `alloc`, in a fresh child
+/// process (this example re-executed with [`CHILD_FLAG`]): RSS is
+/// process-wide, so one allocator's cached memory must not count against
+/// another's. Returns the peak above the child's level just before the
+/// workload, and the peak live bytes it measured.
+fn peak_rss(w: &Workload, alloc: &str, units: u64) -> Option<(i64, usize)> {
+    let exe = std::env::current_exe().ok()?;
+    let out = std::process::Command::new(exe)
+        .args([CHILD_FLAG, &w.name, alloc, &units.to_string()])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!(
+            "peak-RSS child for {} on {alloc} failed: {}",
+            w.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut it = text.split_whitespace();
+    let base: i64 = it.next()?.parse().ok()?;
+    let hwm: i64 = it.next()?.parse().ok()?;
+    let live: usize = it.next()?.parse().ok()?;
+    Some((hwm - base, live))
+}
+
+/// The child side of [`peak_rss`]: `--peak-rss-child WORKLOAD ALLOC UNITS`.
+/// Resets the kernel's high-water mark (`/proc/self/clear_refs` ← 5), reads
+/// RSS, runs the workload, and prints `base_bytes hwm_bytes peak_live_bytes`.
+fn child_main() -> i32 {
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    let [name, alloc, units] = args.as_slice() else {
+        eprintln!("usage: {CHILD_FLAG} WORKLOAD ALLOC UNITS");
+        return 2;
+    };
+    let Some(w) = workloads(Suite::Compare)
+        .into_iter()
+        .find(|w| &w.name == name)
+    else {
+        eprintln!("no workload {name}");
+        return 2;
+    };
+    let Some(a) = allocators().into_iter().find(|a| a.name() == alloc) else {
+        eprintln!("no allocator {alloc}");
+        return 2;
+    };
+    let Ok(units) = units.parse::<u64>() else {
+        eprintln!("bad unit count {units}");
+        return 2;
+    };
+    // Without the reset (kernels before 4.0) the mark includes start-up,
+    // a few hundred KiB.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let base = tensorpool::resident_bytes().unwrap_or(0);
+    a.run(&w, units);
+    let Some(hwm) = vm_hwm() else {
+        eprintln!("no VmHWM in /proc/self/status");
+        return 1;
+    };
+    println!("{base} {hwm} {}", w.measured_peak_live());
+    0
+}
+
+/// The process's peak resident set (`VmHWM`), in bytes.
+fn vm_hwm() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<usize>()
+        .ok()?;
+    Some(kib << 10)
 }
 
 fn median(sorted: &[f64]) -> f64 {
@@ -301,11 +396,17 @@ fn print_table(rows: &[Row]) {
     println!(
         "flush + `arena.<ALL>.purge`, tensorpool `trim()`). Peak live is what the workload holds at once."
     );
+    println!(
+        "Peak RSS: the high-water mark above the start level of a fresh child process running the workload"
+    );
+    println!(
+        "on that allocator alone (at least one sample's units); ÷ live: that peak over the peak live bytes."
+    );
     println!();
     println!(
-        "| workload | unit | peak live MiB | allocator | median | min | vs {pool} | RSS after MiB | RSS after trim MiB |"
+        "| workload | unit | peak live MiB | allocator | median | min | vs {pool} | RSS after MiB | RSS after trim MiB | peak RSS MiB | peak RSS ÷ live |"
     );
-    println!("|---|---|---:|---|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let ratio = rows
             .iter()
@@ -313,11 +414,17 @@ fn print_table(rows: &[Row]) {
             .map_or("–".into(), |p| {
                 format!("{:.2}", r.median_ns / p.median_ns)
             });
+        let (peak, per_live) = match r.peak {
+            Some((p, live)) if live > 0 => (fmt_mib(p), format!("{:.2}", p as f64 / live as f64)),
+            Some((p, _)) => (fmt_mib(p), "–".into()),
+            None => ("–".into(), "–".into()),
+        };
+        let live = r.peak.map_or(r.peak_live, |(_, l)| l);
         println!(
-            "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {peak} | {per_live} |",
             r.workload,
             r.unit,
-            r.peak_live as f64 / MIB,
+            live as f64 / MIB,
             r.alloc,
             fmt_time(r.median_ns),
             fmt_time(r.min_ns),
@@ -336,12 +443,12 @@ fn write_csv(path: &str, rows: &[Row]) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     let mut out = String::from(
-        "workload,unit,allocator,peak_live_bytes,units_per_sample,median_ns,min_ns,rss_after_bytes,rss_after_trim_bytes\n",
+        "workload,unit,allocator,peak_live_bytes,units_per_sample,median_ns,min_ns,rss_after_bytes,rss_after_trim_bytes,peak_rss_bytes,measured_peak_live_bytes\n",
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{:.3},{:.3},{},{}",
+            "{},{},{},{},{},{:.3},{:.3},{},{},{},{}",
             r.workload,
             r.unit,
             r.alloc,
@@ -350,7 +457,9 @@ fn write_csv(path: &str, rows: &[Row]) -> std::io::Result<()> {
             r.median_ns,
             r.min_ns,
             r.rss_after,
-            r.rss_trimmed
+            r.rss_trimmed,
+            r.peak.map_or(String::new(), |p| p.0.to_string()),
+            r.peak.map_or(String::new(), |p| p.1.to_string())
         );
     }
     std::fs::File::create(path)?.write_all(out.as_bytes())

@@ -28,6 +28,26 @@ pub trait BenchAlloc: Sync {
     ///   is not used afterwards.
     unsafe fn dealloc(&self, p: *mut u8, l: Layout);
 
+    /// Resizes a block from `l` to `new_size` bytes (same alignment): the
+    /// allocator's own realloc where it has one, else allocate, copy, free.
+    ///
+    /// # Safety
+    /// - `p` came from [`alloc`](Self::alloc) of this allocator with `l`;
+    ///   unless null is returned, it is not used afterwards.
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new_size: usize) -> *mut u8 {
+        let nl = Layout::from_size_align(new_size, l.align()).expect("realloc layout");
+        let q = self.alloc(nl);
+        if !q.is_null() {
+            // SAFETY: distinct live blocks, each valid for the copied length;
+            // `p` is given up (caller).
+            unsafe {
+                core::ptr::copy_nonoverlapping(p, q, l.size().min(new_size));
+                self.dealloc(p, l);
+            }
+        }
+        q
+    }
+
     /// Gives cached memory back to the OS, as far as the allocator can.
     fn trim(&self) {}
 
@@ -105,6 +125,12 @@ impl<A: GlobalAlloc + Sync> BenchAlloc for Global<A> {
         unsafe { self.inner.dealloc(p, l) }
     }
 
+    #[inline(always)]
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: forwarded from the caller (`new_size > 0`).
+        unsafe { self.inner.realloc(p, l, new_size) }
+    }
+
     fn trim(&self) {
         (self.trim)()
     }
@@ -135,6 +161,26 @@ impl BenchAlloc for Pool {
             // SAFETY: forwarded from the caller: a block of this pool with `l`.
             unsafe { self.0.deallocate(p, l) }
         }
+    }
+
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new_size: usize) -> *mut u8 {
+        use allocator_api2::alloc::Allocator;
+        let (Some(p), Ok(nl)) = (
+            core::ptr::NonNull::new(p),
+            Layout::from_size_align(new_size, l.align()),
+        ) else {
+            return core::ptr::null_mut();
+        };
+        // SAFETY: forwarded from the caller: a block of this pool with `l`;
+        // the new layout has the same alignment and the matching direction.
+        let r = unsafe {
+            if new_size >= l.size() {
+                self.0.grow(p, l, nl)
+            } else {
+                self.0.shrink(p, l, nl)
+            }
+        };
+        r.map_or(core::ptr::null_mut(), |q| q.as_ptr().cast())
     }
 
     fn trim(&self) {

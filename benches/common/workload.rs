@@ -101,6 +101,27 @@ impl Program {
         p
     }
 
+    /// `live` buffers of uniform random sizes in `[lo, hi]`, then `steps`
+    /// times one of them, chosen at random, freed and replaced by a new one
+    /// of a new random size; then all freed. Every page is touched (as the
+    /// activations of a model with varying shapes would be).
+    pub fn replace(live: usize, steps: usize, lo: usize, hi: usize, seed: u64) -> Self {
+        let mut rng = SplitMix64::new(seed);
+        let mut p = Program {
+            touch: true,
+            ..Program::default()
+        };
+        let size = |rng: &mut SplitMix64| lo + (rng.next_u64() % (hi - lo + 1) as u64) as usize;
+        let mut held: Vec<usize> = (0..live).map(|_| p.alloc(size(&mut rng), 64)).collect();
+        for _ in 0..steps {
+            let i = (rng.next_u64() % live as u64) as usize;
+            p.free(held[i]);
+            held[i] = p.alloc(size(&mut rng), 64);
+        }
+        held.into_iter().for_each(|s| p.free(s));
+        p
+    }
+
     /// `n` blocks of `size` allocated, then freed in allocation order.
     pub fn fifo(n: usize, size: usize) -> Self {
         let mut p = Program::default();
@@ -225,6 +246,23 @@ pub enum Kind {
     Prewarm(Vec<(usize, usize)>),
     /// Trim after the program has run (and freed everything).
     Trim(Program),
+    /// `threads` threads started, each running `program` once, and joined.
+    ThreadChurn { threads: usize, program: Program },
+    /// `pairs` producer threads, each handing blocks of the sizes in `sizes`
+    /// (cycled) through a ring to its own consumer thread, which frees them.
+    ProdCons { pairs: usize, sizes: Vec<usize> },
+    /// `threads` threads each doing `iters` random operations on a shared
+    /// table of `slots` blocks (log-uniform sizes `lo..=hi`): take a slot;
+    /// empty: allocate and touch a block; else free it or realloc it to a
+    /// new size (touching a grown tail) and put it back. Any thread may take
+    /// any slot, so frees and reallocs cross threads; the live set is bounded
+    /// by the table. The peak of live bytes is measured ([`Workload::measured_peak_live`]).
+    Churn {
+        threads: usize,
+        slots: usize,
+        lo: usize,
+        hi: usize,
+    },
 }
 
 /// A named workload.
@@ -239,22 +277,30 @@ pub struct Workload {
     /// The fewest units a sample should have, so that fixed costs per
     /// sample (a consumer thread being scheduled) stay small beside it.
     pub min_units: u64,
+    /// The fewest units the peak-RSS child process runs (enough for the
+    /// live set to reach its steady state).
+    pub rss_units: u64,
     /// What runs.
     pub kind: Kind,
 }
 
 impl Workload {
     fn new(name: impl Into<String>, unit: &'static str, ops: u64, kind: Kind) -> Self {
-        let min_units = if matches!(kind, Kind::CrossThread(_)) {
-            20_000
-        } else {
-            1
+        let min_units = match kind {
+            Kind::CrossThread(_) | Kind::ProdCons { .. } => 20_000,
+            Kind::Churn { .. } => 50,
+            _ => 1,
         };
         Workload {
             name: name.into(),
             unit,
             ops,
             min_units,
+            rss_units: if matches!(kind, Kind::Churn { .. }) {
+                2_000
+            } else {
+                1
+            },
             kind,
         }
     }
@@ -267,6 +313,24 @@ impl Workload {
             Kind::Program { program, .. } | Kind::Trim(program) => program.peak_bytes(),
             Kind::CrossThread(l) => l.size() * (ring_cap(l.size()) + 1),
             Kind::Prewarm(plan) => plan.iter().map(|&(s, n)| s * n).sum(),
+            Kind::ThreadChurn { threads, program } => threads * program.peak_bytes(),
+            // Rings full of blocks of the mean size (an upper bound in time).
+            Kind::ProdCons { pairs, sizes } => {
+                let max = sizes.iter().copied().max().unwrap_or(0);
+                let mean = sizes.iter().sum::<usize>() / sizes.len().max(1);
+                pairs * mean * (ring_cap(max) + 1)
+            }
+            // Bounded by the table; the real peak is measured.
+            Kind::Churn { slots, hi, .. } => slots * hi,
+        }
+    }
+
+    /// The peak of live bytes of the last run where the workload measures
+    /// it (the churn), else [`peak_live`](Self::peak_live).
+    pub fn measured_peak_live(&self) -> usize {
+        match self.kind {
+            Kind::Churn { .. } => CHURN_PEAK.load(Ordering::Relaxed),
+            _ => self.peak_live(),
         }
     }
 
@@ -343,6 +407,24 @@ impl Workload {
                 }
                 d
             }
+            Kind::ThreadChurn { threads, program } => {
+                let t = Instant::now();
+                for _ in 0..iters {
+                    std::thread::scope(|s| {
+                        for _ in 0..*threads {
+                            s.spawn(|| program.run(a, &mut program.slots()));
+                        }
+                    });
+                }
+                t.elapsed()
+            }
+            Kind::ProdCons { pairs, sizes } => prod_cons(a, *pairs, sizes, iters),
+            Kind::Churn {
+                threads,
+                slots,
+                lo,
+                hi,
+            } => churn(a, *threads, *slots, (*lo, *hi), iters),
             Kind::Trim(program) => {
                 let mut slots = program.slots();
                 let mut d = Duration::ZERO;
@@ -469,6 +551,137 @@ fn cross_thread<A: BenchAlloc + ?Sized>(a: &A, l: Layout, iters: u64) -> Duratio
     })
 }
 
+/// `pairs` producer→consumer pairs, each as [`cross_thread`] with sizes
+/// cycling through `sizes`; `iters` items per producer.
+fn prod_cons<A: BenchAlloc + ?Sized>(a: &A, pairs: usize, sizes: &[usize], iters: u64) -> Duration {
+    let layouts: Vec<Layout> = sizes.iter().map(|&s| layout(s, 8)).collect();
+    let max = sizes.iter().copied().max().unwrap_or(8);
+    let rings: Vec<Ring> = (0..pairs).map(|_| Ring::new(ring_cap(max))).collect();
+    let ready = AtomicUsize::new(0);
+    let go = AtomicUsize::new(0);
+    let layouts = &layouts;
+    std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for (k, ring) in rings.iter().enumerate() {
+            let (ready, go) = (&ready, &go);
+            s.spawn(move || {
+                ready.fetch_add(1, Ordering::AcqRel);
+                for i in 0..iters as usize {
+                    let l = layouts[(i + k) % layouts.len()];
+                    let p = ring.pop() as *mut u8;
+                    // SAFETY: the producer allocated `p` with `l` (the same
+                    // cycle position) and sent it once; freed once, here.
+                    unsafe { a.dealloc(p, l) };
+                }
+            });
+            handles.push(s.spawn(move || {
+                ready.fetch_add(1, Ordering::AcqRel);
+                wait_until(|| go.load(Ordering::Acquire) == 1);
+                for i in 0..iters as usize {
+                    let l = layouts[(i + k) % layouts.len()];
+                    ring.push(checked(a.alloc(l), l) as usize);
+                }
+            }));
+        }
+        wait_until(|| ready.load(Ordering::Acquire) == 2 * pairs);
+        let t = Instant::now();
+        go.store(1, Ordering::Release);
+        handles
+            .into_iter()
+            .for_each(|h| h.join().expect("producer"));
+        // The clock stops after the scope has joined the consumers too.
+        t
+    })
+    .elapsed()
+}
+
+/// The peak of live bytes of the last [`churn`] run.
+static CHURN_PEAK: AtomicUsize = AtomicUsize::new(0);
+
+/// One slot of the churn table: a block's address (0: empty) and size.
+struct Slot {
+    ptr: AtomicUsize,
+    size: AtomicUsize,
+}
+
+/// See [`Kind::Churn`].
+fn churn<A: BenchAlloc + ?Sized>(
+    a: &A,
+    threads: usize,
+    slots: usize,
+    (lo, hi): (usize, usize),
+    iters: u64,
+) -> Duration {
+    const ALIGN: usize = 16;
+    let table: Vec<Slot> = (0..slots)
+        .map(|_| Slot {
+            ptr: AtomicUsize::new(0),
+            size: AtomicUsize::new(0),
+        })
+        .collect();
+    let live = AtomicUsize::new(0);
+    let peak = AtomicUsize::new(0);
+    let grow =
+        |n: usize| peak.fetch_max(live.fetch_add(n, Ordering::Relaxed) + n, Ordering::Relaxed);
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for k in 0..threads {
+            let (table, live, grow) = (&table, &live, &grow);
+            s.spawn(move || {
+                let mut rng = SplitMix64::new(0x5EED ^ k as u64);
+                for _ in 0..iters {
+                    let slot = &table[(rng.next_u64() % slots as u64) as usize];
+                    let p = slot.ptr.swap(0, Ordering::Acquire) as *mut u8;
+                    if p.is_null() {
+                        let size = rng.log_uniform(lo, hi);
+                        let l = layout(size, ALIGN);
+                        let q = checked(a.alloc(l), l);
+                        touch_pages(q, size);
+                        grow(size);
+                        slot.size.store(size, Ordering::Relaxed);
+                        slot.ptr.store(q as usize, Ordering::Release);
+                        continue;
+                    }
+                    let old = slot.size.load(Ordering::Relaxed);
+                    let l = layout(old, ALIGN);
+                    if rng.next_u64() % 2 == 0 {
+                        // SAFETY: taken from the table (we own it), allocated
+                        // with `l`; freed once.
+                        unsafe { a.dealloc(p, l) };
+                        live.fetch_sub(old, Ordering::Relaxed);
+                        continue;
+                    }
+                    let size = rng.log_uniform(lo, hi);
+                    // SAFETY: we own `p`, allocated with `l`; `size > 0`.
+                    let q = unsafe { a.realloc(p, l, size) };
+                    let q = checked(q, layout(size, ALIGN));
+                    if size > old {
+                        // SAFETY: the grown tail lies inside the new block.
+                        touch_pages(unsafe { q.add(old) }, size - old);
+                        grow(size - old);
+                    } else {
+                        live.fetch_sub(old - size, Ordering::Relaxed);
+                    }
+                    slot.size.store(size, Ordering::Relaxed);
+                    slot.ptr.store(q as usize, Ordering::Release);
+                }
+            });
+        }
+    });
+    for slot in &table {
+        let p = slot.ptr.load(Ordering::Acquire) as *mut u8;
+        if !p.is_null() {
+            let size = slot.size.load(Ordering::Relaxed);
+            // SAFETY: the threads are done; the table owns `p`, allocated
+            // with this layout; freed once.
+            unsafe { a.dealloc(p, layout(size, ALIGN)) };
+        }
+    }
+    let d = t.elapsed();
+    CHURN_PEAK.store(peak.load(Ordering::Relaxed), Ordering::Relaxed);
+    d
+}
+
 fn size_name(size: usize) -> String {
     match size {
         s if s >= MIB && s % MIB == 0 => format!("{}MiB", s / MIB),
@@ -490,6 +703,9 @@ pub enum Suite {
     /// mixed batches and the MLP step (the comparison example).
     Compare,
 }
+
+/// The mixed-large-sizes workload: live blocks, replacements per unit.
+pub const LARGE_MIXED: (usize, usize) = (20, 100);
 
 /// The MLP of the tensor-program workload: batch 64, 1024→4096→4096→1024.
 pub const MLP_BATCH: usize = 64;
@@ -591,6 +807,49 @@ pub fn workloads(suite: Suite) -> Vec<Workload> {
         1,
         Kind::Trim(mixed),
     ));
+    if compare {
+        // The general-purpose patterns of issue 8.
+        let large = Program::replace(LARGE_MIXED.0, LARGE_MIXED.1, 5 * MIB, 25 * MIB, 7);
+        w.push(Workload::new(
+            "large-mixed-20x5-25MiB",
+            "alloc+touch+free",
+            large.allocs(),
+            Kind::Program {
+                program: large,
+                cold: false,
+            },
+        ));
+        w.push(Workload::new(
+            "thread-churn-8",
+            "round of 8 threads",
+            1,
+            Kind::ThreadChurn {
+                threads: 8,
+                program: Program::mixed(500, 16, 4 * KIB, 11),
+            },
+        ));
+        let mut rng = SplitMix64::new(13);
+        w.push(Workload::new(
+            "prodcons-2x2",
+            "item",
+            2,
+            Kind::ProdCons {
+                pairs: 2,
+                sizes: (0..64).map(|_| rng.log_uniform(16, 4 * KIB)).collect(),
+            },
+        ));
+        w.push(Workload::new(
+            "churn-realloc-4t",
+            "operation",
+            4,
+            Kind::Churn {
+                threads: 4,
+                slots: 64,
+                lo: 16,
+                hi: 32 * MIB,
+            },
+        ));
+    }
     if compare {
         let step = Program::mlp_step(MLP_BATCH, &MLP_DIMS);
         w.push(Workload::new(

@@ -34,6 +34,8 @@ fn size_strategy() -> impl Strategy<Value = usize> {
         8 => 1usize..=256,
         6 => 257usize..=16384,
         3 => 16385usize..=(2 << 20),
+        // One-block classes of neighbouring sizes: their spans change class.
+        2 => (600usize << 10)..=(24 << 20),
         1 => (2usize << 20)..=(70 << 20),
     ]
 }

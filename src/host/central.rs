@@ -7,6 +7,7 @@
 //! drained:
 //! `Σ span.nblocks == blocks in thread caches + blocks in use + free_len + bump_left`.
 
+use super::large;
 use super::pagemap;
 use super::pool::PoolShared;
 use super::size_class::{GRANULE, blocks_per_span, class_size, span_bytes};
@@ -27,6 +28,25 @@ struct Inner {
     bump_span: *mut SpanMeta,
     /// All spans of this class (doubly linked through `SpanMeta::{prev,next}`).
     spans: *mut SpanMeta,
+}
+
+/// Unlinks span `s` from the class's span list.
+///
+/// # Safety
+/// - `s` is a live record on `inner`'s span list; the class lock is held.
+unsafe fn unlink_span(inner: &mut Inner, s: *mut SpanMeta) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let (prev, next) = ((*s).prev, (*s).next);
+        if prev.is_null() {
+            inner.spans = next;
+        } else {
+            (*prev).next = next;
+        }
+        if !next.is_null() {
+            (*next).prev = prev;
+        }
+    }
 }
 
 /// One class's central list.
@@ -102,11 +122,42 @@ impl Central {
     /// Returns the chain's head (null only if the OS refused memory), its
     /// length, and whether the head is *fresh*: carved from a span's
     /// never-used tail, so every byte of it but the link word reads zero.
+    ///
+    /// A one-block class with nothing free first runs `before_steal` (the
+    /// caller's thread cache hands back its idle big blocks of other
+    /// classes), then takes a
+    /// neighbouring class's free span ([`large::steal`]), and maps only if
+    /// neither has one.
     pub(crate) fn refill(
         &self,
         pool: &PoolShared,
         c: usize,
         want: usize,
+        before_steal: impl FnOnce(),
+    ) -> (*mut FreeBlock, usize, bool) {
+        if large::is_one_block(c) {
+            let got = self.refill_with(pool, c, want, false);
+            if got.1 > 0 {
+                return got;
+            }
+            before_steal();
+            if let Some(b) = large::steal(pool, c) {
+                // SAFETY: the span's one block, ours; its link word is ours to write.
+                unsafe { (*b).next = null_mut() };
+                return (b, 1, false);
+            }
+        }
+        self.refill_with(pool, c, want, true)
+    }
+
+    /// [`refill`](Self::refill) from this class alone, mapping a span only if
+    /// `may_grow`.
+    fn refill_with(
+        &self,
+        pool: &PoolShared,
+        c: usize,
+        want: usize,
+        may_grow: bool,
     ) -> (*mut FreeBlock, usize, bool) {
         let size = class_size(c);
         let (head, n, fresh) = self.locked(|inner| {
@@ -133,7 +184,10 @@ impl Central {
                 n = k;
             }
             // 2. From the newest span's uncarved tail, mapping one if needed.
-            if n == 0 && inner.bump_left == 0 && !self.grow(pool, c, inner, false) {
+            if n == 0
+                && inner.bump_left == 0
+                && !(may_grow && self.grow(pool, c, inner, false, None))
+            {
                 return (null_mut(), 0, false);
             }
             // Carved blocks go to the front, so the head is fresh iff one is carved.
@@ -173,23 +227,98 @@ impl Central {
         unsafe { self.incoming.push_chain(head, tail) };
         let size = class_size(c);
         let cached = pool.cached.fetch_add(n * size, Ordering::Relaxed) + n * size;
-        if blocks_per_span(c) == 1 && cached > pool.retain_limit.load(Ordering::Relaxed) {
-            self.enforce_limit(pool, c);
+        if blocks_per_span(c) == 1 {
+            pool.large_free.set(c);
+            if cached > pool.retain_limit.load(Ordering::Relaxed) {
+                self.enforce_limit(pool, c);
+            }
         }
     }
 
+    /// Whether blocks wait on the lock-free incoming stack (a racy hint).
+    pub(crate) fn has_incoming(&self) -> bool {
+        self.incoming_len.load(Ordering::Relaxed) > 0
+    }
+
+    /// Takes one free span of this one-block class off the class: its block
+    /// off the free list (or the uncarved bump block), the span off the span
+    /// list. `None` if the class has none free.
+    pub(crate) fn take_span(&self, pool: &PoolShared, c: usize) -> Option<*mut SpanMeta> {
+        debug_assert!(blocks_per_span(c) == 1);
+        let s = self.locked(|inner| {
+            self.drain_incoming(inner);
+            let b = if !inner.free.is_null() {
+                let b = inner.free;
+                // SAFETY: a well-formed free list of `free_len ≥ 1` nodes.
+                inner.free = unsafe { (*b).next };
+                inner.free_len -= 1;
+                b as usize
+            } else if inner.bump_left > 0 {
+                inner.bump_left = 0;
+                inner.bump_span = null_mut();
+                inner.bump
+            } else {
+                return None;
+            };
+            let s = pagemap::lookup(b);
+            debug_assert!(!s.is_null());
+            // SAFETY: a live span of this class, under its lock; one block,
+            // now off every list, so the span is wholly free.
+            unsafe { unlink_span(inner, s) };
+            Some(s)
+        })?;
+        pool.cached.fetch_sub(class_size(c), Ordering::Relaxed);
+        Some(s)
+    }
+
+    /// Links a span (taken from another class and resized) into this
+    /// class's span list. Its block is in use by the caller.
+    ///
+    /// # Safety
+    /// - `s` is a live record of `pool` on no span list, describing one block
+    ///   of class `c`.
+    pub(crate) unsafe fn adopt_span(&self, pool: &PoolShared, c: usize, s: *mut SpanMeta) {
+        debug_assert!(blocks_per_span(c) == 1);
+        // SAFETY: the record is the caller's (contract); the list is edited
+        // under the lock.
+        self.locked(|inner| unsafe {
+            (*s).owner = pool as *const PoolShared as usize;
+            (*s).prev = null_mut();
+            (*s).next = inner.spans;
+            if !inner.spans.is_null() {
+                (*inner.spans).prev = s;
+            }
+            inner.spans = s;
+        })
+    }
+
     /// Maps one span and makes it the bump span. Lock held.
-    fn grow(&self, pool: &PoolShared, c: usize, inner: &mut Inner, populate: bool) -> bool {
+    ///
+    /// With `premapped`, the span is that fresh, unpublished range of
+    /// `span_bytes(c)` bytes (part of a bigger mapping, see
+    /// [`prewarm`](Self::prewarm)) instead of a new mapping; it is unmapped
+    /// if the span cannot be set up.
+    fn grow(
+        &self,
+        pool: &PoolShared,
+        c: usize,
+        inner: &mut Inner,
+        populate: bool,
+        premapped: Option<usize>,
+    ) -> bool {
         let len = span_bytes(c);
-        let Some(base) = crate::os::map_span(
-            len,
-            GRANULE,
-            populate,
-            pool.huge_pages.load(Ordering::Relaxed),
-        ) else {
-            return false;
+        let base = match premapped {
+            Some(base) => base,
+            None => match crate::os::map_span(
+                len,
+                GRANULE,
+                populate,
+                pool.huge_pages.load(Ordering::Relaxed),
+            ) {
+                Some(base) => base.as_ptr() as usize,
+                None => return false,
+            },
         };
-        let base = base.as_ptr() as usize;
         let rec = span::alloc_record();
         if rec.is_null() {
             // SAFETY: just mapped, unpublished.
@@ -253,12 +382,50 @@ impl Central {
     pub(crate) fn prewarm(&self, pool: &PoolShared, c: usize, count: usize) -> Option<usize> {
         self.locked(|inner| {
             self.drain_incoming(inner);
+            let len = span_bytes(c);
+            let short = count.saturating_sub(inner.free_len + inner.bump_left);
+            let spans = short.div_ceil(blocks_per_span(c));
+            // Several spans: one populated mapping (2 MiB pages where it is
+            // big enough), cut into spans, instead of one mapping each.
+            let region = (spans > 1)
+                .then(|| {
+                    crate::os::map_span(
+                        spans * len,
+                        GRANULE,
+                        true,
+                        pool.huge_pages.load(Ordering::Relaxed),
+                    )
+                })
+                .flatten();
             let mut mapped = 0;
+            if let Some(region) = region {
+                let base = region.as_ptr() as usize;
+                for i in 0..spans {
+                    if !self.grow(pool, c, inner, true, Some(base + i * len)) {
+                        let rest = base + (i + 1) * len;
+                        if i + 1 < spans {
+                            // SAFETY: the spans after the failed one were never
+                            // published; the failed one was unmapped by `grow`.
+                            unsafe {
+                                crate::os::unmap(
+                                    core::ptr::NonNull::new_unchecked(rest as *mut u8),
+                                    (spans - i - 1) * len,
+                                )
+                            };
+                        }
+                        return None;
+                    }
+                    mapped += len;
+                }
+            }
             while inner.free_len + inner.bump_left < count {
-                if !self.grow(pool, c, inner, true) {
+                if !self.grow(pool, c, inner, true, None) {
                     return None;
                 }
-                mapped += span_bytes(c);
+                mapped += len;
+            }
+            if blocks_per_span(c) == 1 && inner.free_len + inner.bump_left > 0 {
+                pool.large_free.set(c);
             }
             Some(mapped)
         })
@@ -277,15 +444,8 @@ impl Central {
     ) -> usize {
         // SAFETY: `s` is a live record of this class (caller); list edits under the lock.
         unsafe {
-            let (prev, next, base, len) = ((*s).prev, (*s).next, (*s).base, (*s).len);
-            if prev.is_null() {
-                inner.spans = next;
-            } else {
-                (*prev).next = next;
-            }
-            if !next.is_null() {
-                (*next).prev = prev;
-            }
+            let (base, len) = ((*s).base, (*s).len);
+            unlink_span(inner, s);
             if inner.bump_span == s {
                 inner.bump_span = null_mut();
                 inner.bump_left = 0;

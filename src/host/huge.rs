@@ -28,6 +28,27 @@ pub fn pick(lens: &[usize], need: usize) -> Option<usize> {
     best
 }
 
+/// Index of the cached length to resize for a request of `need` bytes when
+/// [`pick`] finds none: the smallest `len` in `(need, 2·need]` (its tail is
+/// unmapped), else the biggest in `[need/2, need)` (grown with `mremap`,
+/// keeping its pages). Ties: the lowest index. Without it, huge blocks of
+/// varying sizes fill the cache with blocks no request fits (a test with
+/// realloc-grown blocks of 64–300 MiB held 16 of them).
+pub fn pick_resize(lens: &[usize], need: usize) -> Option<usize> {
+    let bigger = lens
+        .iter()
+        .enumerate()
+        .filter(|&(_, &l)| l > need && l - need <= need)
+        .min_by_key(|&(i, &l)| (l, i));
+    let smaller = || {
+        lens.iter()
+            .enumerate()
+            .filter(|&(_, &l)| l < need && need - l <= l)
+            .max_by_key(|&(i, &l)| (l, core::cmp::Reverse(i)))
+    };
+    bigger.or_else(smaller).map(|(i, _)| i)
+}
+
 #[derive(Debug)]
 struct Slots {
     ptr: [usize; HUGE_SLOTS],
@@ -69,7 +90,7 @@ impl HugeCache {
     /// mapped (then the `bool` is true: every byte reads zero).
     pub(crate) fn alloc(&self, pool: &PoolShared, need: usize) -> Option<(NonNull<u8>, bool)> {
         let hit = self.locked(|s| {
-            let i = pick(&s.len[..s.n], need)?;
+            let i = pick(&s.len[..s.n], need).or_else(|| pick_resize(&s.len[..s.n], need))?;
             let (p, l) = (s.ptr[i], s.len[i]);
             s.n -= 1;
             s.ptr[i] = s.ptr[s.n];
@@ -78,7 +99,23 @@ impl HugeCache {
         });
         if let Some((p, l)) = hit {
             pool.cached.fetch_sub(l, Ordering::Relaxed);
-            return NonNull::new(p as *mut u8).map(|p| (p, false));
+            // SAFETY: non-null: a cached block.
+            let p = unsafe { NonNull::new_unchecked(p as *mut u8) };
+            if l - need.min(l) > need / 8 {
+                // SAFETY: taken off the cache: ours, not in use.
+                unsafe { self.shrink(pool, p, need) };
+            } else if l < need {
+                // SAFETY: as above.
+                match unsafe { self.grow(pool, p, need) } {
+                    Some(q) => return Some((q, false)),
+                    None => {
+                        // SAFETY: as above, unchanged by the failed grow.
+                        unsafe { unmap_huge(pool, p) };
+                        return map_huge(pool, need, false).map(|p| (p, true));
+                    }
+                }
+            }
+            return Some((p, false));
         }
         map_huge(pool, need, false).map(|p| (p, true))
     }
@@ -333,7 +370,7 @@ unsafe fn unmap_huge(pool: &PoolShared, p: NonNull<u8>) {
 
 #[cfg(test)]
 mod tests {
-    use super::pick;
+    use super::{pick, pick_resize};
 
     #[test]
     fn pick_best_fit_within_an_eighth() {
@@ -341,5 +378,15 @@ mod tests {
         assert_eq!(pick(&[99, 113, 112, 104], 100), Some(3));
         assert_eq!(pick(&[113], 100), None);
         assert_eq!(pick(&[100, 100], 100), Some(0));
+    }
+
+    #[test]
+    fn pick_resize_prefers_the_smallest_bigger_then_the_biggest_smaller() {
+        assert_eq!(pick_resize(&[], 100), None);
+        assert_eq!(pick_resize(&[300, 150, 180, 60], 100), Some(1));
+        assert_eq!(pick_resize(&[201, 49, 60, 90], 100), Some(3));
+        assert_eq!(pick_resize(&[201, 49], 100), None);
+        assert_eq!(pick_resize(&[200, 50], 100), Some(0));
+        assert_eq!(pick_resize(&[50, 50], 100), Some(0));
     }
 }

@@ -7,6 +7,8 @@
 //! - `central`: per-class central lists (lock-free frees in, locked refills out).
 //! - `thread_cache`: the hot path.
 //! - `huge`: blocks above 64 MiB, cached by size.
+//! - `large`: a one-block class with no free span takes a neighbouring
+//!   class's and resizes it (cross-class reuse of big spans).
 //! - [`transfer`]: the lock-free cross-thread free list.
 #[cfg(not(tensorpool_loom))]
 mod api2;
@@ -17,6 +19,8 @@ pub mod transfer;
 mod central;
 #[cfg(not(tensorpool_loom))]
 pub mod huge;
+#[cfg(not(tensorpool_loom))]
+pub(crate) mod large;
 #[cfg(not(tensorpool_loom))]
 pub mod model;
 #[cfg(not(tensorpool_loom))]

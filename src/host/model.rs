@@ -12,16 +12,19 @@
 //! spans of a partly used class are wholly free depends on block placement,
 //! which the model does not track).
 
-use super::huge::{HUGE_SLOTS, pick};
+use super::huge::{HUGE_SLOTS, pick, pick_resize};
+use super::large::{FIRST, donor, is_one_block};
 use super::size_class::{
-    NUM_CLASSES, batch_len, blocks_per_span, cache_cap, class_for, class_size, huge_size,
-    span_bytes,
+    NUM_CLASSES, batch_at, blocks_per_span, class_for, class_size, huge_size, initial_cap,
+    next_cap, span_bytes,
 };
 use crate::stats::Stat;
 
 #[derive(Debug, Clone, Copy, Default)]
 struct ClassModel {
     tc: usize,
+    /// The thread cache's cap (slow start).
+    cap: u32,
     free: usize,
     bump: usize,
     spans: usize,
@@ -44,7 +47,10 @@ impl PoolModel {
     /// An empty pool with the given retained-bytes limit.
     pub fn new(retain_limit: Option<usize>) -> Self {
         PoolModel {
-            classes: [ClassModel::default(); NUM_CLASSES],
+            classes: core::array::from_fn(|c| ClassModel {
+                cap: initial_cap(c),
+                ..ClassModel::default()
+            }),
             huge: Vec::new(),
             cached: 0,
             retain_limit: retain_limit.unwrap_or(usize::MAX),
@@ -71,6 +77,18 @@ impl PoolModel {
         self.segments.freed += n as u64;
     }
 
+    /// A span resized from `from` to `to` bytes (tail unmapped, or grown).
+    fn resize(&mut self, from: usize, to: usize) {
+        if to > from {
+            self.reserved.current += (to - from) as u64;
+            self.reserved.allocated += (to - from) as u64;
+            self.reserved.peak = self.reserved.peak.max(self.reserved.current);
+        } else {
+            self.reserved.current -= (from - to) as u64;
+            self.reserved.freed += (from - to) as u64;
+        }
+    }
+
     fn grow(&mut self, c: usize) {
         let m = &mut self.classes[c];
         m.free += m.bump;
@@ -90,6 +108,12 @@ impl PoolModel {
                 self.cached -= len;
                 return len;
             }
+            if let Some(i) = pick_resize(&self.huge, need) {
+                let len = self.huge.swap_remove(i);
+                self.cached -= len;
+                self.resize(len, need);
+                return need;
+            }
             self.map(need);
             return need;
         };
@@ -98,8 +122,33 @@ impl PoolModel {
             self.classes[c].tc -= 1;
             return class_size(c);
         }
-        // Refill, as `Central::refill`.
-        let want = batch_len(c) as usize;
+        // Refill, as `ThreadCache::refill` and `Central::refill`.
+        let want = batch_at(self.classes[c].cap) as usize;
+        self.classes[c].cap = next_cap(c, self.classes[c].cap);
+        if is_one_block(c) && self.classes[c].free + self.classes[c].bump == 0 {
+            // The thread cache hands back its idle big blocks, then a
+            // neighbouring class may lend its span (`large::steal`).
+            for d in FIRST..NUM_CLASSES {
+                let k = self.classes[d].tc;
+                if k > 0 {
+                    self.give_back(d, k);
+                }
+            }
+            let has_free = |d: usize| self.classes[d].free + self.classes[d].bump > 0;
+            if let Some(d) = donor(c, has_free) {
+                let m = &mut self.classes[d];
+                if m.free > 0 {
+                    m.free -= 1;
+                } else {
+                    m.bump -= 1;
+                }
+                m.spans -= 1;
+                self.cached -= class_size(d);
+                self.classes[c].spans += 1;
+                self.resize(span_bytes(d), span_bytes(c));
+                return class_size(c);
+            }
+        }
         let m = &mut self.classes[c];
         let mut n = want.min(m.free);
         m.free -= n;
@@ -128,9 +177,11 @@ impl PoolModel {
             return;
         };
         self.classes[c].live -= 1;
-        if self.classes[c].tc as u32 >= cache_cap(c) {
-            let k = (batch_len(c) as usize).min(self.classes[c].tc);
+        let cap = self.classes[c].cap;
+        if self.classes[c].tc as u32 >= cap {
+            let k = (batch_at(cap) as usize).min(self.classes[c].tc);
             self.give_back(c, k);
+            self.classes[c].cap = next_cap(c, cap);
         }
         self.classes[c].tc += 1;
     }

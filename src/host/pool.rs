@@ -9,6 +9,7 @@
 
 use super::central::Central;
 use super::huge::HugeCache;
+use super::large::FreeHint;
 use super::pagemap;
 use super::prewarm::Prewarm;
 use super::size_class::{MAX_ALIGN, MAX_CLASS_SIZE, NUM_CLASSES, class_for, huge_size};
@@ -32,6 +33,8 @@ use std::sync::Arc;
 pub(crate) struct PoolShared {
     centrals: [CachePadded<Central>; NUM_CLASSES],
     pub(crate) huge: HugeCache,
+    /// One-block classes that may have a free span (cross-class reuse).
+    pub(crate) large_free: FreeHint,
     pub(crate) reserved: AtomicStat,
     pub(crate) segments: AtomicStat,
     pub(crate) grows: AtomicUsize,
@@ -54,6 +57,7 @@ impl PoolShared {
         PoolShared {
             centrals: [const { CachePadded(Central::new()) }; NUM_CLASSES],
             huge: HugeCache::new(),
+            large_free: FreeHint::new(),
             reserved: AtomicStat::new(),
             segments: AtomicStat::new(),
             grows: AtomicUsize::new(0),

@@ -299,6 +299,38 @@ pub const fn cache_cap(c: usize) -> u32 {
     if b == 1 { 1 } else { 2 * b }
 }
 
+/// The cap a thread's cache starts with for class `c`: at most
+/// [`SLOW_START_CAP`]; each refill or overflow doubles it, up to
+/// [`cache_cap`] (tcmalloc's slow start). A short-lived thread that uses a
+/// class a few times moves a few blocks, not a batch of 256 it walks, carves
+/// and hands back at exit.
+#[inline(always)]
+pub const fn initial_cap(c: usize) -> u32 {
+    let cap = cache_cap(c);
+    if cap < SLOW_START_CAP {
+        cap
+    } else {
+        SLOW_START_CAP
+    }
+}
+
+/// See [`initial_cap`].
+pub const SLOW_START_CAP: u32 = 16;
+
+/// The next cap after a refill or an overflow at `cap`.
+#[inline(always)]
+pub const fn next_cap(c: usize, cap: u32) -> u32 {
+    let max = cache_cap(c);
+    if cap >= max / 2 { max } else { cap * 2 }
+}
+
+/// Blocks a thread cache at `cap` moves to or from the central list at once:
+/// half its cap (so [`batch_len`] once the cap is full), at least one.
+#[inline(always)]
+pub const fn batch_at(cap: u32) -> u32 {
+    if cap < 2 { 1 } else { cap / 2 }
+}
+
 /// The five policy categories (by usable block size).
 #[repr(u8)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -17,7 +17,7 @@
 //! `len ≤ cap` between calls.
 
 use super::pool::PoolShared;
-use super::size_class::{NUM_CLASSES, batch_len, cache_cap};
+use super::size_class::{NUM_CLASSES, batch_at, initial_cap, next_cap};
 use super::transfer::FreeBlock;
 use core::cell::UnsafeCell;
 use core::ptr::null_mut;
@@ -45,7 +45,7 @@ const fn empty_classes() -> [ClassCache; NUM_CLASSES] {
     }; NUM_CLASSES];
     let mut c = 0;
     while c < NUM_CLASSES {
-        a[c].cap = cache_cap(c);
+        a[c].cap = initial_cap(c);
         c += 1;
     }
     a
@@ -86,11 +86,15 @@ impl ThreadCache {
     #[cold]
     #[inline(never)]
     fn refill(&mut self, pool: &PoolShared, c: usize) -> (*mut u8, bool) {
-        let (head, n, fresh) = pool.central(c).refill(pool, c, batch_len(c) as usize);
+        let want = batch_at(self.classes[c].cap) as usize;
+        let (head, n, fresh) = pool
+            .central(c)
+            .refill(pool, c, want, || self.flush_big(pool));
         if head.is_null() {
             return (null_mut(), false);
         }
         let cc = &mut self.classes[c];
+        cc.cap = next_cap(c, cc.cap);
         // SAFETY: `refill` gave us a well-formed chain of `n ≥ 1` free blocks.
         cc.head = unsafe { (*head).next };
         cc.len = (n - 1) as u32;
@@ -105,7 +109,7 @@ impl ThreadCache {
     pub(crate) unsafe fn free(&mut self, pool: &PoolShared, c: usize, p: *mut u8) {
         let cc = &mut self.classes[c];
         if cc.len >= cc.cap {
-            self.flush(pool, c, batch_len(c) as usize);
+            self.overflow(pool, c);
         }
         let cc = &mut self.classes[c];
         let b = p.cast::<FreeBlock>();
@@ -113,6 +117,15 @@ impl ThreadCache {
         unsafe { (*b).next = cc.head };
         cc.head = b;
         cc.len += 1;
+    }
+
+    /// A full list: hands half of it back and lets the cap grow.
+    #[cold]
+    #[inline(never)]
+    fn overflow(&mut self, pool: &PoolShared, c: usize) {
+        let cap = self.classes[c].cap;
+        self.flush(pool, c, batch_at(cap) as usize);
+        self.classes[c].cap = next_cap(c, cap);
     }
 
     /// Hands up to `n` blocks of class `c` back to the pool.
@@ -140,6 +153,19 @@ impl ThreadCache {
         unsafe { pool.central(c).give_back(pool, c, head, tail, n) };
     }
 
+    /// Hands back the idle blocks of one-block classes (at most one per
+    /// class), so that a class about to map may reuse their spans
+    /// (`large::steal`). A miss path: ~56 loads.
+    #[cold]
+    fn flush_big(&mut self, pool: &PoolShared) {
+        for c in super::large::FIRST..NUM_CLASSES {
+            let len = self.classes[c].len as usize;
+            if len > 0 {
+                self.flush(pool, c, len);
+            }
+        }
+    }
+
     /// Hands every cached block back to the pool.
     pub(crate) fn flush_all(&mut self, pool: &PoolShared) {
         for c in 0..NUM_CLASSES {
@@ -155,7 +181,7 @@ impl ThreadCache {
 /// used after the thread's caches were torn down. Also says whether the
 /// block is fresh, as [`ThreadCache::alloc_fresh`] does.
 pub(crate) fn central_alloc(pool: &PoolShared, c: usize) -> (*mut u8, bool) {
-    let (h, n, fresh) = pool.central(c).refill(pool, c, 1);
+    let (h, n, fresh) = pool.central(c).refill(pool, c, 1, || ());
     debug_assert!(h.is_null() || n == 1);
     (h.cast(), fresh)
 }
@@ -282,6 +308,9 @@ unsafe fn pool_cache_slow(tc: *mut ThreadCaches, pool: &Arc<PoolShared>) -> *mut
                 v
             }
         };
+        // Empty lists (flushed above or never used), and caps back to the
+        // slow start: a new pool starts like a new thread.
+        (*tc).pools[i].cache = ThreadCache::new();
         (*tc).pools[i].pool = Arc::into_raw(pool.clone());
         &raw mut (*tc).pools[i].cache
     }

@@ -45,3 +45,5 @@ pub use prewarm::Prewarm;
 pub use size_class::Category;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_general;

@@ -98,7 +98,12 @@ impl FreeHint {
 /// (or the OS refused to resize it; the span is then unmapped).
 pub(crate) fn steal(pool: &PoolShared, c: usize) -> Option<*mut FreeBlock> {
     let need = span_bytes(c);
-    while let Some(d) = donor(c, |d| pool.large_free.get(d)) {
+    // Each failed try clears a bit, unless blocks keep arriving in that
+    // class meanwhile: bounded, so a busy neighbour cannot keep us here.
+    for _ in 0..2 * (NUM_CLASSES - FIRST) {
+        let Some(d) = donor(c, |d| pool.large_free.get(d)) else {
+            break;
+        };
         let Some(rec) = pool.central(d).take_span(pool, d) else {
             pool.large_free.clear(d);
             // A block given back after `take_span` looked keeps its bit (its

@@ -94,8 +94,9 @@ impl FreeHint {
 }
 
 /// A free span of another class, resized to be the one block of class `c`
-/// (one-block) and adopted by `c`: `None` if no class within reach has one
-/// (or the OS refused to resize it; the span is then unmapped).
+/// (one-block) and adopted by `c`: `None` if no class within reach has one,
+/// or if the OS refused to grow it (the span then goes back to its class,
+/// free, and the caller maps as before).
 pub(crate) fn steal(pool: &PoolShared, c: usize) -> Option<*mut FreeBlock> {
     let need = span_bytes(c);
     // Each failed try clears a bit, unless blocks keep arriving in that

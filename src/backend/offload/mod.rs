@@ -402,6 +402,7 @@ impl<B: TensorAllocator + 'static> OffloadBackend<B> {
         e.source = source;
         self.sh.st.lock().entries.insert(id.get(), e);
         self.sh.allocated_stat.add(req.size as u64);
+        self.sh.active_stat.add(charge as u64);
         self.sh.count_stat.add(1);
         Ok(self.handle(id, req))
     }
@@ -468,6 +469,7 @@ unsafe impl<B: TensorAllocator + 'static> TensorAllocator for OffloadBackend<B> 
         sh.insert_resident(&mut g, id.get(), e, inner);
         drop(g);
         sh.allocated_stat.add(req.size as u64);
+        sh.active_stat.add(charge as u64);
         sh.count_stat.add(1);
         Ok(self.handle(id, req))
     }
@@ -483,7 +485,9 @@ unsafe impl<B: TensorAllocator + 'static> TensorAllocator for OffloadBackend<B> 
             device: Some(DEVICE),
             allocated_bytes: self.sh.allocated_stat.get(),
             reserved_bytes: inner.reserved_bytes,
-            active_bytes: self.sh.resident_stat.get(),
+            // Every live tensor, in memory or on disk (resident bytes are
+            // in `offload_stats`).
+            active_bytes: self.sh.active_stat.get(),
             allocation: self.sh.count_stat.get(),
             segment: inner.segment,
             num_ooms: n.budget_refusals.load(Ordering::Relaxed),

@@ -190,6 +190,8 @@ pub(super) struct Shared<B: TensorAllocator> {
     pub n: Counters,
     pub resident_stat: AtomicStat,
     pub allocated_stat: AtomicStat,
+    /// Charged bytes of every live tensor, resident or not.
+    pub active_stat: AtomicStat,
     pub count_stat: AtomicStat,
 }
 
@@ -220,6 +222,7 @@ impl<B: TensorAllocator> Shared<B> {
             n: Counters::default(),
             resident_stat: AtomicStat::new(),
             allocated_stat: AtomicStat::new(),
+            active_stat: AtomicStat::new(),
             count_stat: AtomicStat::new(),
         }
     }
@@ -763,6 +766,7 @@ impl<B: TensorAllocator> Shared<B> {
             st.spilled -= e.size;
         }
         self.allocated_stat.sub(e.size as u64);
+        self.active_stat.sub(e.charge as u64);
         self.count_stat.sub(1);
         self.changed.notify_all();
         drop(g);

@@ -674,9 +674,8 @@ fn prefetch_turns_the_next_miss_into_a_hit() {
 
 #[test]
 fn prefetch_never_evicts_more_recently_used_tensors() {
-    let c = charge(T);
-    let b = off(3 * c);
-    let t: Vec<Allocation> = (0..6)
+    let b = off(2 * charge(T));
+    let t: Vec<Allocation> = (0..4)
         .map(|i| {
             let a = b.allocate(&AllocRequest::bytes(T)).unwrap();
             b.write(&a, 0, &pattern(i, T)).unwrap();
@@ -684,20 +683,32 @@ fn prefetch_never_evicts_more_recently_used_tensors() {
         })
         .collect();
     b.evict_all().unwrap();
-    // Resident: x (older), then the trigger t[0]; a newer access to y comes
-    // after registering the order but the prefetch may only evict what was
-    // used before the trigger.
-    b.set_order(&t[..2]).unwrap();
-    let x = t[4];
+    // x is used first, then the trigger t[0]: the window t[1], t[2] may
+    // evict x (used before the trigger), but neither the trigger nor t[1]
+    // (loaded by this very prefetch, so newer), so t[2] is dropped.
+    let x = t[3];
     read_all(&b, &x);
-    read_all(&b, &t[0]); // triggers prefetch of t[1]
+    b.set_order(&t[..3]).unwrap();
+    let before = b.offload_stats();
+    read_all(&b, &t[0]);
     b.wait_prefetch_idle().unwrap();
-    assert_eq!(b.state(&t[1]).unwrap(), TensorState::Resident);
+    let s = b.offload_stats();
+    assert_eq!(b.state(&x).unwrap(), TensorState::Spilled, "x was older");
     assert_eq!(
         b.state(&t[0]).unwrap(),
         TensorState::Resident,
         "trigger kept"
     );
+    assert_eq!(b.state(&t[1]).unwrap(), TensorState::Resident);
+    assert_eq!(b.state(&t[2]).unwrap(), TensorState::Spilled);
+    assert_eq!(s.prefetch_loads - before.prefetch_loads, 1);
+    assert_eq!(s.prefetch_dropped - before.prefetch_dropped, 1);
+    // A pinned tensor is never a prefetch victim either, however old.
+    let g = b.pin(&t[1]).unwrap();
+    read_all(&b, &t[0]);
+    b.wait_prefetch_idle().unwrap();
+    assert_eq!(b.state(&t[1]).unwrap(), TensorState::Pinned);
+    drop(g);
     b.check_invariants();
 }
 

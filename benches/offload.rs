@@ -3,7 +3,8 @@
 //!
 //! `cargo bench --features offload-safetensors --bench offload`
 //! (env: `OFFLOAD_BENCH_LAYERS` = layers of 32 MiB, default 32 → 1 GiB;
-//! `OFFLOAD_BENCH_REPS`, default 3; `OFFLOAD_BENCH_DIR`, default the temp dir).
+//! `OFFLOAD_BENCH_REPS`, default 3; `OFFLOAD_BENCH_DIR`, default the temp dir;
+//! `OFFLOAD_BENCH_DEBUG` set: print the offload counters after each pass).
 //!
 //! A model of bf16 [4096, 4096] layers is generated into a temporary
 //! directory (deleted at the end) on the disk the temp dir lives on. Each

@@ -91,6 +91,10 @@ fn round_trip_under_budget_with_eviction_and_spill() {
     let m = b.stats();
     assert_eq!(m.device, Some(Device::Disk));
     assert_eq!(m.allocation.current, 12);
+    assert!(
+        m.num_alloc_retries >= 9,
+        "allocations and loads that evicted first"
+    );
     assert_eq!(m.allocated_bytes.current, 12 * T as u64);
     assert_eq!(m.active_bytes.current, 12 * charge(T) as u64);
     for a in &ts {

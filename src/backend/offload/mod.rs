@@ -491,7 +491,7 @@ unsafe impl<B: TensorAllocator + 'static> TensorAllocator for OffloadBackend<B> 
             allocation: self.sh.count_stat.get(),
             segment: inner.segment,
             num_ooms: n.budget_refusals.load(Ordering::Relaxed),
-            num_alloc_retries: n.evictions.load(Ordering::Relaxed),
+            num_alloc_retries: n.retries.load(Ordering::Relaxed),
             cache_hits: n.hits.load(Ordering::Relaxed),
             cache_misses: n.prefetch_misses.load(Ordering::Relaxed),
             per_category: Default::default(),

@@ -151,6 +151,8 @@ pub(super) struct Counters {
     pub bytes_written: AtomicU64,
     pub hits: AtomicU64,
     pub budget_refusals: AtomicU64,
+    /// Reservations that succeeded only after evicting.
+    pub retries: AtomicU64,
     pub integrity_errors: AtomicU64,
 }
 
@@ -319,18 +321,25 @@ impl<B: TensorAllocator> Shared<B> {
         }
         let mut failed = Vec::new();
         let mut first_err = None;
+        let mut evicted = false;
         loop {
             if g.resident + need <= budget {
                 self.reserve(g, need);
+                if evicted {
+                    bump(&self.n.retries, 1);
+                }
                 return Ok(());
             }
             if let Some(id) = self.pick_victim(g, who, &failed) {
                 // A dirty victim whose spill fails stays resident (nothing
                 // lost); try the others, and report the error only if no
                 // victim is left.
-                if let Err(e) = self.evict(g, id) {
-                    failed.push(id);
-                    first_err.get_or_insert(e);
+                match self.evict(g, id) {
+                    Ok(()) => evicted = true,
+                    Err(e) => {
+                        failed.push(id);
+                        first_err.get_or_insert(e);
+                    }
                 }
                 continue;
             }

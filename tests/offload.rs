@@ -785,3 +785,39 @@ fn conformance_kit_with_a_small_budget() {
     let s = b.offload_stats();
     assert!(s.peak_resident_bytes <= s.budget);
 }
+
+#[test]
+fn a_write_pin_waits_for_readers_and_excludes_them() {
+    let b = Arc::new(off(2 * charge(T)));
+    let a = b.allocate(&AllocRequest::bytes(T)).unwrap();
+    let r = b.pin(&a).unwrap();
+    let wrote = Arc::new(AtomicBool::new(false));
+    let h = {
+        let (b, wrote) = (b.clone(), wrote.clone());
+        std::thread::spawn(move || {
+            b.write(&a, 0, &[5; 8]).unwrap();
+            wrote.store(true, Ordering::SeqCst);
+        })
+    };
+    // While the read pin lives the writer cannot have written.
+    assert_eq!(&r.as_bytes()[..8], &[0; 8]);
+    assert!(!wrote.load(Ordering::SeqCst));
+    drop(r);
+    h.join().unwrap();
+    assert_eq!(read_all(&b, &a)[..8], [5; 8]);
+    // A write pin held: the same thread asking again times out, no hang.
+    let b2 = OffloadBackend::new(
+        HostBackend::new(),
+        OffloadConfig {
+            wait_timeout: Duration::from_millis(30),
+            ..cfg(2 * charge(T))
+        },
+    )
+    .unwrap();
+    let x = b2.allocate(&AllocRequest::bytes(T)).unwrap();
+    let mut w = b2.pin_mut(&x).unwrap();
+    w.as_bytes_mut()[0] = 9;
+    assert!(matches!(b2.pin(&x), Err(AllocError::Timeout { .. })));
+    drop(w);
+    assert_eq!(b2.pin(&x).unwrap().as_bytes()[0], 9);
+}

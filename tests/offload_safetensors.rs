@@ -257,3 +257,27 @@ fn set_order_prefetches_the_next_layers() {
     assert_eq!(s.prefetch_hits, 2 * n as u64 - 1, "{s:?}");
     assert!(s.peak_resident_bytes <= s.budget);
 }
+
+#[test]
+fn a_file_tensor_larger_than_the_budget_never_fits() {
+    let dir = TempDir::new("big");
+    let path = dir.0.join("m.safetensors");
+    let m = model(1, 64);
+    write_model(&path, &m);
+    let b = off(16 << 10);
+    let f = b
+        .open_safetensors(&path, SafetensorsOptions::default())
+        .unwrap();
+    let (_, w) = f.tensors.iter().find(|t| t.0.ends_with("weight")).unwrap();
+    let mut v = vec![0u8; 16];
+    let e = b.read(w, 0, &mut v).unwrap_err();
+    assert!(
+        matches!(e, AllocError::NeverFits { limit, .. } if limit == 16 << 10),
+        "{e}"
+    );
+    assert!(!e.is_retryable());
+    // The small bias still loads.
+    let (_, bias) = f.tensors.iter().find(|t| t.0.ends_with("bias")).unwrap();
+    b.read(bias, 0, &mut v).unwrap();
+    b.check_invariants();
+}

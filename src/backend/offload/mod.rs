@@ -16,8 +16,8 @@
 //! guard ([`OffloadBackend::pin`], [`OffloadBackend::pin_mut`]), which
 //! keeps the tensor resident and gives host slices and `bytemuck` views.
 //!
-//! Files: [`residency`] (states, budget, eviction, loads), [`spill`]
-//! (spill files), [`prefetch`] (the I/O thread), `safetensors` (sources).
+//! Files: `residency.rs` (states, budget, eviction, loads), [`spill`]
+//! (spill files), `prefetch.rs` (the I/O thread), `safetensors.rs` (sources).
 
 mod prefetch;
 mod residency;
@@ -256,7 +256,9 @@ impl<B: TensorAllocator + 'static> OffloadBackend<B> {
     }
 
     /// Pins `a` for writing (exclusive: waits for other pins), and marks it
-    /// dirty.
+    /// dirty. A thread that already holds a pin of `a` and asks for this
+    /// one waits for itself: it gets [`AllocError::Timeout`] after
+    /// [`OffloadConfig::wait_timeout`].
     pub fn pin_mut(&self, a: &Allocation) -> Result<ResidentMut<'_, B>, AllocError> {
         self.guard(a, Mode::Write).map(ResidentMut)
     }

@@ -1,6 +1,6 @@
 //! Spill files: the on-disk home of evicted dirty tensors.
 //!
-//! One directory per backend ([`SpillDir`]), created at construction and
+//! One directory per backend (`SpillDir`), created at construction and
 //! removed on drop unless the configuration keeps it. One file per tensor,
 //! `<id as 16 hex digits>.spill`, laid out as a fixed 96-byte header and the
 //! payload (all integers little-endian):

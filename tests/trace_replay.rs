@@ -275,3 +275,13 @@ fn replay_invariants_on_a_recorded_trace() {
     drop(t);
     std::fs::remove_file(&path).unwrap();
 }
+
+#[test]
+fn replay_invariants_on_the_python_trace() {
+    check_invariants("python", &committed("python.tpt.gz"));
+}
+
+#[test]
+fn replay_invariants_on_the_python_malloc_trace() {
+    check_invariants("python-malloc", &committed("python-malloc.tpt.gz"));
+}

@@ -285,3 +285,8 @@ fn replay_invariants_on_the_python_trace() {
 fn replay_invariants_on_the_python_malloc_trace() {
     check_invariants("python-malloc", &committed("python-malloc.tpt.gz"));
 }
+
+#[test]
+fn replay_invariants_on_the_candle_trace() {
+    check_invariants("candle", &committed("candle.tpt.gz"));
+}

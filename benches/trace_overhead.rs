@@ -1,9 +1,16 @@
 //! What recording costs: `HostBackend` against `Traced<HostBackend>`, one
-//! `allocate` + `deallocate` pair of 256 B at a time, from one thread.
+//! `allocate` + `deallocate` pair of 256 B at a time, from one thread; and
+//! the same over a backend that does nothing (`Null`: it hands out one
+//! fixed allocation), which isolates the recording from the backend's own
+//! cost and noise.
 //!
 //! ```text
 //! cargo bench --bench trace_overhead [-- --reps N]
 //! ```
+//!
+//! `TP_OVERHEAD_PATH=/dev/null` sends the `Null` rows' trace there (no file
+//! I/O in the figure); `TP_OVERHEAD_NULL_ONLY=1` skips the `HostBackend`
+//! rows (for profiling the recorder alone).
 //!
 //! Interleaved: each repetition times a batch on the plain backend, then on
 //! the traced one (order alternating), so machine load falls on both alike.
@@ -16,7 +23,46 @@ use std::hint::black_box;
 use std::time::Instant;
 use tensorpool::adapt::Traced;
 use tensorpool::backend::HostBackend;
-use tensorpool::{AllocRequest, TensorAllocator};
+use tensorpool::{
+    AllocError, AllocRequest, Allocation, Device, MemoryStats, TensorAllocator, TensorId,
+};
+
+/// A backend that does no work: every allocation is the same description.
+#[derive(Debug)]
+struct Null(Allocation);
+
+// SAFETY: `Null` hands out an allocation without host memory (`Addr::None`)
+// whose id is unique in the process (freshly issued); the bench never holds
+// two of them at once.
+unsafe impl TensorAllocator for Null {
+    fn device(&self) -> Device {
+        Device::Meta
+    }
+    fn allocate(&self, _: &AllocRequest) -> Result<Allocation, AllocError> {
+        Ok(self.0)
+    }
+    unsafe fn deallocate(&self, _: &Allocation) -> Result<(), AllocError> {
+        Ok(())
+    }
+    fn stats(&self) -> MemoryStats {
+        MemoryStats::default()
+    }
+    fn trim(&self) -> usize {
+        0
+    }
+}
+
+fn null() -> Null {
+    let id = TensorId::from_raw(u64::MAX >> 1).expect("id");
+    Null(Allocation::new(
+        id,
+        tensorpool::Addr::None,
+        256,
+        64,
+        Device::Meta,
+        0,
+    ))
+}
 
 const PAIRS: usize = 200_000;
 
@@ -35,6 +81,41 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// Times `plain` against `traced`, interleaved; prints two table rows and
+/// returns the median per-repetition difference in ns per pair.
+fn compare(
+    name: &str,
+    plain: &dyn TensorAllocator,
+    traced: &dyn TensorAllocator,
+    reps: usize,
+) -> f64 {
+    let req = AllocRequest::bytes(256);
+    // Warm both (classes, caches, metadata table).
+    batch(plain, &req);
+    batch(traced, &req);
+    let (mut p, mut t, mut d) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..reps {
+        let (a, b) = if r % 2 == 0 {
+            let a = batch(plain, &req);
+            (a, batch(traced, &req))
+        } else {
+            let b = batch(traced, &req);
+            (batch(plain, &req), b)
+        };
+        p.push(a);
+        t.push(b);
+        d.push(b - a);
+    }
+    let (pm, tm, dm) = (median(&mut p), median(&mut t), median(&mut d));
+    println!(
+        "| {name} | {pm:.1} | {:.1} | {tm:.1} | {:.1} | {dm:.1} | {:.1} |",
+        p[0],
+        t[0],
+        dm / 2.0
+    );
+    dm
+}
+
 fn main() {
     let mut reps = 31usize;
     let mut args = std::env::args().skip(1);
@@ -43,39 +124,30 @@ fn main() {
             reps = args.next().and_then(|v| v.parse().ok()).expect("--reps N");
         }
     }
-    let path = std::env::temp_dir().join(format!("tp-trace-overhead-{}.tpt", std::process::id()));
-    let plain = HostBackend::new();
-    let traced = Traced::create(HostBackend::new(), &path).expect("trace file");
-    let req = AllocRequest::bytes(256);
-    // Warm both (classes, caches, metadata table).
-    batch(&plain, &req);
-    batch(&traced, &req);
-    let (mut p, mut t, mut d) = (Vec::new(), Vec::new(), Vec::new());
-    for r in 0..reps {
-        let (a, b) = if r % 2 == 0 {
-            let a = batch(&plain, &req);
-            (a, batch(&traced, &req))
-        } else {
-            let b = batch(&traced, &req);
-            (batch(&plain, &req), b)
-        };
-        p.push(a);
-        t.push(b);
-        d.push(b - a);
-    }
-    let (pm, tm, dm) = (median(&mut p), median(&mut t), median(&mut d));
-    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!("alloc+free pair of 256 B, {PAIRS} pairs a sample, {reps} interleaved repetitions");
-    println!("| backend | median ns/pair | min ns/pair |");
-    println!("|---|---:|---:|");
-    println!("| HostBackend | {pm:.1} | {:.1} |", p[0]);
-    println!("| Traced<HostBackend> | {tm:.1} | {:.1} |", t[0]);
-    println!(
-        "recording overhead: median {dm:.1} ns per pair = {:.1} ns per recorded op ({} records written); load average {}",
-        dm / 2.0,
-        traced.written(),
-        loadavg.trim()
+    let dir = std::env::temp_dir();
+    let pid = std::process::id();
+    let (p1, p2) = (
+        dir.join(format!("tp-overhead-{pid}-a.tpt")),
+        dir.join(format!("tp-overhead-{pid}-b.tpt")),
     );
+    println!(
+        "alloc+free pairs of 256 B, {PAIRS} pairs a sample, {reps} interleaved repetitions, ns per pair"
+    );
+    println!(
+        "| backend B | B median | B min | Traced<B> median | Traced<B> min | median difference | per recorded op |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let p1 = std::env::var_os("TP_OVERHEAD_PATH").map_or(p1, Into::into);
+    let traced = Traced::create(null(), &p1).expect("trace file");
+    compare("Null (no work)", &null(), &traced, reps);
     drop(traced);
-    let _ = std::fs::remove_file(&path);
+    if std::env::var_os("TP_OVERHEAD_NULL_ONLY").is_none() {
+        let traced = Traced::create(HostBackend::new(), &p2).expect("trace file");
+        compare("HostBackend", &HostBackend::new(), &traced, reps);
+        drop(traced);
+    }
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("load average {}", loadavg.trim());
+    let _ = std::fs::remove_file(&p1);
+    let _ = std::fs::remove_file(&p2);
 }

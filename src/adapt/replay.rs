@@ -173,7 +173,22 @@ impl ReplayPlan {
 
     /// Replays the plan on `backend` (see [`replay`]).
     pub fn run(&self, backend: &dyn TensorAllocator) -> ReplayReport {
+        self.run_inner(backend, false)
+    }
+
+    /// Replays the plan writing one byte in every 4 KiB page of each host
+    /// allocation (as a program that uses its memory would), and reports the
+    /// growth of the process's peak resident set over the replay
+    /// ([`ReplayReport::peak_resident_growth`], Linux: the peak is reset
+    /// through `/proc/self/clear_refs` first). The time includes the page
+    /// faults. Measure one allocator per process, or trim the others first.
+    pub fn run_touching(&self, backend: &dyn TensorAllocator) -> ReplayReport {
+        self.run_inner(backend, true)
+    }
+
+    fn run_inner(&self, backend: &dyn TensorAllocator, touch: bool) -> ReplayReport {
         let mut table: Vec<Option<Allocation>> = vec![None; self.slots];
+        let base_rss = if touch { reset_peak_rss() } else { None };
         let (mut now, mut peak) = (0u64, 0u64);
         let mut failures = 0u64;
         let mut first_failure = None;
@@ -193,6 +208,9 @@ impl ReplayPlan {
                     }
                     match backend.allocate(&req) {
                         Ok(a) => {
+                            if touch {
+                                touch_pages(&a);
+                            }
                             table[slot as usize] = Some(a);
                             allocs += 1;
                             now += size as u64;
@@ -224,6 +242,8 @@ impl ReplayPlan {
         }
         let elapsed = start.elapsed();
         let stats = backend.stats();
+        let peak_resident_growth =
+            base_rss.and_then(|base| Some(peak_rss()?.saturating_sub(base) as u64));
         // Leave the backend as we found it: free what the trace leaves live.
         for a in table.into_iter().flatten() {
             // SAFETY: as above; each left-over allocation is freed once.
@@ -242,8 +262,38 @@ impl ReplayPlan {
             },
             peak_allocated: peak,
             peak_reserved: stats.reserved_bytes.peak,
+            peak_resident_growth,
         }
     }
+}
+
+/// Writes a byte in every 4 KiB page of a host allocation.
+fn touch_pages(a: &Allocation) {
+    if let Addr::Host(p) = a.addr() {
+        let mut off = 0;
+        while off < a.size() {
+            // SAFETY: `TensorAllocator`'s contract: a host allocation is
+            // valid for writes of `a.size()` bytes until freed, and
+            // `off < a.size()`; nothing else uses these bytes.
+            unsafe { p.as_ptr().add(off).write_volatile(1) };
+            off += 4096;
+        }
+    }
+}
+
+/// Resets the process's peak resident set (Linux `clear_refs` 5) and
+/// returns the current resident bytes; `None` where that is not possible.
+fn reset_peak_rss() -> Option<usize> {
+    std::fs::write("/proc/self/clear_refs", "5").ok()?;
+    crate::resident_bytes()
+}
+
+/// The process's peak resident bytes since the last reset (`VmHWM`).
+fn peak_rss() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// What a replay measured.
@@ -265,6 +315,9 @@ pub struct ReplayReport {
     /// The backend's peak reserved bytes (`stats().reserved_bytes.peak`),
     /// since the backend was made: replay on a fresh backend.
     pub peak_reserved: u64,
+    /// From [`ReplayPlan::run_touching`]: peak resident bytes of the
+    /// process during the replay minus resident bytes before it.
+    pub peak_resident_growth: Option<u64>,
 }
 
 impl ReplayReport {

@@ -10,7 +10,8 @@
 //!
 //! `TP_OVERHEAD_PATH=/dev/null` sends the `Null` rows' trace there (no file
 //! I/O in the figure); `TP_OVERHEAD_NULL_ONLY=1` skips the `HostBackend`
-//! rows (for profiling the recorder alone).
+//! rows (for profiling the recorder alone); `TP_OVERHEAD_CAPACITY=N` sets
+//! the buffer (records; default `trace::DEFAULT_CAPACITY`).
 //!
 //! Interleaved: each repetition times a batch on the plain backend, then on
 //! the traced one (order alternating), so machine load falls on both alike.
@@ -64,16 +65,21 @@ fn null() -> Null {
     ))
 }
 
-const PAIRS: usize = 200_000;
+/// Pairs a sample, at least: short (tens of µs), so that on a loaded
+/// machine most samples run without being preempted and the median ignores
+/// those that are. A sample is never shorter than one buffer of records
+/// (`capacity / 2` pairs), so every sample pays for whole drains (write
+/// included) and the median cannot leave them out.
+const MIN_PAIRS: usize = 4096;
 
-fn batch(b: &dyn TensorAllocator, req: &AllocRequest) -> f64 {
+fn batch(b: &dyn TensorAllocator, req: &AllocRequest, pairs: usize) -> f64 {
     let t = Instant::now();
-    for _ in 0..PAIRS {
+    for _ in 0..pairs {
         let a = b.allocate(black_box(req)).expect("allocate");
         // SAFETY: `a` is not used afterwards.
         unsafe { b.deallocate(black_box(&a)).expect("deallocate") };
     }
-    t.elapsed().as_nanos() as f64 / PAIRS as f64
+    t.elapsed().as_nanos() as f64 / pairs as f64
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -88,19 +94,20 @@ fn compare(
     plain: &dyn TensorAllocator,
     traced: &dyn TensorAllocator,
     reps: usize,
+    pairs: usize,
 ) -> f64 {
     let req = AllocRequest::bytes(256);
     // Warm both (classes, caches, metadata table).
-    batch(plain, &req);
-    batch(traced, &req);
+    batch(plain, &req, pairs);
+    batch(traced, &req, pairs);
     let (mut p, mut t, mut d) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..reps {
         let (a, b) = if r % 2 == 0 {
-            let a = batch(plain, &req);
-            (a, batch(traced, &req))
+            let a = batch(plain, &req, pairs);
+            (a, batch(traced, &req, pairs))
         } else {
-            let b = batch(traced, &req);
-            (batch(plain, &req), b)
+            let b = batch(traced, &req, pairs);
+            (batch(plain, &req, pairs), b)
         };
         p.push(a);
         t.push(b);
@@ -117,7 +124,7 @@ fn compare(
 }
 
 fn main() {
-    let mut reps = 31usize;
+    let mut reps = 2001usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         if a == "--reps" {
@@ -130,20 +137,25 @@ fn main() {
         dir.join(format!("tp-overhead-{pid}-a.tpt")),
         dir.join(format!("tp-overhead-{pid}-b.tpt")),
     );
+    let cap = std::env::var("TP_OVERHEAD_CAPACITY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(tensorpool::adapt::trace::DEFAULT_CAPACITY);
+    let pairs = MIN_PAIRS.max(cap / 2);
     println!(
-        "alloc+free pairs of 256 B, {PAIRS} pairs a sample, {reps} interleaved repetitions, ns per pair"
+        "alloc+free pairs of 256 B, {pairs} pairs a sample, {reps} interleaved repetitions, buffer of {cap} records, ns per pair"
     );
     println!(
         "| backend B | B median | B min | Traced<B> median | Traced<B> min | median difference | per recorded op |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|");
     let p1 = std::env::var_os("TP_OVERHEAD_PATH").map_or(p1, Into::into);
-    let traced = Traced::create(null(), &p1).expect("trace file");
-    compare("Null (no work)", &null(), &traced, reps);
+    let traced = Traced::with_capacity(null(), &p1, cap).expect("trace file");
+    compare("Null (no work)", &null(), &traced, reps, pairs);
     drop(traced);
     if std::env::var_os("TP_OVERHEAD_NULL_ONLY").is_none() {
-        let traced = Traced::create(HostBackend::new(), &p2).expect("trace file");
-        compare("HostBackend", &HostBackend::new(), &traced, reps);
+        let traced = Traced::with_capacity(HostBackend::new(), &p2, cap).expect("trace file");
+        compare("HostBackend", &HostBackend::new(), &traced, reps, pairs);
         drop(traced);
     }
     let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();

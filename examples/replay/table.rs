@@ -303,5 +303,9 @@ pub fn table(traces: &[(String, Trace)], reps: usize) -> Result<String, String> 
             );
         }
     }
+    let _ = writeln!(
+        out,
+        "\nPeak reserved: the allocator's own count; for glibc and jemalloc only what they mapped beyond what they held before the replay (0 where memory the process had already used sufficed, e.g. glibc in `compare`, whose own allocator it is); mimalloc commits its arenas up front and has no such count. Resident growth: peak RSS during a replay that writes every page, minus RSS before it."
+    );
     Ok(out)
 }

@@ -93,6 +93,8 @@
 //! [`HostPool::new`](crate::host::HostPool::new) are not covered.
 
 use crate::AllocError;
+use crate::adapt::format::TraceOp;
+use crate::adapt::process as trace;
 use crate::host::PoolStats;
 use crate::host::size_class::{MAX_ALIGN, MAX_CLASS_SIZE, class_for};
 use crate::host::span::HUGE_CLASS;
@@ -181,6 +183,11 @@ impl<A: GlobalAlloc> TensorGlobalAlloc<A> {
         let Some(p) = NonNull::new(ptr) else {
             return false;
         };
+        if trace::enabled() && self.owns(ptr) {
+            // Before the free: the address cannot be handed out again
+            // (and recorded) ahead of this record.
+            trace::record(TraceOp::Free, ptr, 0, 1);
+        }
         // SAFETY: forwarded from the caller; `free_unsized` checks ownership.
         with_global_cache(|tc| unsafe { pool().free_unsized(tc, p) }).is_ok()
     }
@@ -204,6 +211,7 @@ impl<A: GlobalAlloc> TensorGlobalAlloc<A> {
         let p = unsafe { NonNull::new_unchecked(ptr) };
         // SAFETY: a live block of `class` of the pool, the caller's.
         if let Some(q) = unsafe { resize_without_copy(p, class, new_size, align) } {
+            trace_resized(ptr, 0, q.as_ptr(), new_size, align);
             return q.as_ptr();
         }
         // SAFETY: valid per the caller.
@@ -273,15 +281,21 @@ unsafe fn pool_free(ptr: *mut u8, layout: Layout) {
 unsafe impl<A: GlobalAlloc> GlobalAlloc for TensorGlobalAlloc<A> {
     #[inline(always)]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if layout.align() > MAX_ALIGN {
+        let p = if layout.align() > MAX_ALIGN {
             // SAFETY: forwarded from the caller (non-zero size).
-            return unsafe { self.inner.alloc(layout) };
-        }
-        pool_alloc(layout)
+            unsafe { self.inner.alloc(layout) }
+        } else {
+            pool_alloc(layout)
+        };
+        trace_alloc(p, layout);
+        p
     }
 
     #[inline(always)]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if trace::enabled() {
+            trace::record(TraceOp::Free, ptr, layout.size(), layout.align());
+        }
         if layout.align() > MAX_ALIGN {
             // SAFETY: over-aligned blocks are the inner allocator's (type
             // invariant); the rest is forwarded from the caller.
@@ -298,17 +312,28 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TensorGlobalAlloc<A> {
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if layout.align() > MAX_ALIGN {
+        let p = if layout.align() > MAX_ALIGN {
             // SAFETY: forwarded from the caller.
-            return unsafe { self.inner.alloc_zeroed(layout) };
-        }
-        from_pool(|tc| pool().alloc_zeroed(tc, layout))
+            unsafe { self.inner.alloc_zeroed(layout) }
+        } else {
+            from_pool(|tc| pool().alloc_zeroed(tc, layout))
+        };
+        trace_alloc(p, layout);
+        p
     }
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let align = layout.align();
         if align > MAX_ALIGN {
+            if trace::enabled() {
+                // SAFETY: an inner block (type invariant); the rest is forwarded.
+                let q = unsafe { self.inner.realloc(ptr, layout, new_size) };
+                if !q.is_null() {
+                    trace_resized(ptr, layout.size(), q, new_size, align);
+                }
+                return q;
+            }
             // SAFETY: an inner block (type invariant); the rest is forwarded.
             return unsafe { self.inner.realloc(ptr, layout, new_size) };
         }
@@ -319,6 +344,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TensorGlobalAlloc<A> {
         let resized =
             unsafe { resize_without_copy(NonNull::new_unchecked(ptr), class, new_size, align) };
         if let Some(q) = resized {
+            trace_resized(ptr, layout.size(), q.as_ptr(), new_size, align);
             return q.as_ptr();
         }
         // SAFETY: the caller guarantees `new_size`, rounded up to `align`,
@@ -337,6 +363,28 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TensorGlobalAlloc<A> {
             }
         }
         new
+    }
+}
+
+/// Records an allocation when recording (`TENSORPOOL_TRACE`), after it
+/// succeeded.
+#[inline(always)]
+fn trace_alloc(p: *mut u8, layout: Layout) {
+    if !p.is_null() && trace::enabled() {
+        trace::record(TraceOp::Alloc, p, layout.size(), layout.align());
+    }
+}
+
+/// Records a realloc done without the allocator's alloc/free (in place, or
+/// pages moved) as a free of `old` and an alloc of `new`. Recorded after the
+/// fact: `old`'s address is still this thread's if unchanged; if the pages
+/// moved, another thread could in principle receive `old`'s address and
+/// record it first (replay then reports a duplicate alloc).
+#[inline(always)]
+fn trace_resized(old: *mut u8, old_size: usize, new: *mut u8, new_size: usize, align: usize) {
+    if trace::enabled() {
+        trace::record(TraceOp::Free, old, old_size, align);
+        trace::record(TraceOp::Alloc, new, new_size, align);
     }
 }
 
@@ -403,7 +451,7 @@ fn register_atfork() {
             // static array; should it allocate, the re-entrant allocation sees
             // `REGISTERING` with us as owner and goes on without waiting.
             let _ = unsafe {
-                libc::pthread_atfork(Some(fork_prepare), Some(fork_release), Some(fork_release))
+                libc::pthread_atfork(Some(fork_prepare), Some(fork_release), Some(fork_child))
             };
             ATFORK.store(REGISTERED, Ordering::Release);
         }
@@ -427,4 +475,10 @@ extern "C" fn fork_release() {
     // prepare handlers of the same `fork()`, in the forking thread (in the
     // child, its only thread, whose memory image holds the same lock words).
     unsafe { pool().unlock_after_fork() };
+}
+
+extern "C" fn fork_child() {
+    fork_release();
+    // SAFETY: the child handler runs in the child, which has one thread.
+    unsafe { trace::after_fork_in_child() };
 }

@@ -10,6 +10,7 @@
 //!   predicts the reserved bytes a host backend would hold for a workload.
 //! - [`meta`]: tensor ids, 64-byte metadata records and the metadata table.
 //! - [`Limited`]: a byte limit around any backend.
+//! - [`adapt`]: trace record ([`adapt::Traced`], `TENSORPOOL_TRACE`) and replay.
 //! - [`TensorGlobalAlloc`]: the process-wide pool as a `#[global_allocator]`.
 //! - `testkit` (feature `testkit`): the conformance kit every backend passes.
 //!
@@ -24,6 +25,8 @@
 
 pub(crate) mod sync;
 
+#[cfg(not(tensorpool_loom))]
+pub mod adapt;
 #[cfg(not(tensorpool_loom))]
 pub mod allocator;
 #[cfg(not(tensorpool_loom))]

@@ -175,6 +175,28 @@ impl<T> core::ops::Deref for CachePadded<T> {
     }
 }
 
+/// This thread's number: 1, 2, … in the order threads first ask (trace
+/// records carry it). A const-initialised thread-local `Cell` without a
+/// destructor, so asking never allocates (usable inside `GlobalAlloc`).
+#[cfg(not(tensorpool_loom))]
+#[inline]
+pub(crate) fn thread_number() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    std::thread_local! {
+        static NUMBER: core::cell::Cell<u32> = const { core::cell::Cell::new(0) };
+    }
+    NUMBER
+        .try_with(|n| {
+            let mut v = n.get();
+            if v == 0 {
+                v = NEXT.fetch_add(1, Ordering::Relaxed);
+                n.set(v);
+            }
+            v
+        })
+        .unwrap_or(0)
+}
+
 #[cfg(all(test, not(tensorpool_loom)))]
 mod tests {
     use super::*;

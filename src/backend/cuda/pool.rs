@@ -734,7 +734,7 @@ impl<D: CudaDriver> Drop for CachingPool<D> {
         let st = self.state.get_mut();
         let _ = self.driver.device_synchronize();
         st.events.destroy_all(&self.driver);
-        for (&base, _) in &st.segments {
+        for &base in st.segments.keys() {
             // SAFETY: `base` is a live segment from `malloc` on this driver;
             // the device is idle and the pool is going away.
             let _ = unsafe { self.driver.free(base) };
@@ -806,10 +806,10 @@ fn snapshot(st: &State) -> Snapshot {
             };
             if b.allocated {
                 seg.allocated_size += b.size;
-                seg.requested_size += b.requested;
             }
             if state != BlockState::Inactive {
                 seg.active_size += b.size;
+                seg.requested_size += b.requested;
             }
             seg.blocks.push(BlockInfo {
                 address: b.ptr,
@@ -882,23 +882,11 @@ fn check(st: &State) {
             .count()
     );
     let s = &st.stats;
-    for k in 0..3 {
-        assert_eq!(
-            s.reserved_bytes[k].current, per_pool[k][0],
-            "reserved_bytes[{k}]"
-        );
-        assert_eq!(
-            s.allocated_bytes[k].current, per_pool[k][1],
-            "allocated_bytes[{k}]"
-        );
-        assert_eq!(
-            s.active_bytes[k].current, per_pool[k][2],
-            "active_bytes[{k}]"
-        );
-        assert_eq!(
-            s.requested_bytes[k].current, per_pool[k][3],
-            "requested_bytes[{k}]"
-        );
+    for (k, pp) in per_pool.iter().enumerate() {
+        assert_eq!(s.reserved_bytes[k].current, pp[0], "reserved_bytes[{k}]");
+        assert_eq!(s.allocated_bytes[k].current, pp[1], "allocated_bytes[{k}]");
+        assert_eq!(s.active_bytes[k].current, pp[2], "active_bytes[{k}]");
+        assert_eq!(s.requested_bytes[k].current, pp[3], "requested_bytes[{k}]");
     }
     assert_eq!(st.reserved as u64, s.reserved_bytes[0].current);
     assert_eq!(s.segment[0].current as usize, snap.segments.len());

@@ -6,7 +6,8 @@
 //!   aligned addresses (a bump pointer, never reused); their bytes are
 //!   really stored (allocated on first touch, untouched bytes read `0xA5`,
 //!   like uninitialised device memory), so write/read round trips mean
-//!   something. `outstanding() == Σ live segment sizes ≤ capacity`.
+//!   something. `outstanding() + occupied ≤ capacity`, where
+//!   `outstanding() == Σ live segment sizes`.
 //! - **Streams**: each stream has a logical clock, `submitted ≥ completed`.
 //!   [`SimDriver::enqueue`] adds work to a stream (it is then "busy");
 //!   an event recorded on it completes when the test calls
@@ -109,6 +110,8 @@ struct Clock {
 struct State {
     next_addr: u64,
     outstanding: usize,
+    /// Bytes used by others (`occupy`).
+    others: usize,
     peak_outstanding: usize,
     segments: BTreeMap<DevPtr, Segment>,
     streams: HashMap<StreamId, Clock>,
@@ -159,6 +162,12 @@ impl SimDriver {
         }
     }
 
+    /// Takes `bytes` of the device for someone else (a CUDA context, another
+    /// process): they count as used in `mem_get_info` and mallocs cannot
+    /// have them. Replaces the previous amount.
+    pub fn occupy(&self, bytes: usize) {
+        self.state.lock().others = bytes.min(self.capacity);
+    }
     /// Bytes in live segments.
     pub fn outstanding(&self) -> usize {
         self.state.lock().outstanding
@@ -299,7 +308,10 @@ unsafe impl CudaDriver for SimDriver {
     fn mem_get_info(&self) -> Result<(usize, usize), DriverError> {
         let mut s = self.state.lock();
         self.enter(&mut s, Call::MemGetInfo)?;
-        Ok((self.capacity - s.outstanding, self.capacity))
+        Ok((
+            self.capacity.saturating_sub(s.outstanding + s.others),
+            self.capacity,
+        ))
     }
 
     fn malloc(&self, size: usize) -> Result<DevPtr, DriverError> {
@@ -312,7 +324,7 @@ unsafe impl CudaDriver for SimDriver {
         if s.fail_malloc_above.is_some_and(|m| size > m) || size == 0 {
             return Err(oom);
         }
-        if size > self.capacity - s.outstanding {
+        if size > self.capacity.saturating_sub(s.outstanding + s.others) {
             return Err(oom);
         }
         let span = (size as u64).div_ceil(GRANULE) * GRANULE;

@@ -45,7 +45,7 @@ pub struct SegmentInfo {
     pub allocated_size: usize,
     /// Bytes of allocated or pending-free blocks.
     pub active_size: usize,
-    /// Requested bytes of allocated blocks.
+    /// Requested bytes of active (allocated or pending-free) blocks.
     pub requested_size: usize,
     /// Blocks in address order; their sizes sum to `total_size`.
     pub blocks: Vec<BlockInfo>,
@@ -71,7 +71,7 @@ impl Snapshot {
     pub fn active(&self) -> usize {
         self.segments.iter().map(|s| s.active_size).sum()
     }
-    /// Σ requested sizes of allocated blocks.
+    /// Σ requested sizes of active blocks.
     pub fn requested(&self) -> usize {
         self.segments.iter().map(|s| s.requested_size).sum()
     }

@@ -691,3 +691,34 @@ fn per_device_pools_are_independent_across_threads() {
         consistent(b);
     }
 }
+
+fn cuda_caps() -> tensorpool::testkit::Caps {
+    tensorpool::testkit::Caps {
+        max_align: tensorpool::backend::cuda::MAX_ALIGN,
+        refuses_above_max_align: true,
+        random_ops: 3_000,
+        threads: 4,
+        ops_per_thread: 500,
+        ..tensorpool::testkit::Caps::host()
+    }
+}
+
+/// The contract's conformance kit on the pool over the simulated driver.
+#[test]
+fn conformance_kit_on_the_simulated_device() {
+    let b = sim(4 * GIB);
+    tensorpool::testkit::check(&b, cuda_caps());
+    consistent(&b);
+    assert_eq!(b.driver().outstanding(), 0, "trim returned every segment");
+}
+
+/// The kit on the CUDA policy's meta backend (no bytes).
+#[test]
+fn conformance_kit_on_the_cuda_model() {
+    let m = MetaBackend::cuda_policy(4 * GIB, CudaConfig::default()).unwrap();
+    let caps = tensorpool::testkit::Caps {
+        holds_bytes: false,
+        ..cuda_caps()
+    };
+    tensorpool::testkit::check(&m, caps);
+}

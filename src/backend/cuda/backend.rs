@@ -128,13 +128,13 @@ unsafe impl<D: CudaDriver> TensorAllocator for CudaBackend<D> {
     }
 
     fn stats(&self) -> MemoryStats {
-        let s = self.pool.stats();
+        let (s, handles) = self.pool.stats_and_handles();
         MemoryStats {
             device: Some(self.device()),
             allocated_bytes: s.requested_bytes[0],
             reserved_bytes: s.reserved_bytes[0],
             active_bytes: s.active_bytes[0],
-            allocation: s.allocation[0],
+            allocation: handles,
             segment: s.segment[0],
             num_ooms: s.num_ooms,
             num_alloc_retries: s.num_alloc_retries,

@@ -64,6 +64,9 @@ struct State {
     history: History,
     /// Σ segment sizes (`total_allocated_memory`).
     reserved: usize,
+    /// Live allocations including zero-size ones (PyTorch's `allocation`
+    /// stat counts only blocks; the contract's count includes every handle).
+    handles: crate::stats::Stat,
 }
 
 /// The caching pool of one device. See the module docs.
@@ -502,6 +505,7 @@ impl<D: CudaDriver> CachingPool<D> {
                 events: Events::default(),
                 stats: CudaStats::default(),
                 reserved: 0,
+                handles: crate::stats::Stat::default(),
             }),
             driver,
         })
@@ -526,7 +530,8 @@ impl<D: CudaDriver> CachingPool<D> {
         align: usize,
     ) -> Result<DevPtr, AllocError> {
         if size == 0 {
-            self.state.lock().by_id.insert(
+            let mut st = self.state.lock();
+            st.by_id.insert(
                 id,
                 Live {
                     ptr: 0,
@@ -534,6 +539,7 @@ impl<D: CudaDriver> CachingPool<D> {
                     align,
                 },
             );
+            stats::increase(&mut st.handles, 1);
             return Ok(0);
         }
         let mut st = self.state.lock();
@@ -574,6 +580,7 @@ impl<D: CudaDriver> CachingPool<D> {
         blk.align = align;
         let ptr = blk.ptr;
         st.by_id.insert(id, Live { ptr, size, align });
+        stats::increase(&mut st.handles, 1);
         Ok(ptr)
     }
 
@@ -619,6 +626,7 @@ impl<D: CudaDriver> CachingPool<D> {
         let live = verify(&st, self.device, a)?;
         if live.ptr == 0 {
             st.by_id.remove(&a.id().get());
+            stats::decrease(&mut st.handles, 1);
             return Ok(());
         }
         let i = st.by_ptr[&live.ptr];
@@ -644,6 +652,7 @@ impl<D: CudaDriver> CachingPool<D> {
             }
         }
         st.by_id.remove(&a.id().get());
+        stats::decrease(&mut st.handles, 1);
         let b = st.blocks.get_mut(i);
         b.allocated = false;
         b.stream_uses.clear();
@@ -702,6 +711,11 @@ impl<D: CudaDriver> CachingPool<D> {
     /// A copy of the statistics.
     pub fn stats(&self) -> CudaStats {
         self.state.lock().stats.clone()
+    }
+    /// The statistics plus the count of live handles (zero-size included).
+    pub(crate) fn stats_and_handles(&self) -> (CudaStats, crate::stats::Stat) {
+        let st = self.state.lock();
+        (st.stats.clone(), st.handles)
     }
     /// Sets every peak to its current value.
     pub fn reset_peak_stats(&self) {
@@ -894,4 +908,5 @@ fn check(st: &State) {
     assert_eq!(pending as usize, st.events.outstanding(), "event counts");
     let live_blocks = st.by_id.values().filter(|l| l.ptr != 0).count() as u64;
     assert_eq!(s.allocation[0].current, live_blocks, "allocation count");
+    assert_eq!(st.handles.current as usize, st.by_id.len(), "handle count");
 }

@@ -24,21 +24,28 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 /// Whether the CUDA driver library can be loaded here: `Ok` with the name
-/// that loaded, or `Err` with every name tried and why each failed.
+/// that loaded, or `Err` saying why `libcuda.so.1` did not load.
 pub fn libcuda_present() -> Result<String, String> {
     let mut names = vec!["libcuda.so.1".to_string()];
     names.extend(cudarc::get_lib_name_candidates("cuda"));
-    let mut why = Vec::new();
+    let mut first = None;
+    let tried = names.len();
     for n in names {
         // SAFETY: loading the NVIDIA driver library runs only its own
         // initialisers, which are made to be dlopen'ed (cudarc loads it the
         // same way); the handle is dropped at once, nothing from it is used.
         match unsafe { libloading::Library::new(&n) } {
             Ok(_) => return Ok(n),
-            Err(e) => why.push(format!("{n}: {e}")),
+            Err(e) => {
+                first.get_or_insert(format!("{n}: {e}"));
+            }
         }
     }
-    Err(why.join("; "))
+    Err(format!(
+        "{} (and the {} other names cudarc tries)",
+        first.unwrap_or_default(),
+        tried - 1
+    ))
 }
 
 /// The real driver for one device. See the module docs.

@@ -45,7 +45,8 @@ fn main() {
         Some("traces") if args.len() == 3 => write_traces(Path::new(&args[2])),
         Some("predict") if args.len() == 3 => predict(Path::new(&args[2])),
         Some("gpu") if args.len() == 4 => gpu(Path::new(&args[2]), Path::new(&args[3])),
-        _ => Err("usage: cuda_bench traces DIR | predict DIR | gpu DIR OUT.json".into()),
+        Some("sim") => sim_hits(),
+        _ => Err("usage: cuda_bench traces DIR | predict DIR | gpu DIR OUT.json | sim".into()),
     };
     if let Err(e) = r {
         eprintln!("cuda_bench: {e}");
@@ -219,6 +220,35 @@ fn predict(dir: &Path) -> Res<()> {
     }
     out.push('}');
     println!("{out}");
+    Ok(())
+}
+
+/// The pool's host-side hit cost on the simulated driver (the same code
+/// path as on a GPU: a hit makes no driver call), interleaved per
+/// repetition with the host backend's alloc+free of the same size.
+fn sim_hits() -> Res<()> {
+    use tensorpool::backend::HostBackend;
+    use tensorpool::backend::cuda::SimDriver;
+    let pool = CudaBackend::with_driver(SimDriver::new(4 << 30), CudaConfig::default())?;
+    let host = HostBackend::new();
+    println!("size,pool_hit_p50_ns,pool_hit_p99_ns,host_backend_p50_ns,host_backend_p99_ns");
+    for &size in &SIZES[..6] {
+        let req = AllocRequest::bytes(size);
+        let (mut p, mut h) = (Vec::new(), Vec::new());
+        for rep in 0..20_001 {
+            for (b, v) in [(&pool as &dyn TensorAllocator, &mut p), (&host, &mut h)] {
+                let t = Instant::now();
+                let a = b.allocate(&req)?;
+                // SAFETY: never used.
+                unsafe { b.deallocate(&a)? };
+                if rep > 0 {
+                    v.push(t.elapsed().as_nanos() as u64);
+                }
+            }
+        }
+        let (p, h) = (stats(p), stats(h));
+        println!("{size},{},{},{},{}", p.0, p.1, h.0, h.1);
+    }
     Ok(())
 }
 

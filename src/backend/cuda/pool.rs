@@ -22,7 +22,7 @@
 //! One mutex per device: a free on another device never contends.
 
 use super::block::{
-    Arena, Block, BlockIdx, FreeSet, MIN_BLOCK_SIZE, PoolKind, SMALL_SIZE, allocation_size,
+    Arena, Block, BlockIdx, FreeSet, MIN_BLOCK_SIZE, PoolKind, SMALL_SIZE, U64Map, allocation_size,
     round_size,
 };
 use super::config::{CudaConfig, CudaConfigError};
@@ -33,7 +33,7 @@ use super::stats::{self, CudaStats};
 use crate::allocator::{Allocation, Device};
 use crate::error::{AllocError, DeviceOom};
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 /// Requests of this size or more are refused as never fitting (1 EiB).
 pub const NEVER_FITS: usize = 1 << 60;
@@ -54,11 +54,11 @@ struct State {
     small: FreeSet,
     large: FreeSet,
     /// Every block (free or not) by start address.
-    by_ptr: HashMap<DevPtr, BlockIdx>,
+    by_ptr: U64Map<BlockIdx>,
     /// Segments: base → size.
     segments: BTreeMap<DevPtr, usize>,
     /// Live allocations by tensor id (zero-size ones have ptr 0).
-    by_id: HashMap<u64, Live>,
+    by_id: U64Map<Live>,
     events: Events,
     stats: CudaStats,
     history: History,
@@ -125,8 +125,12 @@ impl State {
         if size >= msp && bsize >= size.saturating_add(super::block::LARGE_BUFFER) {
             return None;
         }
-        let b = self.blocks.get(i).clone();
-        self.set(kind).remove(&b);
+        let b = self.blocks.get(i);
+        let removed = match kind {
+            PoolKind::Small => self.small.remove(b),
+            PoolKind::Large => self.large.remove(b),
+        };
+        debug_assert!(removed);
         Some(i)
     }
 
@@ -499,9 +503,9 @@ impl<D: CudaDriver> CachingPool<D> {
                 blocks: Arena::default(),
                 small: FreeSet::default(),
                 large: FreeSet::default(),
-                by_ptr: HashMap::new(),
+                by_ptr: U64Map::default(),
                 segments: BTreeMap::new(),
-                by_id: HashMap::new(),
+                by_id: U64Map::default(),
                 events: Events::default(),
                 stats: CudaStats::default(),
                 reserved: 0,

@@ -441,28 +441,43 @@ fn forged_handles_are_typed_errors_and_change_nothing() {
     let before = b.memory_stats();
     let forged = [
         (
-            Allocation::new(a.id(), Addr::Device(ptr(&a) + 512), 1000, 64, a.device(), 0),
+            Allocation::new(
+                a.id(),
+                Addr::Device(ptr(&a) + 512),
+                1000,
+                64,
+                a.device(),
+                a.tag(),
+            ),
             "address",
         ),
         (
-            Allocation::new(a.id(), a.addr(), 999, 64, a.device(), 0),
+            Allocation::new(a.id(), a.addr(), 999, 64, a.device(), a.tag()),
             "size",
         ),
         (
-            Allocation::new(a.id(), a.addr(), 1000, 128, a.device(), 0),
+            Allocation::new(a.id(), a.addr(), 1000, 128, a.device(), a.tag()),
             "align",
+        ),
+        (
+            Allocation::new(a.id(), a.addr(), 1000, 64, a.device(), a.tag() + 1),
+            "tag",
         ),
     ];
     for (f, field) in forged {
         // SAFETY: the free is refused; nothing is freed.
         let e = unsafe { b.deallocate(&f) }.unwrap_err();
-        assert!(
-            matches!(&e, AllocError::Mismatch { field: got, .. } if *got == field),
-            "{e}"
-        );
+        if field == "tag" {
+            assert!(matches!(&e, AllocError::UnknownId { .. }), "{e}");
+        } else {
+            assert!(
+                matches!(&e, AllocError::Mismatch { field: got, .. } if *got == field),
+                "{e}"
+            );
+        }
         assert!(b.write(&f, 0, &[1]).is_err());
     }
-    let other = Allocation::new(a.id(), a.addr(), 1000, 64, Device::Cuda(1), 0);
+    let other = Allocation::new(a.id(), a.addr(), 1000, 64, Device::Cuda(1), a.tag());
     // SAFETY: refused (another device's handle): nothing is freed.
     let r = unsafe { b.deallocate(&other) };
     assert!(matches!(r, Err(AllocError::WrongDevice { .. })));

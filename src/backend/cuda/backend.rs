@@ -105,13 +105,13 @@ unsafe impl<D: CudaDriver> TensorAllocator for CudaBackend<D> {
             what: "tensor id space exhausted (2^64 ids issued)",
         })?;
         let stream = req.stream.unwrap_or(0);
-        let ptr = self.pool.malloc(req.size, stream, id.get(), req.align)?;
+        let (ptr, tag) = self.pool.malloc(req.size, stream, id.get(), req.align)?;
         let addr = if ptr == 0 {
             Addr::None
         } else {
             Addr::Device(ptr)
         };
-        let a = Allocation::new(id, addr, req.size, req.align, self.device(), 0);
+        let a = Allocation::new(id, addr, req.size, req.align, self.device(), tag);
         if req.zeroed && req.size > 0 {
             // SAFETY: `ptr .. ptr + size` is inside the block just handed out.
             let r = unsafe { self.driver().memset(ptr, 0, req.size) };

@@ -188,6 +188,10 @@ impl Arena {
     pub fn get(&self, i: BlockIdx) -> &Block {
         self.slots[i as usize].as_ref().expect("live block index")
     }
+    /// Block `i` if that slot is live (for checking untrusted indices).
+    pub fn try_get(&self, i: BlockIdx) -> Option<&Block> {
+        self.slots.get(i as usize)?.as_ref()
+    }
     /// Block `i`, mutably.
     pub fn get_mut(&mut self, i: BlockIdx) -> &mut Block {
         self.slots[i as usize].as_mut().expect("live block index")

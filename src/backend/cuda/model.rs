@@ -14,11 +14,15 @@ use super::stats::CudaStats;
 use crate::allocator::{Addr, AllocRequest, Allocation, Device, TensorAllocator};
 use crate::error::AllocError;
 use crate::stats::MemoryStats;
+use parking_lot::Mutex;
+use std::collections::HashMap;
 
 /// Predicts a CUDA device's pool. See the module docs.
 #[derive(Debug)]
 pub struct CudaModel {
     inner: CudaBackend<SimDriver>,
+    /// Tensor id → the pool-side handle (the model's handles carry no address).
+    live: Mutex<HashMap<u64, Allocation>>,
 }
 
 impl CudaModel {
@@ -26,6 +30,7 @@ impl CudaModel {
     pub fn new(capacity: usize, cfg: CudaConfig) -> Result<Self, CudaConfigError> {
         Ok(CudaModel {
             inner: CudaBackend::with_driver(SimDriver::new(capacity), cfg)?,
+            live: Mutex::new(HashMap::new()),
         })
     }
     /// PyTorch-named statistics of the modelled pool.
@@ -37,27 +42,41 @@ impl CudaModel {
         &self.inner
     }
 
-    /// The pool-side handle of a model allocation (its address rides in the tag).
+    /// The pool-side handle for a model handle: the recorded address with
+    /// the given size, alignment and tag, so the pool checks those.
     fn inner_alloc(&self, a: &Allocation) -> Result<Allocation, AllocError> {
+        let id = a.id().get();
         if a.device() != Device::Meta {
             return Err(AllocError::WrongDevice {
-                id: a.id().get(),
+                id,
                 expected: Device::Meta,
                 found: a.device(),
             });
         }
-        let addr = if a.tag() == 0 {
-            Addr::None
-        } else {
-            Addr::Device(a.tag())
+        let inner = *self.live.lock().get(&id).ok_or(AllocError::UnknownId {
+            id,
+            device: Device::Meta,
+        })?;
+        let given = match a.addr() {
+            Addr::None => None,
+            Addr::Host(p) => Some(p.as_ptr() as u64),
+            Addr::Device(p) | Addr::Remote(p) => Some(p),
         };
+        if let Some(g) = given {
+            return Err(AllocError::Mismatch {
+                id,
+                field: "address",
+                given: g,
+                recorded: 0,
+            });
+        }
         Ok(Allocation::new(
             a.id(),
-            addr,
+            inner.addr(),
             a.size(),
             a.align(),
-            self.inner.device(),
-            0,
+            inner.device(),
+            a.tag(),
         ))
     }
 }
@@ -72,23 +91,22 @@ unsafe impl TensorAllocator for CudaModel {
         let mut r = *req;
         r.zeroed = false;
         let a = self.inner.allocate(&r)?;
-        let tag = match a.addr() {
-            Addr::Device(p) => p,
-            _ => 0,
-        };
+        self.live.lock().insert(a.id().get(), a);
         Ok(Allocation::new(
             a.id(),
             Addr::None,
             a.size(),
             a.align(),
             Device::Meta,
-            tag,
+            a.tag(),
         ))
     }
     unsafe fn deallocate(&self, a: &Allocation) -> Result<(), AllocError> {
         let inner = self.inner_alloc(a)?;
         // SAFETY: the model has no bytes; nothing can be used after free.
-        unsafe { self.inner.deallocate(&inner) }
+        unsafe { self.inner.deallocate(&inner) }?;
+        self.live.lock().remove(&a.id().get());
+        Ok(())
     }
     fn stats(&self) -> MemoryStats {
         let mut s = self.inner.stats();

@@ -46,6 +46,14 @@ pub(crate) struct Live {
     pub align: usize,
 }
 
+/// An allocation's tag: its block index + 1, or 0 for a zero-size one.
+/// Allocated blocks never move in the arena (only free blocks are split or
+/// absorbed), so the tag finds the block without a lookup; the block's
+/// owner id, address, size and alignment are then compared with the handle.
+pub(crate) fn tag_of(i: Option<BlockIdx>) -> u64 {
+    i.map_or(0, |i| u64::from(i) + 1)
+}
+
 #[derive(Debug)]
 struct State {
     cfg: CudaConfig,
@@ -53,12 +61,10 @@ struct State {
     blocks: Arena,
     small: FreeSet,
     large: FreeSet,
-    /// Every block (free or not) by start address.
-    by_ptr: U64Map<BlockIdx>,
     /// Segments: base → size.
     segments: BTreeMap<DevPtr, usize>,
-    /// Live allocations by tensor id (zero-size ones have ptr 0).
-    by_id: U64Map<Live>,
+    /// Live zero-size allocations by tensor id (no block).
+    zero: U64Map<Live>,
     events: Events,
     stats: CudaStats,
     history: History,
@@ -188,7 +194,6 @@ impl State {
             align: 0,
             gc_base: 0,
         });
-        self.by_ptr.insert(ptr, i);
         self.segments.insert(ptr, alloc_size);
         self.history
             .push(Action::SegmentAlloc, ptr, alloc_size, stream);
@@ -213,7 +218,6 @@ impl State {
             stats::decrease(&mut self.stats.oversize_segments, 1);
         }
         self.set(b.pool).remove(&b);
-        self.by_ptr.remove(&b.ptr);
         self.segments.remove(&b.ptr);
         self.blocks.remove(i);
         self.history
@@ -372,8 +376,6 @@ impl State {
             r.ptr += size as u64;
             r.size -= size;
             let r = r.clone();
-            self.by_ptr.insert(rem.ptr, f);
-            self.by_ptr.insert(r.ptr, i);
             self.set(kind).insert(&r, i);
             if already_split {
                 stats::down(&mut self.stats.inactive_split_bytes, kind, size as u64);
@@ -430,8 +432,6 @@ impl State {
         if let Some(p) = self.mergeable(self.blocks.get(i).prev) {
             let pb = self.blocks.remove(p);
             self.set(kind).remove(&pb);
-            self.by_ptr.remove(&self.blocks.get(i).ptr);
-            self.by_ptr.insert(pb.ptr, i);
             let b = self.blocks.get_mut(i);
             b.ptr = pb.ptr;
             b.size += pb.size;
@@ -446,7 +446,6 @@ impl State {
         if let Some(n) = self.mergeable(self.blocks.get(i).next) {
             let nb = self.blocks.remove(n);
             self.set(kind).remove(&nb);
-            self.by_ptr.remove(&nb.ptr);
             let b = self.blocks.get_mut(i);
             b.size += nb.size;
             b.next = nb.next;
@@ -503,9 +502,8 @@ impl<D: CudaDriver> CachingPool<D> {
                 blocks: Arena::default(),
                 small: FreeSet::default(),
                 large: FreeSet::default(),
-                by_ptr: U64Map::default(),
                 segments: BTreeMap::new(),
-                by_id: U64Map::default(),
+                zero: U64Map::default(),
                 events: Events::default(),
                 stats: CudaStats::default(),
                 reserved: 0,
@@ -532,10 +530,10 @@ impl<D: CudaDriver> CachingPool<D> {
         stream: StreamId,
         id: u64,
         align: usize,
-    ) -> Result<DevPtr, AllocError> {
+    ) -> Result<(DevPtr, u64), AllocError> {
         if size == 0 {
             let mut st = self.state.lock();
-            st.by_id.insert(
+            st.zero.insert(
                 id,
                 Live {
                     ptr: 0,
@@ -544,7 +542,7 @@ impl<D: CudaDriver> CachingPool<D> {
                 },
             );
             stats::increase(&mut st.handles, 1);
-            return Ok(0);
+            return Ok((0, 0));
         }
         let mut st = self.state.lock();
         let div = st.cfg.roundup_power2_divisions;
@@ -555,6 +553,12 @@ impl<D: CudaDriver> CachingPool<D> {
             Some(x) => x,
             None => return Err(self.oom(&mut st, size, size, size, true)),
         };
+        // Over the capacity or the limit: refused before the cache is
+        // emptied for a request that cannot succeed.
+        let total = self.driver.info().total_memory;
+        if alloc_size > st.allowed_max.unwrap_or(total).min(total) {
+            return Err(self.oom(&mut st, size, rounded, alloc_size, true));
+        }
         st.process_events(&self.driver)?;
         let kind = PoolKind::for_size(rounded);
         let d = &self.driver;
@@ -573,9 +577,7 @@ impl<D: CudaDriver> CachingPool<D> {
             }
         }
         let Some(i) = found else {
-            let total = self.driver.info().total_memory;
-            let never = alloc_size > st.allowed_max.unwrap_or(total).min(total);
-            return Err(self.oom(&mut st, size, rounded, alloc_size, never));
+            return Err(self.oom(&mut st, size, rounded, alloc_size, false));
         };
         let split = st.should_split(st.blocks.get(i), rounded);
         let b = st.alloc_found_block(i, rounded, size, split);
@@ -583,9 +585,8 @@ impl<D: CudaDriver> CachingPool<D> {
         blk.owner = id;
         blk.align = align;
         let ptr = blk.ptr;
-        st.by_id.insert(id, Live { ptr, size, align });
         stats::increase(&mut st.handles, 1);
-        Ok(ptr)
+        Ok((ptr, tag_of(Some(b))))
     }
 
     /// Counts an OOM and builds its error.
@@ -619,7 +620,7 @@ impl<D: CudaDriver> CachingPool<D> {
     /// alignment. Changes nothing.
     pub(crate) fn verify(&self, a: &Allocation) -> Result<Live, AllocError> {
         let st = self.state.lock();
-        verify(&st, self.device, a)
+        verify(&st, self.device, a).map(|(l, _)| l)
     }
 
     /// Frees `a` (PyTorch's `free`): blocks used on other streams wait for
@@ -627,13 +628,11 @@ impl<D: CudaDriver> CachingPool<D> {
     /// error nothing changes.
     pub(crate) fn free(&self, a: &Allocation) -> Result<(), AllocError> {
         let mut st = self.state.lock();
-        let live = verify(&st, self.device, a)?;
-        if live.ptr == 0 {
-            st.by_id.remove(&a.id().get());
+        let Some(i) = verify(&st, self.device, a)?.1 else {
+            st.zero.remove(&a.id().get());
             stats::decrease(&mut st.handles, 1);
             return Ok(());
-        }
-        let i = st.by_ptr[&live.ptr];
+        };
         let uses = st.blocks.get(i).stream_uses.clone();
         // insert_events: record every event first, so a driver error leaves
         // the block allocated and the pool as it was.
@@ -655,7 +654,6 @@ impl<D: CudaDriver> CachingPool<D> {
                 }
             }
         }
-        st.by_id.remove(&a.id().get());
         stats::decrease(&mut st.handles, 1);
         let b = st.blocks.get_mut(i);
         b.allocated = false;
@@ -682,11 +680,9 @@ impl<D: CudaDriver> CachingPool<D> {
     /// waits for that stream's work queued before the free.
     pub(crate) fn record_stream(&self, a: &Allocation, stream: StreamId) -> Result<(), AllocError> {
         let mut st = self.state.lock();
-        let live = verify(&st, self.device, a)?;
-        if live.ptr == 0 {
+        let Some(i) = verify(&st, self.device, a)?.1 else {
             return Ok(());
-        }
-        let i = st.by_ptr[&live.ptr];
+        };
         let b = st.blocks.get_mut(i);
         if b.stream != stream && !b.stream_uses.contains(&stream) {
             b.stream_uses.push(stream);
@@ -761,7 +757,11 @@ impl<D: CudaDriver> Drop for CachingPool<D> {
     }
 }
 
-fn verify(st: &State, device: Device, a: &Allocation) -> Result<Live, AllocError> {
+fn verify(
+    st: &State,
+    device: Device,
+    a: &Allocation,
+) -> Result<(Live, Option<BlockIdx>), AllocError> {
     let id = a.id().get();
     if a.device() != device {
         return Err(AllocError::WrongDevice {
@@ -770,10 +770,23 @@ fn verify(st: &State, device: Device, a: &Allocation) -> Result<Live, AllocError
             found: a.device(),
         });
     }
-    let live = *st
-        .by_id
-        .get(&id)
-        .ok_or(AllocError::UnknownId { id, device })?;
+    let unknown = AllocError::UnknownId { id, device };
+    let (live, idx) = match a.tag() {
+        0 => (*st.zero.get(&id).ok_or(unknown)?, None),
+        t => {
+            let i = BlockIdx::try_from(t - 1).map_err(|_| unknown.clone())?;
+            let b = st.blocks.try_get(i).ok_or(unknown.clone())?;
+            if !b.allocated || b.owner != id {
+                return Err(unknown);
+            }
+            let live = Live {
+                ptr: b.ptr,
+                size: b.requested,
+                align: b.align,
+            };
+            (live, Some(i))
+        }
+    };
     let given = match a.addr() {
         crate::allocator::Addr::Device(p) => p,
         crate::allocator::Addr::None => 0,
@@ -795,13 +808,23 @@ fn verify(st: &State, device: Device, a: &Allocation) -> Result<Live, AllocError
     if a.align() != live.align {
         return Err(mismatch("align", a.align() as u64, live.align as u64));
     }
-    Ok(live)
+    Ok((live, idx))
+}
+
+/// Segment base → its first block (slow path: snapshots and checks).
+fn heads(st: &State) -> U64Map<BlockIdx> {
+    st.blocks
+        .iter()
+        .filter(|(_, b)| b.prev.is_none())
+        .map(|(i, b)| (b.ptr, i))
+        .collect()
 }
 
 fn snapshot(st: &State) -> Snapshot {
+    let heads = heads(st);
     let mut segments = Vec::with_capacity(st.segments.len());
     for (&base, &total) in &st.segments {
-        let mut i = Some(st.by_ptr[&base]);
+        let mut i = Some(heads[&base]);
         let first = st.blocks.get(i.unwrap_or_default());
         let mut seg = SegmentInfo {
             address: base,
@@ -844,6 +867,7 @@ fn snapshot(st: &State) -> Snapshot {
 
 fn check(st: &State) {
     let snap = snapshot(st);
+    let by_ptr: U64Map<BlockIdx> = st.blocks.iter().map(|(i, b)| (b.ptr, i)).collect();
     let mut per_pool = [[0u64; 4]; 3]; // reserved, allocated, active, requested
     let mut blocks_seen = 0;
     for seg in &snap.segments {
@@ -864,7 +888,7 @@ fn check(st: &State) {
             );
             prev_free = free;
             blocks_seen += 1;
-            let i = st.by_ptr[&b.address];
+            let i = by_ptr[&b.address];
             let blk = st.blocks.get(i);
             assert_eq!(
                 (blk.stream, blk.pool),
@@ -890,7 +914,7 @@ fn check(st: &State) {
             per_pool[k][3] += seg.requested_size as u64;
         }
     }
-    assert_eq!(blocks_seen, st.by_ptr.len(), "stray blocks");
+    assert_eq!(blocks_seen, by_ptr.len(), "stray blocks");
     assert_eq!(
         st.small.len() + st.large.len(),
         snap.segments
@@ -910,7 +934,14 @@ fn check(st: &State) {
     assert_eq!(s.segment[0].current as usize, snap.segments.len());
     let pending: u32 = st.blocks.iter().map(|(_, b)| b.event_count).sum();
     assert_eq!(pending as usize, st.events.outstanding(), "event counts");
-    let live_blocks = st.by_id.values().filter(|l| l.ptr != 0).count() as u64;
-    assert_eq!(s.allocation[0].current, live_blocks, "allocation count");
-    assert_eq!(st.handles.current as usize, st.by_id.len(), "handle count");
+    let live_blocks = st.blocks.iter().filter(|(_, b)| b.allocated).count();
+    assert_eq!(
+        s.allocation[0].current as usize, live_blocks,
+        "allocation count"
+    );
+    assert_eq!(
+        st.handles.current as usize,
+        live_blocks + st.zero.len(),
+        "handle count"
+    );
 }

@@ -8,6 +8,8 @@
 #   bash ci/gpu.sh --dry-run [--bin DIR]   # anywhere: the non-GPU parts
 #
 # DIR holds cuda_gpu (the #[ignore]d GPU tests), cuda_memset and cuda_bench.
+# Every GPU step has a timeout; together they bound the run at 8 minutes
+# (120 + 30 + 200 + 30 + 100 s).
 # OUT (default gpu-results/) gets info.json, tests.log, memset.log,
 # bench.json, torch.json, predict.json and the merged results.json/.md.
 set -uo pipefail
@@ -80,13 +82,13 @@ fi
 [ -n "$bin" ] || { echo "gpu.sh: --bin DIR is required on the GPU machine" >&2; exit 2; }
 echo "== device: $gpu, driver $driver"
 echo "== GPU tests"
-timeout 180 "$bin/cuda_gpu" --ignored --test-threads=1 2>&1 | tee "$out/tests.log"
+timeout 120 "$bin/cuda_gpu" --ignored --test-threads=1 2>&1 | tee "$out/tests.log"
 echo "== cudarc memset example"
-timeout 60 "$bin/cuda_memset" 2>&1 | tee "$out/memset.log"
+timeout 30 "$bin/cuda_memset" 2>&1 | tee "$out/memset.log"
 echo "== bench (host-side costs, replay)"
-timeout 240 "$bin/cuda_bench" gpu "$out/traces" "$out/bench.json"
+timeout 200 "$bin/cuda_bench" gpu "$out/traces" "$out/bench.json"
 timeout 30 "$bin/cuda_bench" predict "$out/traces" | tail -1 > "$out/predict.json"
 echo "== PyTorch's caching allocator on the same traces"
-timeout 150 python3 ci/cuda/torch_replay.py "$out/traces" "$out/torch.json"
+timeout 100 python3 ci/cuda/torch_replay.py "$out/traces" "$out/torch.json"
 python3 ci/cuda/report.py "$out"
 cat "$out/results.md"

@@ -171,7 +171,6 @@ impl State {
             Err(DriverError::OutOfMemory { .. }) => return Ok(None),
             Err(e) => return Err(driver_error(e)),
         };
-        tracing_segment("segment alloc", ptr, alloc_size);
         self.reserved += alloc_size;
         self.stats.num_device_alloc += 1;
         stats::up(&mut self.stats.segment, kind, 1);
@@ -209,7 +208,6 @@ impl State {
         // from `malloc` on this driver, still live (it is in `segments`);
         // 2. it is free with no pending events, so no queued work uses it.
         unsafe { d.free(b.ptr) }.map_err(driver_error)?;
-        tracing_segment("segment free", b.ptr, b.size);
         self.stats.num_device_free += 1;
         self.reserved -= b.size;
         stats::down(&mut self.stats.segment, b.pool, 1);
@@ -479,12 +477,6 @@ fn apply(a: &mut stats::StatArray, kind: PoolKind, n: i64) {
     } else if n < 0 {
         stats::down(a, kind, n.unsigned_abs());
     }
-}
-
-fn tracing_segment(what: &'static str, ptr: DevPtr, size: usize) {
-    // The slow path (driver calls) is where a log line would go; the crate
-    // has no logging dependency, so this stays a hook for debuggers.
-    let _ = (what, ptr, size);
 }
 
 impl<D: CudaDriver> CachingPool<D> {

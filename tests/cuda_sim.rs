@@ -737,3 +737,52 @@ fn conformance_kit_on_the_cuda_model() {
     };
     tensorpool::testkit::check(&m, caps);
 }
+
+/// The flat stats carry `torch.cuda.memory_stats()`'s key names, and
+/// `all == small_pool + large_pool`; peaks reset to current.
+#[test]
+fn stats_use_pytorch_names_and_pools_sum_to_all() {
+    let cfg = CudaConfig {
+        roundup_power2_divisions: 4,
+        ..CudaConfig::default()
+    };
+    let b = sim_cfg(GIB, cfg);
+    let small = b.allocate(&AllocRequest::bytes(1000)).unwrap();
+    let large = b.allocate(&AllocRequest::bytes(1200 * 1024)).unwrap();
+    let s = b.memory_stats();
+    // roundup_power2_divisions = 4: 1200 KiB → 1280 KiB (steps of 256 KiB).
+    assert_eq!(s.allocated_bytes[2].current, 1280 * 1024);
+    assert_eq!(s.allocated_bytes[1].current, 1024);
+    let flat: std::collections::HashMap<String, u64> = s.to_flat().into_iter().collect();
+    for key in [
+        "allocated_bytes.all.current",
+        "reserved_bytes.small_pool.peak",
+        "active_bytes.large_pool.freed",
+        "inactive_split_bytes.all.allocated",
+        "requested_bytes.all.current",
+        "segment.all.current",
+        "num_alloc_retries",
+        "num_ooms",
+        "num_sync_all_streams",
+        "num_device_alloc",
+        "num_device_free",
+    ] {
+        assert!(flat.contains_key(key), "missing {key}");
+    }
+    assert_eq!(flat["requested_bytes.all.current"], 1000 + 1200 * 1024);
+    for name in [
+        "allocated_bytes",
+        "reserved_bytes",
+        "active_bytes",
+        "segment",
+    ] {
+        let get = |t: &str| flat[&format!("{name}.{t}.current")];
+        assert_eq!(get("all"), get("small_pool") + get("large_pool"), "{name}");
+    }
+    free(&b, &large);
+    b.pool().reset_peak_stats();
+    let s = b.memory_stats();
+    assert_eq!(s.allocated_bytes[0].peak, s.allocated_bytes[0].current);
+    free(&b, &small);
+    consistent(&b);
+}

@@ -860,7 +860,9 @@ fn snapshot(st: &State) -> Snapshot {
 fn check(st: &State) {
     let snap = snapshot(st);
     let by_ptr: U64Map<BlockIdx> = st.blocks.iter().map(|(i, b)| (b.ptr, i)).collect();
-    let mut per_pool = [[0u64; 4]; 3]; // reserved, allocated, active, requested
+    // reserved, allocated, active, requested, inactive split count, bytes
+    // active count, allocation count
+    let mut per_pool = [[0u64; 8]; 3];
     let mut blocks_seen = 0;
     for seg in &snap.segments {
         let mut at = seg.address;
@@ -899,11 +901,26 @@ fn check(st: &State) {
             "segment {:#x} not tiled",
             seg.address
         );
+        let split_free: Vec<u64> = if seg.blocks.len() > 1 {
+            seg.blocks
+                .iter()
+                .filter(|b| b.state == BlockState::Inactive)
+                .map(|b| b.size as u64)
+                .collect()
+        } else {
+            Vec::new()
+        };
         for k in [0, seg.pool.stat_index()] {
             per_pool[k][0] += seg.total_size as u64;
             per_pool[k][1] += seg.allocated_size as u64;
             per_pool[k][2] += seg.active_size as u64;
             per_pool[k][3] += seg.requested_size as u64;
+            per_pool[k][4] += split_free.len() as u64;
+            per_pool[k][5] += split_free.iter().sum::<u64>();
+            for b in &seg.blocks {
+                per_pool[k][6] += u64::from(b.state != BlockState::Inactive);
+                per_pool[k][7] += u64::from(b.state == BlockState::ActiveAllocated);
+            }
         }
     }
     assert_eq!(blocks_seen, by_ptr.len(), "stray blocks");
@@ -921,6 +938,13 @@ fn check(st: &State) {
         assert_eq!(s.allocated_bytes[k].current, pp[1], "allocated_bytes[{k}]");
         assert_eq!(s.active_bytes[k].current, pp[2], "active_bytes[{k}]");
         assert_eq!(s.requested_bytes[k].current, pp[3], "requested_bytes[{k}]");
+        assert_eq!(s.inactive_split[k].current, pp[4], "inactive_split[{k}]");
+        assert_eq!(s.active[k].current, pp[6], "active[{k}]");
+        assert_eq!(s.allocation[k].current, pp[7], "allocation[{k}]");
+        assert_eq!(
+            s.inactive_split_bytes[k].current, pp[5],
+            "inactive_split_bytes[{k}]"
+        );
     }
     assert_eq!(st.reserved as u64, s.reserved_bytes[0].current);
     assert_eq!(s.segment[0].current as usize, snap.segments.len());

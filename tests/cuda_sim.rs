@@ -786,3 +786,53 @@ fn stats_use_pytorch_names_and_pools_sum_to_all() {
     free(&b, &small);
     consistent(&b);
 }
+
+/// Events are queued per stream: a block waiting on a busy stream does not
+/// hold up a block whose other stream is done (no head-of-line blocking),
+/// and a block used on two streams waits for both.
+#[test]
+fn record_stream_waits_per_stream_and_for_every_stream() {
+    let b = sim(GIB);
+    let (s1, s2, s3) = (
+        b.driver().create_stream(),
+        b.driver().create_stream(),
+        b.driver().create_stream(),
+    );
+    let x = b.allocate(&AllocRequest::bytes(4 * MIB)).unwrap();
+    let y = b.allocate(&AllocRequest::bytes(6 * MIB)).unwrap();
+    let z = b.allocate(&AllocRequest::bytes(3 * MIB)).unwrap();
+    b.record_stream(&x, s1).unwrap();
+    b.record_stream(&y, s2).unwrap();
+    b.record_stream(&z, s2).unwrap();
+    b.record_stream(&z, s3).unwrap();
+    for s in [s1, s2, s3] {
+        b.driver().enqueue(s, 1);
+    }
+    let (px, py, pz) = (ptr(&x), ptr(&y), ptr(&z));
+    for a in [&x, &y, &z] {
+        free(&b, a);
+    }
+    assert_eq!(b.memory_stats().active[0].current, 3, "all three pending");
+    b.driver().advance(s2);
+    // y is back (its only other stream is done); x waits on s1, z on s3.
+    let y2 = b.allocate(&AllocRequest::bytes(6 * MIB)).unwrap();
+    assert_eq!(ptr(&y2), py);
+    let snap = b.snapshot();
+    let pending: Vec<u64> = snap
+        .segments
+        .iter()
+        .flat_map(|s| &s.blocks)
+        .filter(|bl| bl.state == BlockState::ActivePendingFree)
+        .map(|bl| bl.address)
+        .collect();
+    assert_eq!(pending, vec![px, px + 4 * MIB as u64 + 6 * MIB as u64]);
+    assert_eq!(pending[1], pz);
+    b.driver().advance(s1);
+    b.driver().advance(s3);
+    let x2 = b.allocate(&AllocRequest::bytes(4 * MIB)).unwrap();
+    assert_eq!(ptr(&x2), px);
+    free(&b, &x2);
+    free(&b, &y2);
+    consistent(&b);
+    assert_eq!(b.memory_stats().active[0].current, 0);
+}

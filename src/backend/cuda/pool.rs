@@ -356,29 +356,40 @@ impl State {
         let kind = self.blocks.get(i).pool;
         let mut out = i;
         if split {
-            let rem = self.blocks.get(i).clone();
+            let rem = self.blocks.get(i);
+            let (ptr, prev, stream) = (rem.ptr, rem.prev, rem.stream);
             let front = Block {
-                ptr: rem.ptr,
+                ptr,
                 size,
-                prev: rem.prev,
+                requested: 0,
+                stream,
+                pool: kind,
+                allocated: false,
+                prev,
                 next: Some(i),
+                event_count: 0,
                 stream_uses: Vec::new(),
-                ..rem.clone()
+                owner: 0,
+                align: 0,
+                gc_base: 0,
             };
             let f = self.blocks.insert(front);
-            if let Some(p) = rem.prev {
+            if let Some(p) = prev {
                 self.blocks.get_mut(p).next = Some(f);
             }
             let r = self.blocks.get_mut(i);
             r.prev = Some(f);
             r.ptr += size as u64;
             r.size -= size;
-            let r = r.clone();
-            self.set(kind).insert(&r, i);
+            let rest = r.size;
+            match kind {
+                PoolKind::Small => self.small.insert(self.blocks.get(i), i),
+                PoolKind::Large => self.large.insert(self.blocks.get(i), i),
+            }
             if already_split {
                 stats::down(&mut self.stats.inactive_split_bytes, kind, size as u64);
             } else {
-                stats::up(&mut self.stats.inactive_split_bytes, kind, r.size as u64);
+                stats::up(&mut self.stats.inactive_split_bytes, kind, rest as u64);
                 stats::up(&mut self.stats.inactive_split, kind, 1);
             }
             out = f;
@@ -456,11 +467,14 @@ impl State {
         let b = self.blocks.get_mut(i);
         b.requested = 0;
         b.owner = 0;
-        let b = b.clone();
-        self.set(kind).insert(&b, i);
+        let b = self.blocks.get(i);
         if b.is_split() {
             net_blocks += 1;
             net_bytes += b.size as i64;
+        }
+        match kind {
+            PoolKind::Small => self.small.insert(b, i),
+            PoolKind::Large => self.large.insert(b, i),
         }
         let st = &mut self.stats;
         apply(&mut st.inactive_split, kind, net_blocks);

@@ -1,6 +1,6 @@
 //! The CUDA device caching pool (feature `cuda`).
 //!
-//! PyTorch's CUDACachingAllocator policy in plain Rust ([`pool`]), over a
+//! PyTorch's CUDACachingAllocator policy in plain Rust ([`CachingPool`], `pool.rs`), over a
 //! driver seam ([`CudaDriver`]) with two implementations: [`SimDriver`], a
 //! simulated device for tests (capacity, fault injection, logical stream
 //! clocks), and [`CudarcDriver`], the real driver through cudarc, loaded at

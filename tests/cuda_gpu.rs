@@ -85,7 +85,8 @@ fn gpu_out_of_memory_round_trip() {
     match &e {
         AllocError::DeviceOutOfMemory(o) => {
             assert!(!o.never_fits && e.is_retryable(), "{e}");
-            assert_eq!(o.total, total);
+            // cuMemGetInfo's total, which may differ from cuDeviceTotalMem's by a little.
+            assert!(o.total >= n && o.requested == n, "{e}");
         }
         other => panic!("expected DeviceOutOfMemory, got {other}"),
     }

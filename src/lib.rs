@@ -56,7 +56,7 @@ pub use crate::{
         Addr, AllocRequest, Allocation, DType, Device, Shape, TensorAllocator, TensorBuf,
         TensorFlags, ViewError,
     },
-    error::{AllocError, LayoutProblem},
+    error::{AllocError, DeviceOom, LayoutProblem},
     global::TensorGlobalAlloc,
     limit::Limited,
     meta::id::TensorId,

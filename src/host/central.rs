@@ -9,7 +9,7 @@
 
 use super::pagemap;
 use super::pool::PoolShared;
-use super::size_class::{GRANULE, blocks_per_span, class_size, span_bytes};
+use super::size_class::{GRANULE, blocks_per_span, class_size, counts_against_limit, span_bytes};
 use super::span::{self, SpanMeta};
 use super::transfer::{FreeBlock, TransferStack};
 use crate::os::UnmapBatch;
@@ -98,18 +98,36 @@ impl Central {
         self.locked(|i| i.free_len + i.bump_left) + self.incoming_len.load(Ordering::Relaxed)
     }
 
+    /// Whether the block `b` is on this class's free list or incoming stack
+    /// (takes the lock): the slow half of double-free detection.
+    pub(crate) fn holds(&self, b: *mut FreeBlock) -> bool {
+        self.locked(|inner| {
+            self.drain_incoming(inner);
+            let mut cur = inner.free;
+            while !cur.is_null() {
+                if cur == b {
+                    return true;
+                }
+                // SAFETY: the free list's nodes are well-formed free blocks.
+                cur = unsafe { (*cur).next };
+            }
+            false
+        })
+    }
+
     /// Takes up to `want` (≥ 1) blocks, mapping a new span if none is free.
     /// Returns the chain's head (null only if the OS refused memory), its
-    /// length, and whether the head is *fresh*: carved from a span's
-    /// never-used tail, so every byte of it but the link word reads zero.
+    /// length, and how many of its first blocks are *fresh*: carved from a
+    /// span's never-used tail, so every byte of them but the link word
+    /// reads zero.
     pub(crate) fn refill(
         &self,
         pool: &PoolShared,
         c: usize,
         want: usize,
-    ) -> (*mut FreeBlock, usize, bool) {
+    ) -> (*mut FreeBlock, usize, usize) {
         let size = class_size(c);
-        let (head, n, fresh) = self.locked(|inner| {
+        let (head, n, carved) = self.locked(|inner| {
             if inner.free_len < want {
                 self.drain_incoming(inner);
             }
@@ -134,10 +152,10 @@ impl Central {
             }
             // 2. From the newest span's uncarved tail, mapping one if needed.
             if n == 0 && inner.bump_left == 0 && !self.grow(pool, c, inner, false) {
-                return (null_mut(), 0, false);
+                return (null_mut(), 0, 0);
             }
-            // Carved blocks go to the front, so the head is fresh iff one is carved.
-            let fresh = n < want && inner.bump_left > 0;
+            // Carved blocks go to the front of the chain.
+            let before = n;
             while n < want && inner.bump_left > 0 {
                 let b = inner.bump as *mut FreeBlock;
                 // SAFETY: `b` is an uncarved block inside our mapped span.
@@ -147,12 +165,14 @@ impl Central {
                 inner.bump_left -= 1;
                 n += 1;
             }
-            (head, n, fresh)
+            (head, n, n - before)
         });
         if n > 0 {
-            pool.cached.fetch_sub(n * size, Ordering::Relaxed);
+            // After the take: the blocks were counted before they were
+            // listed (see `give_back`, `grow`), so this never goes below zero.
+            pool.uncache(c, n * size);
         }
-        (head, n, fresh)
+        (head, n, carved)
     }
 
     /// Hands a chain of `n` blocks back (lock-free).
@@ -168,12 +188,13 @@ impl Central {
         tail: *mut FreeBlock,
         n: usize,
     ) {
+        // Counted before the push: a refill that takes these blocks
+        // subtracts them only after taking them, so the counters never wrap.
+        let retained = pool.cache(c, n * class_size(c));
         self.incoming_len.fetch_add(n, Ordering::Relaxed);
         // SAFETY: forwarded from the caller.
         unsafe { self.incoming.push_chain(head, tail) };
-        let size = class_size(c);
-        let cached = pool.cached.fetch_add(n * size, Ordering::Relaxed) + n * size;
-        if blocks_per_span(c) == 1 && cached > pool.retain_limit.load(Ordering::Relaxed) {
+        if counts_against_limit(c) && retained > pool.retain_limit.load(Ordering::Relaxed) {
             self.enforce_limit(pool, c);
         }
     }
@@ -199,35 +220,32 @@ impl Central {
         let nblocks = blocks_per_span(c);
         // SAFETY: `rec` is a fresh zeroed record we own.
         unsafe {
-            (*rec).base = base;
-            (*rec).len = len;
-            (*rec).block = class_size(c);
-            (*rec).nblocks = nblocks as u32;
-            (*rec).class = c as u16;
-            (*rec).owner = pool as *const PoolShared as usize;
-            (*rec).prev = null_mut();
-            (*rec).next = inner.spans;
-            if !inner.spans.is_null() {
-                (*inner.spans).prev = rec;
-            }
+            (*rec).init(
+                base,
+                len,
+                class_size(c),
+                nblocks as u32,
+                c as u16,
+                pool as *const PoolShared as usize,
+            );
         }
         if !pagemap::register(base, len, rec) {
-            // SAFETY: the record is not yet linked into `spans` (we only set its
-            // own `next`), and the mapping was never handed out.
+            // SAFETY: the record is on no list and the mapping was never
+            // handed out.
             unsafe {
                 span::free_record(rec);
                 crate::os::unmap(core::ptr::NonNull::new_unchecked(base as *mut u8), len);
             }
             return false;
         }
-        inner.spans = rec;
+        // SAFETY: a live record on no list; the class lock is held.
+        unsafe { span::push_front(&mut inner.spans, rec) };
         // The previous bump span's leftover blocks become ordinary free blocks.
         self.retire_bump(c, inner);
         inner.bump = base;
         inner.bump_left = nblocks;
         inner.bump_span = rec;
-        pool.cached
-            .fetch_add(nblocks * class_size(c), Ordering::Relaxed);
+        pool.cache(c, nblocks * class_size(c));
         pool.reserved.add(len as u64);
         pool.segments.add(1);
         pool.grows.fetch_add(1, Ordering::Relaxed);
@@ -277,15 +295,8 @@ impl Central {
     ) -> usize {
         // SAFETY: `s` is a live record of this class (caller); list edits under the lock.
         unsafe {
-            let (prev, next, base, len) = ((*s).prev, (*s).next, (*s).base, (*s).len);
-            if prev.is_null() {
-                inner.spans = next;
-            } else {
-                (*prev).next = next;
-            }
-            if !next.is_null() {
-                (*next).prev = prev;
-            }
+            let (base, len) = ((*s).base(), (*s).len());
+            span::unlink(&mut inner.spans, s);
             if inner.bump_span == s {
                 inner.bump_span = null_mut();
                 inner.bump_left = 0;
@@ -337,7 +348,7 @@ impl Central {
                 // SAFETY: as above.
                 let (s, next) = unsafe { (pagemap::lookup(b as usize), (*b).next) };
                 // SAFETY: as above.
-                if unsafe { (*s).free_seen == (*s).nblocks } {
+                if unsafe { (*s).free_seen == (*s).nblocks() } {
                     dropped += 1;
                 } else {
                     if discard && size >= 2 * crate::os::PAGE {
@@ -364,7 +375,7 @@ impl Central {
             let bump_blocks_released = {
                 let bs = inner.bump_span;
                 // SAFETY: live record when non-null.
-                if !bs.is_null() && unsafe { (*bs).free_seen == (*bs).nblocks } {
+                if !bs.is_null() && unsafe { (*bs).free_seen == (*bs).nblocks() } {
                     inner.bump_left
                 } else {
                     0
@@ -375,7 +386,7 @@ impl Central {
                 // SAFETY: live records of this class, under the lock.
                 let next = unsafe { (*s).next };
                 // SAFETY: as above.
-                if unsafe { (*s).free_seen == (*s).nblocks } {
+                if unsafe { (*s).free_seen == (*s).nblocks() } {
                     // SAFETY: all its blocks are free and no longer on any list.
                     released += unsafe { self.release_span(pool, inner, s, out) };
                 } else {
@@ -384,8 +395,7 @@ impl Central {
                 }
                 s = next;
             }
-            pool.cached
-                .fetch_sub((dropped + bump_blocks_released) * size, Ordering::Relaxed);
+            pool.uncache(c, (dropped + bump_blocks_released) * size);
             released + discarded
         })
     }
@@ -398,7 +408,7 @@ impl Central {
         let mut unmaps = UnmapBatch::new();
         self.locked(|inner| {
             self.drain_incoming(inner);
-            while pool.cached.load(Ordering::Relaxed) > pool.retain_limit.load(Ordering::Relaxed)
+            while pool.retained.load(Ordering::Relaxed) > pool.retain_limit.load(Ordering::Relaxed)
                 && !inner.free.is_null()
             {
                 let b = inner.free;
@@ -409,7 +419,7 @@ impl Central {
                     let s = pagemap::lookup(b as usize);
                     self.release_span(pool, inner, s, &mut unmaps);
                 }
-                pool.cached.fetch_sub(size, Ordering::Relaxed);
+                pool.uncache(c, size);
             }
         })
     }
@@ -429,10 +439,12 @@ impl Central {
         unsafe { self.lock.unlock() };
     }
 
-    /// Unmaps every span (pool teardown).
+    /// Unmaps every span (pool teardown), blocks in use and blocks in
+    /// thread caches included.
     ///
     /// # Safety
-    /// - No block of this class is in use or cached anywhere but here.
+    /// - Nothing touches a block of this class afterwards (the last handle
+    ///   is gone: thread caches forget their blocks without touching them).
     pub(crate) unsafe fn release_all(&self, pool: &PoolShared) {
         let mut unmaps = UnmapBatch::new();
         self.locked(|inner| {

@@ -7,6 +7,7 @@
 //! - `central`: per-class central lists (lock-free frees in, locked refills out).
 //! - `thread_cache`: the hot path.
 //! - `huge`: blocks above 64 MiB, cached by size.
+//! - `guard`: double-free detection (a per-pool key in each freed block).
 //! - [`transfer`]: the lock-free cross-thread free list.
 #[cfg(not(tensorpool_loom))]
 mod api2;
@@ -15,6 +16,8 @@ pub mod transfer;
 
 #[cfg(not(tensorpool_loom))]
 mod central;
+#[cfg(not(tensorpool_loom))]
+mod guard;
 #[cfg(not(tensorpool_loom))]
 pub mod huge;
 #[cfg(not(tensorpool_loom))]

@@ -13,9 +13,26 @@
 //! thread exit is observed through a `pthread` key whose destructor flushes
 //! every cache and releases the pools it references.
 //!
+//! A slot's reference to its pool keeps the pool's *shared state* (its
+//! address) alive, not its memory: the last [`HostPool`] handle tears the
+//! pool down (unmaps everything) whatever other threads cache. A thread that
+//! finds a torn-down pool in a slot forgets the slot's blocks without
+//! touching them; one that hands blocks back to a pool it holds no handle of
+//! (eviction, thread exit) first takes a handle, so the pool cannot be torn
+//! down under it (`PoolShared::acquire_handle`).
+//!
+//! Per-request cache statistics: a pop counts a hit if the block was handed
+//! out before (its key word is set, see `guard`) and a miss if it is fresh.
+//! The counts live in the cache (no atomic on the hot path) and are added to
+//! the pool's counters at refill, flush, thread exit and `HostPool::stats`.
+//!
 //! Invariant per class: `len` equals the length of the list at `head` and
-//! `len ≤ cap` between calls.
+//! `len ≤ cap` between calls; every block on the list of a class `c > 0`
+//! carries its pool's key in word 1.
+//!
+//! [`HostPool`]: super::HostPool
 
+use super::guard::{has_key, key_of, set_key};
 use super::pool::PoolShared;
 use super::size_class::{NUM_CLASSES, batch_len, cache_cap};
 use super::transfer::FreeBlock;
@@ -35,6 +52,8 @@ struct ClassCache {
 #[derive(Debug)]
 pub(crate) struct ThreadCache {
     classes: [ClassCache; NUM_CLASSES],
+    /// Requests served and not yet published: `[misses, hits]`.
+    counts: [u64; 2],
 }
 
 const fn empty_classes() -> [ClassCache; NUM_CLASSES] {
@@ -55,6 +74,7 @@ impl ThreadCache {
     pub(crate) const fn new() -> Self {
         ThreadCache {
             classes: empty_classes(),
+            counts: [0; 2],
         }
     }
 
@@ -67,9 +87,28 @@ impl ThreadCache {
             // SAFETY: `h` is a free block on our list; its first word is the link.
             cc.head = unsafe { (*h).next };
             cc.len -= 1;
+            // SAFETY: `h` is ours now and of class `c`.
+            unsafe { self.hand_out(c, h) };
             return h.cast();
         }
         self.refill(pool, c).0
+    }
+
+    /// Clears the key word of a block about to be handed out and counts the
+    /// request: a hit if the block was handed out before (key set), else a
+    /// miss.
+    ///
+    /// # Safety
+    /// - `h` is a block of class `c` taken off a free list, owned by us.
+    #[inline(always)]
+    unsafe fn hand_out(&mut self, c: usize, h: *mut FreeBlock) {
+        if has_key(c) {
+            // SAFETY: a block of class `c > 0` has a second word (caller).
+            let was_free = unsafe { key_of(h) } != 0;
+            // SAFETY: as above.
+            unsafe { set_key(h, 0) };
+            self.counts[was_free as usize] += 1;
+        }
     }
 
     /// Like [`alloc`](Self::alloc), and says whether the block is fresh
@@ -86,7 +125,7 @@ impl ThreadCache {
     #[cold]
     #[inline(never)]
     fn refill(&mut self, pool: &PoolShared, c: usize) -> (*mut u8, bool) {
-        let (head, n, fresh) = pool.central(c).refill(pool, c, batch_len(c) as usize);
+        let (head, n, carved) = pool.central(c).refill(pool, c, batch_len(c) as usize);
         if head.is_null() {
             return (null_mut(), false);
         }
@@ -94,25 +133,72 @@ impl ThreadCache {
         // SAFETY: `refill` gave us a well-formed chain of `n ≥ 1` free blocks.
         cc.head = unsafe { (*head).next };
         cc.len = (n - 1) as u32;
-        (head.cast(), fresh)
+        if has_key(c) {
+            // SAFETY: the head is ours, of class `c`.
+            unsafe { self.hand_out(c, head) };
+        } else {
+            // No key word: count the batch as it enters the cache.
+            self.counts[0] += carved as u64;
+            self.counts[1] += (n - carved) as u64;
+        }
+        self.publish(pool);
+        // Carved blocks come first, so the head is fresh iff one was carved.
+        (head.cast(), carved > 0)
     }
 
-    /// Frees a block of class `c`.
+    /// Adds this cache's request counts to the pool's counters.
+    pub(crate) fn publish(&mut self, pool: &PoolShared) {
+        let [misses, hits] = core::mem::take(&mut self.counts);
+        pool.count_requests(hits, misses);
+    }
+
+    /// Whether the block `b` of class `c` is on this cache's list or the
+    /// central list: the slow half of double-free detection, run only
+    /// when `b` carries the key.
+    #[cold]
+    #[inline(never)]
+    fn is_free(&self, pool: &PoolShared, c: usize, b: *mut FreeBlock) -> bool {
+        let mut cur = self.classes[c].head;
+        while !cur.is_null() {
+            if cur == b {
+                return true;
+            }
+            // SAFETY: `len` well-formed nodes on our list.
+            cur = unsafe { (*cur).next };
+        }
+        pool.central(c).holds(b)
+    }
+
+    /// Frees a block of class `c`. Returns `false`, with nothing changed,
+    /// for a detected double free (see `guard`).
     ///
     /// # Safety
-    /// - `p` is a block of class `c` of `pool`, not in use and on no list.
+    /// - `p` is a block of class `c` of `pool`, not in use, and on no list
+    ///   unless this is a double free (which is then detected only if the
+    ///   block is on this cache's or the central list).
     #[inline(always)]
-    pub(crate) unsafe fn free(&mut self, pool: &PoolShared, c: usize, p: *mut u8) {
+    #[must_use]
+    pub(crate) unsafe fn free(&mut self, pool: &PoolShared, c: usize, p: *mut u8) -> bool {
+        let b = p.cast::<FreeBlock>();
+        if has_key(c) {
+            let key = pool.key();
+            // SAFETY: a block of class `c > 0` has a second word (caller).
+            if unsafe { key_of(b) } == key && self.is_free(pool, c, b) {
+                return false;
+            }
+            // SAFETY: as above; the block is being freed by the caller.
+            unsafe { set_key(b, key) };
+        }
         let cc = &mut self.classes[c];
         if cc.len >= cc.cap {
             self.flush(pool, c, batch_len(c) as usize);
         }
         let cc = &mut self.classes[c];
-        let b = p.cast::<FreeBlock>();
         // SAFETY: the caller hands us the block; its first word becomes the link.
         unsafe { (*b).next = cc.head };
         cc.head = b;
         cc.len += 1;
+        true
     }
 
     /// Hands up to `n` blocks of class `c` back to the pool.
@@ -140,7 +226,7 @@ impl ThreadCache {
         unsafe { pool.central(c).give_back(pool, c, head, tail, n) };
     }
 
-    /// Hands every cached block back to the pool.
+    /// Hands every cached block back to the pool (and publishes the counts).
     pub(crate) fn flush_all(&mut self, pool: &PoolShared) {
         for c in 0..NUM_CLASSES {
             let len = self.classes[c].len as usize;
@@ -148,6 +234,13 @@ impl ThreadCache {
                 self.flush(pool, c, len);
             }
         }
+        self.publish(pool);
+    }
+
+    /// Forgets every cached block without touching it: the pool was torn
+    /// down, its memory is gone.
+    fn discard(&mut self) {
+        *self = ThreadCache::new();
     }
 }
 
@@ -155,29 +248,55 @@ impl ThreadCache {
 /// used after the thread's caches were torn down. Also says whether the
 /// block is fresh, as [`ThreadCache::alloc_fresh`] does.
 pub(crate) fn central_alloc(pool: &PoolShared, c: usize) -> (*mut u8, bool) {
-    let (h, n, fresh) = pool.central(c).refill(pool, c, 1);
+    let (h, n, carved) = pool.central(c).refill(pool, c, 1);
     debug_assert!(h.is_null() || n == 1);
-    (h.cast(), fresh)
+    if h.is_null() {
+        return (null_mut(), false);
+    }
+    let fresh = if has_key(c) {
+        // SAFETY: the block is ours, of class `c > 0`: it has a key word.
+        unsafe {
+            let k = key_of(h);
+            set_key(h, 0);
+            k == 0
+        }
+    } else {
+        carved > 0
+    };
+    pool.count_requests(u64::from(!fresh), u64::from(fresh));
+    (h.cast(), carved > 0)
 }
 
-/// Frees one block straight to the central list.
+/// Frees one block straight to the central list. Returns `false`, with
+/// nothing changed, for a detected double free.
 ///
 /// # Safety
 /// - As for [`ThreadCache::free`].
-pub(crate) unsafe fn central_free(pool: &PoolShared, c: usize, p: *mut u8) {
+#[must_use]
+pub(crate) unsafe fn central_free(pool: &PoolShared, c: usize, p: *mut u8) -> bool {
     let b = p.cast::<FreeBlock>();
-    // SAFETY: the caller hands us the block.
+    // SAFETY: the caller hands us the block, of class `c`.
     unsafe {
+        if has_key(c) {
+            let key = pool.key();
+            if key_of(b) == key && pool.central(c).holds(b) {
+                return false;
+            }
+            set_key(b, key);
+        }
         (*b).next = null_mut();
         pool.central(c).give_back(pool, c, b, b, 1);
     }
+    true
 }
 
 /// How many pools one thread caches at once; a fifth evicts the oldest.
 const POOL_SLOTS: usize = 4;
 
 struct PoolSlot {
-    /// An `Arc::into_raw` strong reference, or null.
+    /// An `Arc::into_raw` strong reference, or null. It keeps the pool's
+    /// shared state allocated (so no other pool can reuse its address while
+    /// this slot names it), not its memory mapped.
     pool: *const PoolShared,
     cache: ThreadCache,
 }
@@ -225,8 +344,9 @@ fn caches() -> *mut ThreadCaches {
     }
 }
 
-/// Runs `f` with this thread's cache for `pool` (a strong reference to it
-/// is taken on first use), or with `None` once the thread is exiting.
+/// Runs `f` with this thread's cache for `pool` (a reference to its shared
+/// state is taken on first use), or with `None` once the thread is exiting.
+/// The caller holds a handle of `pool`.
 ///
 /// `f` must not re-enter the same pool's cache on this thread (the pool's own
 /// code never does: it maps memory directly from the OS).
@@ -268,27 +388,57 @@ unsafe fn pool_cache_slow(tc: *mut ThreadCaches, pool: &Arc<PoolShared>) -> *mut
                 return &raw mut (*tc).pools[i].cache;
             }
         }
-        // Take a free slot, or evict the oldest.
-        let i = match (0..POOL_SLOTS).find(|&i| (*tc).pools[i].pool.is_null()) {
+        // Take a free slot (one whose pool was torn down counts as free),
+        // or evict the oldest.
+        let free = (0..POOL_SLOTS).find(|&i| {
+            let p = (*tc).pools[i].pool;
+            p.is_null() || !(*p).is_alive()
+        });
+        let i = match free {
             Some(i) => i,
             None => {
                 let v = (*tc).next_victim;
                 (*tc).next_victim = (v + 1) % POOL_SLOTS;
-                let old = (*tc).pools[v].pool;
-                (*tc).pools[v].cache.flush_all(&*old);
-                (*tc).pools[v].pool = null_mut::<PoolShared>();
-                // Released last: dropping the pool may free through the global allocator.
-                drop(Arc::from_raw(old));
                 v
             }
         };
+        retire_slot(&raw mut (*tc).pools[i]);
         (*tc).pools[i].pool = Arc::into_raw(pool.clone());
         &raw mut (*tc).pools[i].cache
     }
 }
 
-/// Flushes and forgets this thread's cache of `pool`, if it has one.
-pub(crate) fn release_pool_cache(pool: &PoolShared) {
+/// Empties a slot: its blocks go back to its pool if the pool is alive
+/// (under a handle taken for the purpose, so that it cannot be torn down
+/// meanwhile; if that was the last handle, this thread tears it down), or
+/// are forgotten untouched if it was torn down. Then the slot's reference
+/// is released.
+///
+/// # Safety
+/// - `slot` is a slot of this thread's `CACHES` cell and no reference into
+///   it is live.
+unsafe fn retire_slot(slot: *mut PoolSlot) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let old = core::mem::replace(&mut (*slot).pool, null_mut::<PoolShared>());
+        if old.is_null() {
+            return;
+        }
+        let pool = &*old;
+        if pool.acquire_handle() {
+            (*slot).cache.flush_all(pool);
+            pool.release_handle();
+        } else {
+            (*slot).cache.discard();
+        }
+        // Released last: dropping the pool may free through the global allocator.
+        drop(Arc::from_raw(old));
+    }
+}
+
+/// Forgets this thread's cache of `pool`, if it has one, without touching
+/// its blocks: the last handle is being dropped and the pool torn down.
+pub(crate) fn discard_pool_cache(pool: &PoolShared) {
     let target = pool as *const PoolShared;
     let _ = CACHES.try_with(|cell| {
         let tc = cell.get();
@@ -299,11 +449,27 @@ pub(crate) fn release_pool_cache(pool: &PoolShared) {
                 if slot.pool != target {
                     continue;
                 }
-                slot.cache.flush_all(pool);
+                slot.cache.discard();
                 core::mem::replace(&mut slot.pool, null_mut::<PoolShared>())
             };
             // SAFETY: `held` is the strong reference this slot took.
             drop(unsafe { Arc::from_raw(held) });
+        }
+    });
+}
+
+/// Publishes this thread's request counts for `pool` (before a stats read).
+pub(crate) fn publish_counts(pool: &PoolShared) {
+    let target = pool as *const PoolShared;
+    let _ = CACHES.try_with(|cell| {
+        let tc = cell.get();
+        for i in 0..POOL_SLOTS {
+            // SAFETY: this thread's cell; no other reference is live.
+            unsafe {
+                if (*tc).pools[i].pool == target {
+                    (*tc).pools[i].cache.publish(pool);
+                }
+            }
         }
     });
 }
@@ -391,22 +557,13 @@ fn exit_key() -> Option<libc::pthread_key_t> {
 extern "C" fn on_thread_exit(_: *mut libc::c_void) {
     let _ = CACHES.try_with(|cell| {
         let tc = cell.get();
-        let mut held = [null_mut::<PoolShared>() as *const PoolShared; POOL_SLOTS];
         // SAFETY: this thread's cell at thread exit; nothing else uses it now.
         unsafe {
             (*tc).life = Life::Dead;
-            for (i, h) in held.iter_mut().enumerate() {
-                let slot = &mut (*tc).pools[i];
-                if !slot.pool.is_null() {
-                    slot.cache.flush_all(&*slot.pool);
-                    *h = core::mem::replace(&mut slot.pool, null_mut::<PoolShared>());
-                }
-            }
             (*tc).global.flush_all(super::pool::global_pool());
-        }
-        for h in held.into_iter().filter(|h| !h.is_null()) {
-            // SAFETY: each is the strong reference its slot took.
-            drop(unsafe { Arc::from_raw(h) });
+            for i in 0..POOL_SLOTS {
+                retire_slot(&raw mut (*tc).pools[i]);
+            }
         }
     });
 }

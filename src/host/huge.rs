@@ -97,7 +97,7 @@ impl HugeCache {
             return NonNull::new(p as *mut u8).map(|p| (p, false));
         }
         let p = self.map(pool, need, false)?;
-        pool.count_requests(0, 1);
+        pool.count_requests(1, 1);
         Some((p, true))
     }
 

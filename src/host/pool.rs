@@ -23,7 +23,7 @@ use super::thread_cache::{self, ThreadCache};
 use crate::allocator::Device;
 use crate::error::{AllocError, LayoutProblem};
 use crate::stats::{AtomicStat, Stat};
-use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, CachePadded, Ordering, fence};
+use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, CachePadded, Ordering};
 use core::alloc::Layout;
 use core::ptr::NonNull;
 use std::sync::Arc;
@@ -52,9 +52,9 @@ pub(crate) struct PoolShared {
     pub(crate) cached: AtomicUsize,
     pub(crate) retained: AtomicUsize,
     pub(crate) retain_limit: AtomicUsize,
-    /// Requests served by a block handed out before / by a fresh one
-    /// (published by thread caches in batches).
-    hits: AtomicU64,
+    /// Requests served / those served by a fresh block (published by
+    /// thread caches in batches).
+    requests: AtomicU64,
     misses: AtomicU64,
     /// Map spans of 2 MiB and up 2 MiB-aligned with `MADV_HUGEPAGE`.
     pub(crate) huge_pages: AtomicBool,
@@ -87,7 +87,7 @@ impl PoolShared {
             cached: AtomicUsize::new(0),
             retained: AtomicUsize::new(0),
             retain_limit: AtomicUsize::new(usize::MAX),
-            hits: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             huge_pages: AtomicBool::new(true),
         }
@@ -141,11 +141,12 @@ impl PoolShared {
         self.retained.fetch_sub(len, Ordering::Relaxed);
     }
 
-    /// Adds served requests to the cache statistics.
+    /// Adds served requests (`misses` of them served by fresh blocks) to the
+    /// cache statistics.
     #[inline]
-    pub(crate) fn count_requests(&self, hits: u64, misses: u64) {
-        if hits > 0 {
-            self.hits.fetch_add(hits, Ordering::Relaxed);
+    pub(crate) fn count_requests(&self, requests: u64, misses: u64) {
+        if requests > 0 {
+            self.requests.fetch_add(requests, Ordering::Relaxed);
         }
         if misses > 0 {
             self.misses.fetch_add(misses, Ordering::Relaxed);
@@ -177,11 +178,11 @@ impl PoolShared {
 
     /// Drops a handle; the last one tears the pool down (and says so).
     pub(crate) fn release_handle(&self) -> bool {
-        if self.handles.fetch_sub(1, Ordering::Release) != 1 {
+        // AcqRel: everything every other handle holder did happens before
+        // the teardown (a load, not a fence, so ThreadSanitizer follows it).
+        if self.handles.fetch_sub(1, Ordering::AcqRel) != 1 {
             return false;
         }
-        // Everything every other handle holder did happens before the teardown.
-        fence(Ordering::Acquire);
         // SAFETY: no handle is left, so no thread can reach the pool's
         // blocks through its API any more; thread caches forget theirs
         // untouched (`thread_cache::retire_slot`).
@@ -483,8 +484,12 @@ impl PoolShared {
             cached_bytes: self.cached.load(Ordering::Relaxed),
             retained_bytes: self.retained.load(Ordering::Relaxed),
             os_maps: self.grows.load(Ordering::Relaxed),
-            cache_hits: self.hits.load(Ordering::Relaxed),
             cache_misses: self.misses.load(Ordering::Relaxed),
+            // Misses may be published a batch ahead of their requests.
+            cache_hits: self
+                .requests
+                .load(Ordering::Relaxed)
+                .saturating_sub(self.misses.load(Ordering::Relaxed)),
             reserved: self.reserved.get(),
             segment: self.segments.get(),
         }

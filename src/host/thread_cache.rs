@@ -21,14 +21,16 @@
 //! (eviction, thread exit) first takes a handle, so the pool cannot be torn
 //! down under it (`PoolShared::acquire_handle`).
 //!
-//! Per-request cache statistics: a pop counts a hit if the block was handed
-//! out before (its key word is set, see `guard`) and a miss if it is fresh.
-//! The counts live in the cache (no atomic on the hot path) and are added to
-//! the pool's counters at refill, flush, thread exit and `HostPool::stats`.
+//! Per-request cache statistics at no cost on the hot path: a class's list
+//! length and its count of requests served share one word (`lp`), so the
+//! pop's `len -= 1` also counts the request; a pop of a fresh block (key
+//! word zero, see `guard`) also counts a miss, on a branch the hot loop
+//! never takes. The counts are added to the pool's counters at refill,
+//! flush, thread exit and `HostPool::stats`.
 //!
-//! Invariant per class: `len` equals the length of the list at `head` and
-//! `len ≤ cap` between calls; every block on the list of a class `c > 0`
-//! carries its pool's key in word 1.
+//! Invariant per class: `lp & LEN_MASK` equals the length of the list at
+//! `head` and is `≤ CAPS[c]` between calls; every block on the list of a
+//! class `c > 0` carries its pool's key in word 1.
 //!
 //! [`HostPool`]: super::HostPool
 
@@ -44,37 +46,62 @@ use std::sync::Arc;
 #[repr(C)]
 struct ClassCache {
     head: *mut FreeBlock,
-    len: u32,
-    cap: u32,
+    /// The list's length (low [`LEN_BITS`] bits) and the requests served
+    /// since the last publish (the bits above).
+    lp: u64,
+}
+
+const LEN_BITS: u32 = 16;
+const LEN_MASK: u64 = (1 << LEN_BITS) - 1;
+/// Added by a pop: one more request, one block fewer.
+const POP: u64 = (1 << LEN_BITS) - 1;
+
+/// Per-class cache capacity (≤ 512, so it fits the length bits).
+static CAPS: [u64; NUM_CLASSES] = {
+    let mut a = [0u64; NUM_CLASSES];
+    let mut c = 0;
+    while c < NUM_CLASSES {
+        a[c] = cache_cap(c) as u64;
+        assert!(a[c] < LEN_MASK);
+        c += 1;
+    }
+    a
+};
+
+impl ClassCache {
+    #[inline(always)]
+    fn len(&self) -> u64 {
+        self.lp & LEN_MASK
+    }
+    /// Takes the request count, keeping the length.
+    #[inline]
+    fn take_requests(&mut self) -> u64 {
+        let r = self.lp >> LEN_BITS;
+        self.lp &= LEN_MASK;
+        r
+    }
 }
 
 /// One thread's cache for one pool.
 #[derive(Debug)]
 pub(crate) struct ThreadCache {
     classes: [ClassCache; NUM_CLASSES],
-    /// Requests served and not yet published: `[misses, hits]`.
-    counts: [u64; 2],
+    /// Requests served by a fresh block, not yet published.
+    fresh: u64,
 }
 
 const fn empty_classes() -> [ClassCache; NUM_CLASSES] {
-    let mut a = [ClassCache {
+    [ClassCache {
         head: null_mut(),
-        len: 0,
-        cap: 0,
-    }; NUM_CLASSES];
-    let mut c = 0;
-    while c < NUM_CLASSES {
-        a[c].cap = cache_cap(c);
-        c += 1;
-    }
-    a
+        lp: 0,
+    }; NUM_CLASSES]
 }
 
 impl ThreadCache {
     pub(crate) const fn new() -> Self {
         ThreadCache {
             classes: empty_classes(),
-            counts: [0; 2],
+            fresh: 0,
         }
     }
 
@@ -86,7 +113,7 @@ impl ThreadCache {
         if !h.is_null() {
             // SAFETY: `h` is a free block on our list; its first word is the link.
             cc.head = unsafe { (*h).next };
-            cc.len -= 1;
+            cc.lp = cc.lp.wrapping_add(POP);
             // SAFETY: `h` is ours now and of class `c`.
             unsafe { self.hand_out(c, h) };
             return h.cast();
@@ -94,9 +121,8 @@ impl ThreadCache {
         self.refill(pool, c).0
     }
 
-    /// Clears the key word of a block about to be handed out and counts the
-    /// request: a hit if the block was handed out before (key set), else a
-    /// miss.
+    /// Clears the key word of a block about to be handed out, counting a
+    /// miss if the block is fresh (key word zero).
     ///
     /// # Safety
     /// - `h` is a block of class `c` taken off a free list, owned by us.
@@ -104,11 +130,18 @@ impl ThreadCache {
     unsafe fn hand_out(&mut self, c: usize, h: *mut FreeBlock) {
         if has_key(c) {
             // SAFETY: a block of class `c > 0` has a second word (caller).
-            let was_free = unsafe { key_of(h) } != 0;
+            if unsafe { key_of(h) } == 0 {
+                self.count_fresh();
+            }
             // SAFETY: as above.
             unsafe { set_key(h, 0) };
-            self.counts[was_free as usize] += 1;
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn count_fresh(&mut self) {
+        self.fresh += 1;
     }
 
     /// Like [`alloc`](Self::alloc), and says whether the block is fresh
@@ -132,24 +165,25 @@ impl ThreadCache {
         let cc = &mut self.classes[c];
         // SAFETY: `refill` gave us a well-formed chain of `n ≥ 1` free blocks.
         cc.head = unsafe { (*head).next };
-        cc.len = (n - 1) as u32;
+        // The list was empty; the head is handed out now (one request).
+        let requests = cc.take_requests() + 1;
+        cc.lp = (n - 1) as u64;
         if has_key(c) {
             // SAFETY: the head is ours, of class `c`.
             unsafe { self.hand_out(c, head) };
         } else {
-            // No key word: count the batch as it enters the cache.
-            self.counts[0] += carved as u64;
-            self.counts[1] += (n - carved) as u64;
+            // No key word: count fresh blocks as they enter the cache.
+            self.fresh += carved as u64;
         }
-        self.publish(pool);
+        pool.count_requests(requests, core::mem::take(&mut self.fresh));
         // Carved blocks come first, so the head is fresh iff one was carved.
         (head.cast(), carved > 0)
     }
 
-    /// Adds this cache's request counts to the pool's counters.
+    /// Adds this cache's request counts (every class) to the pool's counters.
     pub(crate) fn publish(&mut self, pool: &PoolShared) {
-        let [misses, hits] = core::mem::take(&mut self.counts);
-        pool.count_requests(hits, misses);
+        let requests: u64 = self.classes.iter_mut().map(ClassCache::take_requests).sum();
+        pool.count_requests(requests, core::mem::take(&mut self.fresh));
     }
 
     /// Whether the block `b` of class `c` is on this cache's list or the
@@ -190,14 +224,14 @@ impl ThreadCache {
             unsafe { set_key(b, key) };
         }
         let cc = &mut self.classes[c];
-        if cc.len >= cc.cap {
+        if cc.len() >= CAPS[c] {
             self.flush(pool, c, batch_len(c) as usize);
         }
         let cc = &mut self.classes[c];
         // SAFETY: the caller hands us the block; its first word becomes the link.
         unsafe { (*b).next = cc.head };
         cc.head = b;
-        cc.len += 1;
+        cc.lp += 1;
         true
     }
 
@@ -206,7 +240,7 @@ impl ThreadCache {
     #[inline(never)]
     fn flush(&mut self, pool: &PoolShared, c: usize, n: usize) {
         let cc = &mut self.classes[c];
-        let n = n.min(cc.len as usize);
+        let n = n.min(cc.len() as usize);
         if n == 0 {
             return;
         }
@@ -221,7 +255,7 @@ impl ThreadCache {
             cc.head = (*tail).next;
             (*tail).next = null_mut();
         }
-        cc.len -= n as u32;
+        cc.lp -= n as u64;
         // SAFETY: the chain is `n` free blocks of class `c` of `pool`, ours.
         unsafe { pool.central(c).give_back(pool, c, head, tail, n) };
     }
@@ -229,7 +263,7 @@ impl ThreadCache {
     /// Hands every cached block back to the pool (and publishes the counts).
     pub(crate) fn flush_all(&mut self, pool: &PoolShared) {
         for c in 0..NUM_CLASSES {
-            let len = self.classes[c].len as usize;
+            let len = self.classes[c].len() as usize;
             if len > 0 {
                 self.flush(pool, c, len);
             }
@@ -263,7 +297,7 @@ pub(crate) fn central_alloc(pool: &PoolShared, c: usize) -> (*mut u8, bool) {
     } else {
         carved > 0
     };
-    pool.count_requests(u64::from(!fresh), u64::from(fresh));
+    pool.count_requests(1, u64::from(fresh));
     (h.cast(), carved > 0)
 }
 

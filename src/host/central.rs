@@ -1,26 +1,26 @@
 //! A size class's central free list: where thread caches hand batches back
 //! and refill from, and where spans are mapped, carved and released.
 //!
-//! Frees arrive lock-free through [`TransferStack`] (any thread, one CAS per
-//! batch); refill, growth and trim take the class's [`RawLock`], once per
-//! batch. Accounting invariant, per class, with the lock held and `incoming`
-//! drained:
+//! The list protocol (lock-free frees in through a transfer stack, locked
+//! refills out, counters raised before and lowered after) is
+//! [`CentralList`], loom-modelled on its own; this file adds the spans:
+//! growth, carving, trim, the retain limit. Accounting invariant, per class,
+//! with the lock held and `incoming` drained:
 //! `Σ span.nblocks == blocks in thread caches + blocks in use + free_len + bump_left`.
 
+use super::central_list::{CentralList, Locked};
 use super::pagemap;
 use super::pool::PoolShared;
 use super::size_class::{GRANULE, blocks_per_span, class_size, counts_against_limit, span_bytes};
 use super::span::{self, SpanMeta};
-use super::transfer::{FreeBlock, TransferStack};
+use super::transfer::FreeBlock;
 use crate::os::UnmapBatch;
-use crate::sync::{AtomicUsize, Ordering, RawLock, UnsafeCell};
+use crate::sync::Ordering;
 use core::ptr::null_mut;
 
-/// State guarded by the class lock.
+/// The span bookkeeping guarded by the class lock (beside the free list).
 #[derive(Debug)]
-struct Inner {
-    free: *mut FreeBlock,
-    free_len: usize,
+struct Spans {
     /// Next uncarved block of the newest span and how many remain.
     bump: usize,
     bump_left: usize,
@@ -29,31 +29,23 @@ struct Inner {
     spans: *mut SpanMeta,
 }
 
+// SAFETY: raw addresses of span records owned by the pool, touched only
+// under the class lock.
+unsafe impl Send for Spans {}
+
+/// Everything the class lock guards.
+type Inner = Locked<Spans>;
+
 /// One class's central list.
 #[derive(Debug)]
 pub(crate) struct Central {
-    incoming: TransferStack,
-    incoming_len: AtomicUsize,
-    lock: RawLock,
-    inner: UnsafeCell<Inner>,
+    list: CentralList<Spans>,
 }
-
-// SAFETY: `inner` is only touched with `lock` held; `incoming` is a lock-free
-// structure that is Sync by itself; the raw pointers are addresses of blocks
-// and span records owned by the pool, not thread-bound data.
-unsafe impl Sync for Central {}
-// SAFETY: as above.
-unsafe impl Send for Central {}
 
 impl Central {
     pub(crate) const fn new() -> Self {
         Central {
-            incoming: TransferStack::new(),
-            incoming_len: AtomicUsize::new(0),
-            lock: RawLock::new(),
-            inner: UnsafeCell::new(Inner {
-                free: null_mut(),
-                free_len: 0,
+            list: CentralList::new(Spans {
                 bump: 0,
                 bump_left: 0,
                 bump_span: null_mut(),
@@ -65,54 +57,24 @@ impl Central {
     /// Runs `f` with the lock held and the guarded state.
     #[inline]
     fn locked<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
-        // SAFETY: the lock is held for the whole closure, so the `&mut` is unique.
-        self.lock
-            .with(|| self.inner.with_mut(|p| f(unsafe { &mut *p })))
+        self.list.locked(f)
     }
 
     /// Moves everything from `incoming` onto the locked free list.
     fn drain_incoming(&self, inner: &mut Inner) {
-        let mut head = self.incoming.take_all();
-        if head.is_null() {
-            return;
-        }
-        let mut n = 0usize;
-        let first = head;
-        let mut tail = head;
-        while !head.is_null() {
-            n += 1;
-            tail = head;
-            // SAFETY: a taken chain is ours; every node is a free block.
-            head = unsafe { (*head).next };
-        }
-        // SAFETY: `tail` is the last node of our chain.
-        unsafe { (*tail).next = inner.free };
-        inner.free = first;
-        inner.free_len += n;
-        self.incoming_len.fetch_sub(n, Ordering::Relaxed);
+        self.list.drain_incoming(inner)
     }
 
     /// Free blocks available without mapping (a racy hint when unlocked).
     #[cfg(test)]
     pub(crate) fn available(&self) -> usize {
-        self.locked(|i| i.free_len + i.bump_left) + self.incoming_len.load(Ordering::Relaxed)
+        self.locked(|i| i.free_len + i.bump_left) + self.list.incoming_len()
     }
 
     /// Whether the block `b` is on this class's free list or incoming stack
     /// (takes the lock): the slow half of double-free detection.
     pub(crate) fn holds(&self, b: *mut FreeBlock) -> bool {
-        self.locked(|inner| {
-            self.drain_incoming(inner);
-            let mut cur = inner.free;
-            while !cur.is_null() {
-                if cur == b {
-                    return true;
-                }
-                // SAFETY: the free list's nodes are well-formed free blocks.
-                cur = unsafe { (*cur).next };
-            }
-            false
-        })
+        self.list.holds(b)
     }
 
     /// Takes up to `want` (≥ 1) blocks, mapping a new span if none is free.
@@ -127,30 +89,9 @@ impl Central {
         want: usize,
     ) -> (*mut FreeBlock, usize, usize) {
         let size = class_size(c);
-        let (head, n, carved) = self.locked(|inner| {
-            if inner.free_len < want {
-                self.drain_incoming(inner);
-            }
-            let mut head: *mut FreeBlock = null_mut();
-            let mut n = 0usize;
-            // 1. From the free list: cut the first `k` nodes.
-            let k = want.min(inner.free_len);
-            if k > 0 {
-                head = inner.free;
-                let mut last = head;
-                for _ in 1..k {
-                    // SAFETY: the free list has `free_len ≥ k` well-formed nodes.
-                    last = unsafe { (*last).next };
-                }
-                // SAFETY: `last` is the k-th node.
-                unsafe {
-                    inner.free = (*last).next;
-                    (*last).next = null_mut();
-                }
-                inner.free_len -= k;
-                n = k;
-            }
-            // 2. From the newest span's uncarved tail, mapping one if needed.
+        // 1. From the free list (`take` cuts up to `want` nodes), then
+        let more = |inner: &mut Inner, mut head: *mut FreeBlock, mut n: usize| {
+            // 2. from the newest span's uncarved tail, mapping one if needed.
             if n == 0 && inner.bump_left == 0 && !self.grow(pool, c, inner, false) {
                 return (null_mut(), 0, 0);
             }
@@ -166,13 +107,10 @@ impl Central {
                 n += 1;
             }
             (head, n, n - before)
-        });
-        if n > 0 {
-            // After the take: the blocks were counted before they were
-            // listed (see `give_back`, `grow`), so this never goes below zero.
-            pool.uncache(c, n * size);
-        }
-        (head, n, carved)
+        };
+        // After the take: the blocks were counted before they were listed
+        // (`give_back`, `grow`), so the counters never go below zero.
+        self.list.take(want, more, |n| pool.uncache(c, n * size))
     }
 
     /// Hands a chain of `n` blocks back (lock-free).
@@ -188,12 +126,11 @@ impl Central {
         tail: *mut FreeBlock,
         n: usize,
     ) {
-        // Counted before the push: a refill that takes these blocks
-        // subtracts them only after taking them, so the counters never wrap.
-        let retained = pool.cache(c, n * class_size(c));
-        self.incoming_len.fetch_add(n, Ordering::Relaxed);
         // SAFETY: forwarded from the caller.
-        unsafe { self.incoming.push_chain(head, tail) };
+        let retained = unsafe {
+            self.list
+                .give_back(head, tail, n, || pool.cache(c, n * class_size(c)))
+        };
         if counts_against_limit(c) && retained > pool.retain_limit.load(Ordering::Relaxed) {
             self.enforce_limit(pool, c);
         }
@@ -426,7 +363,7 @@ impl Central {
 
     /// Takes the class lock and keeps it (`pthread_atfork` prepare).
     pub(crate) fn lock_for_fork(&self) {
-        self.lock.lock();
+        self.list.lock_for_fork();
     }
 
     /// Releases the lock taken by [`lock_for_fork`](Self::lock_for_fork).
@@ -435,8 +372,8 @@ impl Central {
     /// - This thread (or, in a forked child, its parent thread) took the lock
     ///   with `lock_for_fork` and has not released it since.
     pub(crate) unsafe fn unlock_after_fork(&self) {
-        // SAFETY: forwarded from the caller: the lock is held by us.
-        unsafe { self.lock.unlock() };
+        // SAFETY: forwarded from the caller.
+        unsafe { self.list.unlock_after_fork() };
     }
 
     /// Unmaps every span (pool teardown), blocks in use and blocks in

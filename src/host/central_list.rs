@@ -57,10 +57,9 @@ unsafe impl<X: Send> Sync for CentralList<X> {}
 // SAFETY: as above.
 unsafe impl<X: Send> Send for CentralList<X> {}
 
-impl<X> CentralList<X> {
-    /// An empty list around `x`.
-    #[cfg(not(tensorpool_loom))]
-    pub const fn new(x: X) -> Self {
+/// The one body of both `CentralList::new`s.
+macro_rules! empty_list {
+    ($x:expr) => {
         CentralList {
             incoming: TransferStack::new(),
             incoming_len: AtomicUsize::new(0),
@@ -68,23 +67,23 @@ impl<X> CentralList<X> {
             state: UnsafeCell::new(Locked {
                 free: null_mut(),
                 free_len: 0,
-                x,
+                x: $x,
             }),
         }
+    };
+}
+
+impl<X> CentralList<X> {
+    /// An empty list around `x` (`const` except under loom, whose
+    /// primitives have no const constructors).
+    #[cfg(not(tensorpool_loom))]
+    pub const fn new(x: X) -> Self {
+        empty_list!(x)
     }
     /// An empty list around `x`.
     #[cfg(tensorpool_loom)]
     pub fn new(x: X) -> Self {
-        CentralList {
-            incoming: TransferStack::new(),
-            incoming_len: AtomicUsize::new(0),
-            lock: RawLock::new(),
-            state: UnsafeCell::new(Locked {
-                free: null_mut(),
-                free_len: 0,
-                x,
-            }),
-        }
+        empty_list!(x)
     }
 
     /// Runs `f` with the lock held and the guarded state.

@@ -13,6 +13,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/tsan"
 cargo +nightly test -Zbuild-std --target x86_64-unknown-linux-gnu --lib -- \
   --test-threads=4 \
   host::tests::item4_owns_races_trim_and_growth \
+  host::tests::item4_owns_then_trim_releases_the_record \
   host::tests::item14_cached_never_wraps \
   host::tests::cross_thread_frees_flow_back \
   host::tests::thread_exit_hands_the_cache_back \

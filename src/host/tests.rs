@@ -513,16 +513,19 @@ fn manages_covers_interior_pointers() {
 }
 
 /// Issue 7 item 4: `owns`/`usable_size`/`manages` on one thread while others
-/// allocate, free across threads and trim (span records are rewritten under
-/// the readers). Run under ThreadSanitizer by `ci/tsan.sh`.
+/// allocate, free across threads and trim, so that span records are
+/// released and reused under the reader (the reader's progress is only a
+/// relaxed counter: it orders nothing). Run under ThreadSanitizer by
+/// `ci/tsan.sh`, which reported the race on the old plain fields.
 #[test]
 fn item4_owns_races_trim_and_growth() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::{Arc, mpsc};
+    use std::time::{Duration, Instant};
     let pool = HostPool::new();
-    let seen: Arc<[AtomicUsize; 64]> = Arc::new([const { AtomicUsize::new(0) }; 64]);
+    let seen: Arc<[AtomicUsize; 16]> = Arc::new([const { AtomicUsize::new(0) }; 16]);
+    let sweeps = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let rounds = if cfg!(debug_assertions) { 300 } else { 2000 };
     let (tx, rx) = mpsc::channel::<(usize, usize)>();
     let freer = {
         let pool = pool.clone();
@@ -534,7 +537,7 @@ fn item4_owns_races_trim_and_growth() {
         })
     };
     let reader = {
-        let (pool, seen, stop) = (pool.clone(), seen.clone(), stop.clone());
+        let (pool, seen, sweeps, stop) = (pool.clone(), seen.clone(), sweeps.clone(), stop.clone());
         std::thread::spawn(move || {
             let mut hits = 0usize;
             while !stop.load(Ordering::Relaxed) {
@@ -544,24 +547,45 @@ fn item4_owns_races_trim_and_growth() {
                     hits += pool.usable_size(p).unwrap_or(0) & 1;
                     hits += usize::from(pool.manages(p.wrapping_add(8)));
                 }
+                sweeps.fetch_add(1, Ordering::Relaxed);
             }
             hits
         })
     };
-    let sizes = [48usize, 4096, 70_000, 1 << 20, 65 << 20];
-    for r in 0..rounds {
-        let size = sizes[r % sizes.len()];
-        let p = pool.allocate(layout(size, 8)).unwrap();
-        seen[r % 64].store(p.as_ptr() as usize, Ordering::Relaxed);
-        if r % 3 == 0 {
-            tx.send((p.as_ptr() as usize, size)).unwrap();
-        } else {
-            // SAFETY: allocated above with this layout.
-            unsafe { pool.deallocate(p, layout(size, 8)) };
+    // Waits (for progress, not for time) until the reader has swept twice.
+    let wait_for_reader = || {
+        let start = sweeps.load(Ordering::Relaxed);
+        let t = Instant::now();
+        while sweeps.load(Ordering::Relaxed) < start + 2 {
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "the reader made no progress"
+            );
+            std::thread::yield_now();
         }
-        if r % 16 == 0 {
-            pool.trim();
+    };
+    let sizes = [48usize, 4096, 70_000, 1 << 20, 3 << 20, 65 << 20];
+    for round in 0..40 {
+        let mut blocks = Vec::new();
+        for (i, slot) in seen.iter().enumerate() {
+            let size = sizes[(round + i) % sizes.len()];
+            let p = pool.allocate(layout(size, 8)).unwrap();
+            slot.store(p.as_ptr() as usize, Ordering::Relaxed);
+            blocks.push((p, size));
         }
+        wait_for_reader();
+        for (i, (p, size)) in blocks.into_iter().enumerate() {
+            if i % 3 == 0 {
+                tx.send((p.as_ptr() as usize, size)).unwrap();
+            } else {
+                // SAFETY: allocated above with this layout.
+                unsafe { pool.deallocate(p, layout(size, 8)) };
+            }
+        }
+        // Span records are released (and reused by the next round's growth)
+        // while the reader still looks at their blocks.
+        pool.trim();
+        wait_for_reader();
     }
     drop(tx);
     freer.join().unwrap();
@@ -569,6 +593,43 @@ fn item4_owns_races_trim_and_growth() {
     reader.join().unwrap();
     pool.trim();
     assert_eq!(pool.stats().reserved_bytes, 0, "{:?}", pool.stats());
+}
+
+/// Issue 7 item 4, the minimal case: one thread asks `owns`/`usable_size`
+/// about a 1 MiB block, then (ordered only by a relaxed flag, so nothing
+/// orders its reads before the writes) the owner frees it and trims, which
+/// releases the span record. ThreadSanitizer (`ci/tsan.sh`) reported this
+/// read/write pair on the old plain record fields.
+#[test]
+fn item4_owns_then_trim_releases_the_record() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let pool = HostPool::new();
+    let l = layout(1 << 20, 64);
+    let p = pool.allocate(l).unwrap();
+    let addr = p.as_ptr() as usize;
+    let phase = Arc::new(AtomicUsize::new(0));
+    let asker = {
+        let (pool, phase) = (pool.clone(), phase.clone());
+        std::thread::spawn(move || {
+            let owned =
+                pool.owns(addr as *const u8) && pool.usable_size(addr as *const u8).is_some();
+            phase.store(1, Ordering::Relaxed);
+            while phase.load(Ordering::Relaxed) != 2 {
+                std::thread::yield_now();
+            }
+            owned
+        })
+    };
+    while phase.load(Ordering::Relaxed) != 1 {
+        std::thread::yield_now();
+    }
+    // SAFETY: allocated above with `l`; the other thread only asked about it.
+    unsafe { pool.deallocate(p, l) };
+    assert!(pool.trim() >= 1 << 20);
+    phase.store(2, Ordering::Relaxed);
+    assert!(asker.join().unwrap());
+    assert!(!pool.owns(addr as *const u8));
 }
 
 /// Issue 7 item 5: when a moving `mremap` fails after the kernel unmapped its

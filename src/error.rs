@@ -226,6 +226,23 @@ pub enum AllocError {
         /// The error as reported.
         message: String,
     },
+    /// A residency budget (offload) has no room for the request and nothing
+    /// can be evicted: everything resident is pinned or loading.
+    #[error(
+        "budget exceeded on {device}: requested {requested} B with {resident} B resident ({pinned} B pinned); budget {budget} B"
+    )]
+    BudgetExceeded {
+        /// The device.
+        device: Device,
+        /// Bytes needed (as the inner backend rounds them).
+        requested: usize,
+        /// Bytes resident at the time (loading included).
+        resident: usize,
+        /// Of those, bytes pinned (not evictable).
+        pinned: usize,
+        /// The budget.
+        budget: usize,
+    },
     /// A wait did not finish in time.
     #[error("timed out after {waited_ms} ms waiting for {what}")]
     Timeout {
@@ -245,6 +262,7 @@ impl AllocError {
                 | AllocError::LimitExceeded { .. }
                 | AllocError::Timeout { .. }
                 | AllocError::Backend { .. }
+                | AllocError::BudgetExceeded { .. }
         )
     }
 }

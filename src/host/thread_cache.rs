@@ -57,7 +57,7 @@ const LEN_MASK: u64 = (1 << LEN_BITS) - 1;
 const POP: u64 = (1 << LEN_BITS) - 1;
 
 /// Per-class cache capacity (≤ 512, so it fits the length bits).
-static CAPS: [u64; NUM_CLASSES] = {
+const CAPS: [u64; NUM_CLASSES] = {
     let mut a = [0u64; NUM_CLASSES];
     let mut c = 0;
     while c < NUM_CLASSES {

@@ -180,15 +180,22 @@ impl<A: GlobalAlloc> TensorGlobalAlloc<A> {
     /// Frees `ptr` without its layout (C `free`) if the pool owns it, found
     /// through the pagemap. Returns `false`, and does nothing, for a pointer
     /// that does not start a block of the pool (null, the inner allocator's,
-    /// anybody else's, an interior pointer) or a detected double free; see
-    /// [`try_free_unsized`](Self::try_free_unsized) to tell them apart.
+    /// anybody else's, an interior pointer: see [`manages`](Self::manages)).
+    /// A detected double free aborts with "double free detected" on stderr,
+    /// as glibc does (it must not reach another allocator either);
+    /// [`try_free_unsized`](Self::try_free_unsized) returns it as an error
+    /// instead.
     ///
     /// # Safety
     /// - If `ptr` is a live block of the pool, it is not used afterwards.
     #[inline]
     pub unsafe fn free_unsized(&self, ptr: *mut u8) -> bool {
         // SAFETY: forwarded from the caller.
-        unsafe { self.try_free_unsized(ptr) }.is_ok()
+        match unsafe { self.try_free_unsized(ptr) } {
+            Ok(()) => true,
+            Err(AllocError::DoubleFree { .. }) => double_free_abort(),
+            Err(_) => false,
+        }
     }
 
     /// Frees `ptr` without its layout, saying why not where it does not:

@@ -122,6 +122,12 @@ pub enum AllocError {
         /// The address.
         addr: usize,
     },
+    /// The block is free already (a double free); nothing was changed.
+    #[error("double free detected: block {addr:#x} of this pool is free already")]
+    DoubleFree {
+        /// The address.
+        addr: usize,
+    },
     /// The allocation's recorded size/alignment disagree with the backend's.
     #[error(
         "allocation {id} says {size} B / align {align}, but the backend recorded {recorded_size} B / align {recorded_align}"

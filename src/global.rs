@@ -172,16 +172,46 @@ impl<A: GlobalAlloc> TensorGlobalAlloc<A> {
         pool().block_info(ptr as usize).is_some()
     }
 
+    /// Whether `ptr` points anywhere into memory the process-wide pool has
+    /// mapped for blocks (a block start, an interior pointer, a free block):
+    /// such a pointer must never reach another allocator's `free`.
+    pub fn manages(&self, ptr: *const u8) -> bool {
+        pool().manages(ptr as usize)
+    }
+
     /// Frees `ptr` without its layout (C `free`) if the pool owns it, found
     /// through the pagemap. Returns `false`, and does nothing, for a pointer
-    /// the pool does not own (null, the inner allocator's, anybody else's).
+    /// that does not start a block of the pool (null, the inner allocator's,
+    /// anybody else's, an interior pointer: see [`manages`](Self::manages)).
+    /// A detected double free aborts with "double free detected" on stderr,
+    /// as glibc does (it must not reach another allocator either);
+    /// [`try_free_unsized`](Self::try_free_unsized) returns it as an error
+    /// instead.
     ///
     /// # Safety
     /// - If `ptr` is a live block of the pool, it is not used afterwards.
     #[inline]
     pub unsafe fn free_unsized(&self, ptr: *mut u8) -> bool {
+        // SAFETY: forwarded from the caller.
+        match unsafe { self.try_free_unsized(ptr) } {
+            Ok(()) => true,
+            Err(AllocError::DoubleFree { .. }) => double_free_abort(),
+            Err(_) => false,
+        }
+    }
+
+    /// Frees `ptr` without its layout, saying why not where it does not:
+    /// [`AllocError::ForeignPointer`] (null, not a block start of the pool;
+    /// [`manages`](Self::manages) tells an interior pointer from another
+    /// allocator's) or [`AllocError::DoubleFree`]. Nothing changes on error.
+    /// Never allocates; the error's `Display` is not needed to branch on it.
+    ///
+    /// # Safety
+    /// - If `ptr` is a live block of the pool, it is not used afterwards.
+    #[inline]
+    pub unsafe fn try_free_unsized(&self, ptr: *mut u8) -> Result<(), AllocError> {
         let Some(p) = NonNull::new(ptr) else {
-            return false;
+            return Err(AllocError::ForeignPointer { addr: 0 });
         };
         if trace::enabled() && self.owns(ptr) {
             // Before the free: the address cannot be handed out again
@@ -189,7 +219,7 @@ impl<A: GlobalAlloc> TensorGlobalAlloc<A> {
             trace::record(TraceOp::Free, ptr, 0, 1);
         }
         // SAFETY: forwarded from the caller; `free_unsized` checks ownership.
-        with_global_cache(|tc| unsafe { pool().free_unsized(tc, p) }).is_ok()
+        with_global_cache(|tc| unsafe { pool().free_unsized(tc, p) })
     }
 
     /// Resizes a pool block without its layout (C `realloc`): in place when
@@ -262,14 +292,29 @@ fn pool_alloc(layout: Layout) -> *mut u8 {
     with_global_cache(|tc| pool().alloc_raw(tc, layout))
 }
 
-/// The hot path of `dealloc`.
+/// The hot path of `dealloc`. A detected double free aborts, as glibc does.
 ///
 /// # Safety
 /// - `ptr` is a live pool block allocated with `layout`, not used afterwards.
 #[inline(always)]
 unsafe fn pool_free(ptr: *mut u8, layout: Layout) {
     // SAFETY: forwarded from the caller; a pool block is non-null.
-    with_global_cache(|tc| unsafe { pool().free(tc, NonNull::new_unchecked(ptr), layout) })
+    let freed =
+        with_global_cache(|tc| unsafe { pool().free(tc, NonNull::new_unchecked(ptr), layout) });
+    if !freed {
+        double_free_abort();
+    }
+}
+
+/// Writes "double free detected" to stderr and aborts (no allocation, no
+/// unwinding out of an allocator).
+#[cold]
+#[inline(never)]
+pub(crate) fn double_free_abort() -> ! {
+    const MSG: &[u8] = b"tensorpool: double free detected\n";
+    // SAFETY: writing a static buffer to fd 2; the result does not matter.
+    unsafe { libc::write(2, MSG.as_ptr().cast(), MSG.len()) };
+    std::process::abort()
 }
 
 // SAFETY: the pool hands out blocks of at least `layout.size()` bytes at
@@ -446,6 +491,9 @@ fn register_atfork() {
     ) {
         Ok(_) => {
             ATFORK_OWNER.store(me, Ordering::Relaxed);
+            // Once per process, before (nearly) any block is freed: a key no
+            // program can know from the binary.
+            pool().rekey();
             // SAFETY: the handlers are `extern "C" fn()` that stay valid for
             // the life of the process. glibc keeps the first handlers in a
             // static array; should it allocate, the re-entrant allocation sees

@@ -67,6 +67,7 @@ pub use crate::{
 #[cfg(tensorpool_loom)]
 #[doc(hidden)]
 pub mod loom_exports {
+    pub use crate::host::central_list::{CentralList, Locked};
     pub use crate::host::transfer::TransferStack;
     pub use crate::meta::id::IdIssuer;
     pub use crate::sync::RawLock;

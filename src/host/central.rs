@@ -1,27 +1,27 @@
 //! A size class's central free list: where thread caches hand batches back
 //! and refill from, and where spans are mapped, carved and released.
 //!
-//! Frees arrive lock-free through [`TransferStack`] (any thread, one CAS per
-//! batch); refill, growth and trim take the class's [`RawLock`], once per
-//! batch. Accounting invariant, per class, with the lock held and `incoming`
-//! drained:
+//! The list protocol (lock-free frees in through a transfer stack, locked
+//! refills out, counters raised before and lowered after) is
+//! [`CentralList`], loom-modelled on its own; this file adds the spans:
+//! growth, carving, trim, the retain limit. Accounting invariant, per class,
+//! with the lock held and `incoming` drained:
 //! `Σ span.nblocks == blocks in thread caches + blocks in use + free_len + bump_left`.
 
+use super::central_list::{CentralList, Locked};
 use super::large;
 use super::pagemap;
 use super::pool::PoolShared;
-use super::size_class::{GRANULE, blocks_per_span, class_size, span_bytes};
+use super::size_class::{GRANULE, blocks_per_span, class_size, counts_against_limit, span_bytes};
 use super::span::{self, SpanMeta};
-use super::transfer::{FreeBlock, TransferStack};
+use super::transfer::FreeBlock;
 use crate::os::UnmapBatch;
-use crate::sync::{AtomicUsize, Ordering, RawLock, UnsafeCell};
+use crate::sync::Ordering;
 use core::ptr::null_mut;
 
-/// State guarded by the class lock.
+/// The span bookkeeping guarded by the class lock (beside the free list).
 #[derive(Debug)]
-struct Inner {
-    free: *mut FreeBlock,
-    free_len: usize,
+struct Spans {
     /// Next uncarved block of the newest span and how many remain.
     bump: usize,
     bump_left: usize,
@@ -30,50 +30,23 @@ struct Inner {
     spans: *mut SpanMeta,
 }
 
-/// Unlinks span `s` from the class's span list.
-///
-/// # Safety
-/// - `s` is a live record on `inner`'s span list; the class lock is held.
-unsafe fn unlink_span(inner: &mut Inner, s: *mut SpanMeta) {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        let (prev, next) = ((*s).prev, (*s).next);
-        if prev.is_null() {
-            inner.spans = next;
-        } else {
-            (*prev).next = next;
-        }
-        if !next.is_null() {
-            (*next).prev = prev;
-        }
-    }
-}
+// SAFETY: raw addresses of span records owned by the pool, touched only
+// under the class lock.
+unsafe impl Send for Spans {}
+
+/// Everything the class lock guards.
+type Inner = Locked<Spans>;
 
 /// One class's central list.
 #[derive(Debug)]
 pub(crate) struct Central {
-    incoming: TransferStack,
-    incoming_len: AtomicUsize,
-    lock: RawLock,
-    inner: UnsafeCell<Inner>,
+    list: CentralList<Spans>,
 }
-
-// SAFETY: `inner` is only touched with `lock` held; `incoming` is a lock-free
-// structure that is Sync by itself; the raw pointers are addresses of blocks
-// and span records owned by the pool, not thread-bound data.
-unsafe impl Sync for Central {}
-// SAFETY: as above.
-unsafe impl Send for Central {}
 
 impl Central {
     pub(crate) const fn new() -> Self {
         Central {
-            incoming: TransferStack::new(),
-            incoming_len: AtomicUsize::new(0),
-            lock: RawLock::new(),
-            inner: UnsafeCell::new(Inner {
-                free: null_mut(),
-                free_len: 0,
+            list: CentralList::new(Spans {
                 bump: 0,
                 bump_left: 0,
                 bump_span: null_mut(),
@@ -85,56 +58,45 @@ impl Central {
     /// Runs `f` with the lock held and the guarded state.
     #[inline]
     fn locked<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
-        // SAFETY: the lock is held for the whole closure, so the `&mut` is unique.
-        self.lock
-            .with(|| self.inner.with_mut(|p| f(unsafe { &mut *p })))
+        self.list.locked(f)
     }
 
     /// Moves everything from `incoming` onto the locked free list.
     fn drain_incoming(&self, inner: &mut Inner) {
-        let mut head = self.incoming.take_all();
-        if head.is_null() {
-            return;
-        }
-        let mut n = 0usize;
-        let first = head;
-        let mut tail = head;
-        while !head.is_null() {
-            n += 1;
-            tail = head;
-            // SAFETY: a taken chain is ours; every node is a free block.
-            head = unsafe { (*head).next };
-        }
-        // SAFETY: `tail` is the last node of our chain.
-        unsafe { (*tail).next = inner.free };
-        inner.free = first;
-        inner.free_len += n;
-        self.incoming_len.fetch_sub(n, Ordering::Relaxed);
+        self.list.drain_incoming(inner)
     }
 
     /// Free blocks available without mapping (a racy hint when unlocked).
     #[cfg(test)]
     pub(crate) fn available(&self) -> usize {
-        self.locked(|i| i.free_len + i.bump_left) + self.incoming_len.load(Ordering::Relaxed)
+        self.locked(|i| i.free_len + i.bump_left) + self.list.incoming_len()
+    }
+
+    /// Whether the block `b` is on this class's free list or incoming stack
+    /// (takes the lock): the slow half of double-free detection.
+    pub(crate) fn holds(&self, b: *mut FreeBlock) -> bool {
+        self.list.holds(b)
     }
 
     /// Takes up to `want` (≥ 1) blocks, mapping a new span if none is free.
     /// Returns the chain's head (null only if the OS refused memory), its
-    /// length, and whether the head is *fresh*: carved from a span's
-    /// never-used tail, so every byte of it but the link word reads zero.
+    /// length, and how many of its first blocks are *fresh*: carved from a
+    /// span's never-used tail, so every byte of them but the link word
+    /// reads zero.
     ///
     /// A one-block class with nothing free first runs `before_steal` (the
     /// caller's thread cache hands back its idle big blocks of other
-    /// classes), then takes a
-    /// neighbouring class's free span ([`large::steal`]), and maps only if
-    /// neither has one.
+    /// classes), then takes a neighbouring class's free span
+    /// ([`large::steal`]; the block counts as not fresh, and its key word is
+    /// cleared when it is handed out, as for any block off a free list), and
+    /// maps only if neither has one.
     pub(crate) fn refill(
         &self,
         pool: &PoolShared,
         c: usize,
         want: usize,
         before_steal: impl FnOnce(),
-    ) -> (*mut FreeBlock, usize, bool) {
+    ) -> (*mut FreeBlock, usize, usize) {
         if large::is_one_block(c) {
             let got = self.refill_with(pool, c, want, false);
             if got.1 > 0 {
@@ -144,7 +106,7 @@ impl Central {
             if let Some(b) = large::steal(pool, c) {
                 // SAFETY: the span's one block, ours; its link word is ours to write.
                 unsafe { (*b).next = null_mut() };
-                return (b, 1, false);
+                return (b, 1, 0);
             }
         }
         self.refill_with(pool, c, want, true)
@@ -158,40 +120,19 @@ impl Central {
         c: usize,
         want: usize,
         may_grow: bool,
-    ) -> (*mut FreeBlock, usize, bool) {
+    ) -> (*mut FreeBlock, usize, usize) {
         let size = class_size(c);
-        let (head, n, fresh) = self.locked(|inner| {
-            if inner.free_len < want {
-                self.drain_incoming(inner);
-            }
-            let mut head: *mut FreeBlock = null_mut();
-            let mut n = 0usize;
-            // 1. From the free list: cut the first `k` nodes.
-            let k = want.min(inner.free_len);
-            if k > 0 {
-                head = inner.free;
-                let mut last = head;
-                for _ in 1..k {
-                    // SAFETY: the free list has `free_len ≥ k` well-formed nodes.
-                    last = unsafe { (*last).next };
-                }
-                // SAFETY: `last` is the k-th node.
-                unsafe {
-                    inner.free = (*last).next;
-                    (*last).next = null_mut();
-                }
-                inner.free_len -= k;
-                n = k;
-            }
-            // 2. From the newest span's uncarved tail, mapping one if needed.
+        // 1. From the free list (`take` cuts up to `want` nodes), then
+        let more = |inner: &mut Inner, mut head: *mut FreeBlock, mut n: usize| {
+            // 2. from the newest span's uncarved tail, mapping one if needed.
             if n == 0
                 && inner.bump_left == 0
                 && !(may_grow && self.grow(pool, c, inner, false, None))
             {
-                return (null_mut(), 0, false);
+                return (null_mut(), 0, 0);
             }
-            // Carved blocks go to the front, so the head is fresh iff one is carved.
-            let fresh = n < want && inner.bump_left > 0;
+            // Carved blocks go to the front of the chain.
+            let before = n;
             while n < want && inner.bump_left > 0 {
                 let b = inner.bump as *mut FreeBlock;
                 // SAFETY: `b` is an uncarved block inside our mapped span.
@@ -201,12 +142,11 @@ impl Central {
                 inner.bump_left -= 1;
                 n += 1;
             }
-            (head, n, fresh)
-        });
-        if n > 0 {
-            pool.cached.fetch_sub(n * size, Ordering::Relaxed);
-        }
-        (head, n, fresh)
+            (head, n, n - before)
+        };
+        // After the take: the blocks were counted before they were listed
+        // (`give_back`, `grow`), so the counters never go below zero.
+        self.list.take(want, more, |n| pool.uncache(c, n * size))
     }
 
     /// Hands a chain of `n` blocks back (lock-free).
@@ -222,27 +162,29 @@ impl Central {
         tail: *mut FreeBlock,
         n: usize,
     ) {
-        self.incoming_len.fetch_add(n, Ordering::Relaxed);
         // SAFETY: forwarded from the caller.
-        unsafe { self.incoming.push_chain(head, tail) };
-        let size = class_size(c);
-        let cached = pool.cached.fetch_add(n * size, Ordering::Relaxed) + n * size;
-        if blocks_per_span(c) == 1 {
+        let retained = unsafe {
+            self.list
+                .give_back(head, tail, n, || pool.cache(c, n * class_size(c)))
+        };
+        if large::is_one_block(c) {
             pool.large_free.set(c);
-            if cached > pool.retain_limit.load(Ordering::Relaxed) {
-                self.enforce_limit(pool, c);
-            }
+        }
+        if counts_against_limit(c) && retained > pool.retain_limit.load(Ordering::Relaxed) {
+            self.enforce_limit(pool, c);
         }
     }
 
     /// Whether blocks wait on the lock-free incoming stack (a racy hint).
     pub(crate) fn has_incoming(&self) -> bool {
-        self.incoming_len.load(Ordering::Relaxed) > 0
+        self.list.incoming_len() > 0
     }
 
     /// Takes one free span of this one-block class off the class: its block
     /// off the free list (or the uncarved bump block), the span off the span
-    /// list. `None` if the class has none free.
+    /// list, its bytes off the cached (and retained) counters. `None` if the
+    /// class has none free. The block keeps what its word 1 holds (the key,
+    /// or zero if never handed out); the caller hands it out or lists it.
     pub(crate) fn take_span(&self, pool: &PoolShared, c: usize) -> Option<*mut SpanMeta> {
         debug_assert!(blocks_per_span(c) == 1);
         let s = self.locked(|inner| {
@@ -262,33 +204,30 @@ impl Central {
             };
             let s = pagemap::lookup(b);
             debug_assert!(!s.is_null());
-            // SAFETY: a live span of this class, under its lock; one block,
-            // now off every list, so the span is wholly free.
-            unsafe { unlink_span(inner, s) };
+            // SAFETY: a live span of this class, on its list, under its lock;
+            // one block, now off every list, so the span is wholly free.
+            unsafe { span::unlink(&mut inner.spans, s) };
             Some(s)
         })?;
-        pool.cached.fetch_sub(class_size(c), Ordering::Relaxed);
+        // After the take, as in `refill`: counters never go below the lists.
+        pool.uncache(c, class_size(c));
         Some(s)
     }
 
     /// Links a span (taken from another class and resized) into this
-    /// class's span list. Its block is in use by the caller.
+    /// class's span list and makes this pool its owner.
     ///
     /// # Safety
     /// - `s` is a live record of `pool` on no span list, describing one block
     ///   of class `c`.
     pub(crate) unsafe fn adopt_span(&self, pool: &PoolShared, c: usize, s: *mut SpanMeta) {
         debug_assert!(blocks_per_span(c) == 1);
-        // SAFETY: the record is the caller's (contract); the list is edited
-        // under the lock.
+        // SAFETY: the record is the caller's (contract); `owner` is an
+        // atomic (lock-free readers), the links are edited under the lock.
         self.locked(|inner| unsafe {
-            (*s).owner = pool as *const PoolShared as usize;
-            (*s).prev = null_mut();
-            (*s).next = inner.spans;
-            if !inner.spans.is_null() {
-                (*inner.spans).prev = s;
-            }
-            inner.spans = s;
+            (*s).owner
+                .store(pool as *const PoolShared as usize, Ordering::Relaxed);
+            span::push_front(&mut inner.spans, s);
         })
     }
 
@@ -328,35 +267,32 @@ impl Central {
         let nblocks = blocks_per_span(c);
         // SAFETY: `rec` is a fresh zeroed record we own.
         unsafe {
-            (*rec).base = base;
-            (*rec).len = len;
-            (*rec).block = class_size(c);
-            (*rec).nblocks = nblocks as u32;
-            (*rec).class = c as u16;
-            (*rec).owner = pool as *const PoolShared as usize;
-            (*rec).prev = null_mut();
-            (*rec).next = inner.spans;
-            if !inner.spans.is_null() {
-                (*inner.spans).prev = rec;
-            }
+            (*rec).init(
+                base,
+                len,
+                class_size(c),
+                nblocks as u32,
+                c as u16,
+                pool as *const PoolShared as usize,
+            );
         }
         if !pagemap::register(base, len, rec) {
-            // SAFETY: the record is not yet linked into `spans` (we only set its
-            // own `next`), and the mapping was never handed out.
+            // SAFETY: the record is on no list and the mapping was never
+            // handed out.
             unsafe {
                 span::free_record(rec);
                 crate::os::unmap(core::ptr::NonNull::new_unchecked(base as *mut u8), len);
             }
             return false;
         }
-        inner.spans = rec;
+        // SAFETY: a live record on no list; the class lock is held.
+        unsafe { span::push_front(&mut inner.spans, rec) };
         // The previous bump span's leftover blocks become ordinary free blocks.
         self.retire_bump(c, inner);
         inner.bump = base;
         inner.bump_left = nblocks;
         inner.bump_span = rec;
-        pool.cached
-            .fetch_add(nblocks * class_size(c), Ordering::Relaxed);
+        pool.cache(c, nblocks * class_size(c));
         pool.reserved.add(len as u64);
         pool.segments.add(1);
         pool.grows.fetch_add(1, Ordering::Relaxed);
@@ -424,7 +360,7 @@ impl Central {
                 }
                 mapped += len;
             }
-            if blocks_per_span(c) == 1 && inner.free_len + inner.bump_left > 0 {
+            if large::is_one_block(c) && inner.free_len + inner.bump_left > 0 {
                 pool.large_free.set(c);
             }
             Some(mapped)
@@ -444,8 +380,8 @@ impl Central {
     ) -> usize {
         // SAFETY: `s` is a live record of this class (caller); list edits under the lock.
         unsafe {
-            let (base, len) = ((*s).base, (*s).len);
-            unlink_span(inner, s);
+            let (base, len) = ((*s).base(), (*s).len());
+            span::unlink(&mut inner.spans, s);
             if inner.bump_span == s {
                 inner.bump_span = null_mut();
                 inner.bump_left = 0;
@@ -497,7 +433,7 @@ impl Central {
                 // SAFETY: as above.
                 let (s, next) = unsafe { (pagemap::lookup(b as usize), (*b).next) };
                 // SAFETY: as above.
-                if unsafe { (*s).free_seen == (*s).nblocks } {
+                if unsafe { (*s).free_seen == (*s).nblocks() } {
                     dropped += 1;
                 } else {
                     if discard && size >= 2 * crate::os::PAGE {
@@ -524,7 +460,7 @@ impl Central {
             let bump_blocks_released = {
                 let bs = inner.bump_span;
                 // SAFETY: live record when non-null.
-                if !bs.is_null() && unsafe { (*bs).free_seen == (*bs).nblocks } {
+                if !bs.is_null() && unsafe { (*bs).free_seen == (*bs).nblocks() } {
                     inner.bump_left
                 } else {
                     0
@@ -535,7 +471,7 @@ impl Central {
                 // SAFETY: live records of this class, under the lock.
                 let next = unsafe { (*s).next };
                 // SAFETY: as above.
-                if unsafe { (*s).free_seen == (*s).nblocks } {
+                if unsafe { (*s).free_seen == (*s).nblocks() } {
                     // SAFETY: all its blocks are free and no longer on any list.
                     released += unsafe { self.release_span(pool, inner, s, out) };
                 } else {
@@ -544,8 +480,7 @@ impl Central {
                 }
                 s = next;
             }
-            pool.cached
-                .fetch_sub((dropped + bump_blocks_released) * size, Ordering::Relaxed);
+            pool.uncache(c, (dropped + bump_blocks_released) * size);
             released + discarded
         })
     }
@@ -558,7 +493,7 @@ impl Central {
         let mut unmaps = UnmapBatch::new();
         self.locked(|inner| {
             self.drain_incoming(inner);
-            while pool.cached.load(Ordering::Relaxed) > pool.retain_limit.load(Ordering::Relaxed)
+            while pool.retained.load(Ordering::Relaxed) > pool.retain_limit.load(Ordering::Relaxed)
                 && !inner.free.is_null()
             {
                 let b = inner.free;
@@ -569,14 +504,14 @@ impl Central {
                     let s = pagemap::lookup(b as usize);
                     self.release_span(pool, inner, s, &mut unmaps);
                 }
-                pool.cached.fetch_sub(size, Ordering::Relaxed);
+                pool.uncache(c, size);
             }
         })
     }
 
     /// Takes the class lock and keeps it (`pthread_atfork` prepare).
     pub(crate) fn lock_for_fork(&self) {
-        self.lock.lock();
+        self.list.lock_for_fork();
     }
 
     /// Releases the lock taken by [`lock_for_fork`](Self::lock_for_fork).
@@ -585,14 +520,16 @@ impl Central {
     /// - This thread (or, in a forked child, its parent thread) took the lock
     ///   with `lock_for_fork` and has not released it since.
     pub(crate) unsafe fn unlock_after_fork(&self) {
-        // SAFETY: forwarded from the caller: the lock is held by us.
-        unsafe { self.lock.unlock() };
+        // SAFETY: forwarded from the caller.
+        unsafe { self.list.unlock_after_fork() };
     }
 
-    /// Unmaps every span (pool teardown).
+    /// Unmaps every span (pool teardown), blocks in use and blocks in
+    /// thread caches included.
     ///
     /// # Safety
-    /// - No block of this class is in use or cached anywhere but here.
+    /// - Nothing touches a block of this class afterwards (the last handle
+    ///   is gone: thread caches forget their blocks without touching them).
     pub(crate) unsafe fn release_all(&self, pool: &PoolShared) {
         let mut unmaps = UnmapBatch::new();
         self.locked(|inner| {

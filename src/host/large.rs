@@ -20,6 +20,7 @@
 //! centrally: set when a block is given back (or prewarmed), cleared when a
 //! would-be donor turns out empty; a stale bit costs one lock.
 
+use super::guard::set_key;
 use super::pool::PoolShared;
 use super::size_class::{NUM_CLASSES, blocks_per_span, class_size, span_bytes};
 use super::transfer::FreeBlock;
@@ -116,7 +117,7 @@ pub(crate) fn steal(pool: &PoolShared, c: usize) -> Option<*mut FreeBlock> {
         };
         // SAFETY: `take_span` handed us the span: on no list, no block of it
         // in use, so its record and pages are ours until adopted.
-        let (base, len) = unsafe { ((*rec).base, (*rec).len) };
+        let (base, len) = unsafe { ((*rec).base(), (*rec).len()) };
         // SAFETY: base is a mapped span start, non-null.
         let p = unsafe { NonNull::new_unchecked(base as *mut u8) };
         let p = if len > need {
@@ -128,12 +129,17 @@ pub(crate) fn steal(pool: &PoolShared, c: usize) -> Option<*mut FreeBlock> {
             match unsafe { pool.huge.grow(pool, p, need) } {
                 Some(q) => q,
                 None => {
-                    // The OS refused: the span goes back to its class.
+                    // The OS refused: the span goes back to its class, its
+                    // block free again (carrying the key, as every block on
+                    // a free list does).
+                    let b = base as *mut FreeBlock;
                     // SAFETY: ours, unchanged by the failed grow; its one
-                    // block is free and of class `d`.
+                    // block is free, of class `d > 0` (16 bytes and more).
                     unsafe {
                         pool.central(d).adopt_span(pool, d, rec);
-                        super::thread_cache::central_free(pool, d, base as *mut u8);
+                        set_key(b, pool.key());
+                        (*b).next = core::ptr::null_mut();
+                        pool.central(d).give_back(pool, d, b, b, 1);
                     }
                     return None;
                 }
@@ -142,10 +148,12 @@ pub(crate) fn steal(pool: &PoolShared, c: usize) -> Option<*mut FreeBlock> {
             p
         };
         // SAFETY: ours; the record now describes the one block of class `c`.
+        // Atomic stores: a lock-free reader with a stale pointer (`owns`,
+        // `usable_size`) may be looking at the record meanwhile.
         unsafe {
-            (*rec).block = class_size(c);
-            (*rec).nblocks = 1;
-            (*rec).class = c as u16;
+            (*rec).block.store(class_size(c), Ordering::Relaxed);
+            (*rec).nblocks.store(1, Ordering::Relaxed);
+            (*rec).class.store(c as u16, Ordering::Relaxed);
             pool.central(c).adopt_span(pool, c, rec);
         }
         return Some(p.as_ptr().cast());
@@ -310,6 +318,67 @@ mod tests {
         for (p, l) in live {
             // SAFETY: allocated above with `l`.
             unsafe { pool.deallocate(p, l) };
+        }
+    }
+
+    /// Word 1 of a block (where a free block carries its pool's key).
+    fn key_word(p: NonNull<u8>) -> usize {
+        // SAFETY: a live block of ≥ 16 bytes, 8-aligned.
+        unsafe { p.as_ptr().cast::<usize>().add(1).read() }
+    }
+
+    /// A span that moves to another class (shrunk or grown, its block taken
+    /// off the donor's free list, key and all) is handed out with a clear
+    /// key word, frees normally as a block of its new class however the
+    /// program filled it, and a second free of it is still detected: no
+    /// stale key makes a first free look like a double one, and the span is
+    /// on its new class's lists only.
+    #[test]
+    fn an_adopted_span_frees_as_its_new_class_and_double_frees_are_caught() {
+        // Down (tail unmapped), checked in the thread cache; up (grown with
+        // mremap), checked on the central list.
+        for (from, to, flush) in [(20 * MIB, 11 * MIB, false), (9 * MIB, 15 * MIB, true)] {
+            let what = format!("{from} -> {to}");
+            let pool = HostPool::new();
+            let a = pool.allocate(layout(from)).unwrap();
+            // SAFETY: a live block of ours: word 1 now carries the key.
+            unsafe { pool.free(a).unwrap() };
+            let l = layout(to);
+            let b = pool.allocate(l).unwrap();
+            assert_eq!(pool.stats().os_maps, 1, "{what}: the span was reused");
+            assert_eq!(key_word(b), 0, "{what}: handed out with the key cleared");
+            assert_eq!(pool.usable_size(b.as_ptr()), Some(class_size(class_of(to))));
+            // The program fills all of it, word 1 included.
+            // SAFETY: a live block of `to` bytes.
+            unsafe { b.as_ptr().write_bytes(0xA5, to) };
+            // SAFETY: a live block of ours, freed once.
+            unsafe { pool.free(b) }.expect("a first free is not a double free");
+            if flush {
+                pool.flush_thread_cache();
+            }
+            // SAFETY: `b` is free: the pool must refuse it and change nothing.
+            let e = unsafe { pool.free(b) }.unwrap_err();
+            assert_eq!(
+                e,
+                crate::error::AllocError::DoubleFree {
+                    addr: b.as_ptr() as usize
+                },
+                "{what}"
+            );
+            // The block is on its new class's lists once, on no other's.
+            let c = pool.allocate(l).unwrap();
+            let d = pool.allocate(l).unwrap();
+            assert_eq!(c, b, "{what}");
+            assert_ne!(c, d, "{what}: one block handed out twice");
+            assert_eq!(pool.stats().os_maps, 2, "{what}");
+            // SAFETY: allocated above with `l`.
+            unsafe {
+                pool.free(d).unwrap();
+                pool.free(c).unwrap();
+            }
+            pool.flush_thread_cache();
+            assert!(pool.trim() > 0);
+            assert_eq!(pool.stats().reserved_bytes, 0, "{what}");
         }
     }
 

@@ -86,3 +86,40 @@ fn prewarm_maps_the_spans_of_a_class_as_one_range() {
     assert!(pool.trim() >= count * size);
     assert_eq!(pool.stats().reserved_bytes, 0);
 }
+
+/// A cached huge block resized for another request (`huge::pick_resize`:
+/// grown, possibly moved by `mremap`, or shrunk) is handed out with its key
+/// word clear: its first free is not taken for a double free, however the
+/// program filled it, and a second free is still caught.
+#[test]
+fn a_resized_huge_block_frees_normally_and_double_frees_are_caught() {
+    const MIB: usize = 1 << 20;
+    let pool = HostPool::new();
+    let first = Layout::from_size_align(100 * MIB, 64).unwrap();
+    let p = pool.allocate(first).unwrap();
+    // SAFETY: a live block of ours: cached, word 1 carries the key.
+    unsafe { pool.free(p).unwrap() };
+    // Grown (100 → 150 MiB), then shrunk (150 → 90 MiB).
+    for size in [150 * MIB, 90 * MIB] {
+        let l = Layout::from_size_align(size, 64).unwrap();
+        let b = pool.allocate(l).unwrap();
+        assert_eq!(pool.stats().os_maps, 1, "{size}: resized, not mapped");
+        // SAFETY: a live block of ≥ 16 bytes.
+        let key = unsafe { b.as_ptr().cast::<usize>().add(1).read() };
+        assert_eq!(key, 0, "{size}: handed out with the key cleared");
+        // SAFETY: a live block of `size` bytes.
+        unsafe { b.as_ptr().write_bytes(0x5A, size) };
+        // SAFETY: a live block of ours, freed once.
+        unsafe { pool.free(b) }.expect("a first free is not a double free");
+        // SAFETY: `b` is cached: the pool must refuse it.
+        let e = unsafe { pool.free(b) }.unwrap_err();
+        assert_eq!(
+            e,
+            crate::error::AllocError::DoubleFree {
+                addr: b.as_ptr() as usize
+            }
+        );
+    }
+    assert_eq!(pool.trim(), 90 * MIB);
+    assert_eq!(pool.stats().reserved_bytes, 0);
+}

@@ -17,6 +17,8 @@ cargo +nightly test -Zbuild-std --target x86_64-unknown-linux-gnu --lib -- \
   host::tests::item14_cached_never_wraps \
   host::tests::cross_thread_frees_flow_back \
   host::tests::thread_exit_hands_the_cache_back \
-  host::tests::item2_double_free_is_detected_in_cache_central_and_huge
+  host::tests::item2_double_free_is_detected_in_cache_central_and_huge \
+  host::large::tests::steals_race_lock_free_readers_and_cross_thread_frees \
+  host::large::tests::spans_freed_on_another_thread_are_reused_too
 cargo +nightly test -Zbuild-std --target x86_64-unknown-linux-gnu --test host_pool_rss -- \
   item6_worker_cache_does_not_keep_dropped_pools_mapped

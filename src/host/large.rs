@@ -382,6 +382,104 @@ mod tests {
         }
     }
 
+    /// Spans change class (shrunk, grown, moved by `mremap`) while another
+    /// thread frees into the donor classes and a third reads span records
+    /// lock-free (`owns`, `usable_size`, `manages` on addresses that were
+    /// blocks a moment ago). Every block the allocating thread gets is whole
+    /// and sized for its class; run under ThreadSanitizer by `ci/tsan.sh`
+    /// (the records' fields are atomics).
+    #[test]
+    fn steals_race_lock_free_readers_and_cross_thread_frees() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::{Arc, mpsc};
+        use std::time::{Duration, Instant};
+        let pool = HostPool::new();
+        let seen: Arc<[AtomicUsize; 8]> = Arc::new([const { AtomicUsize::new(0) }; 8]);
+        let sweeps = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel::<(usize, usize)>();
+        let freer = {
+            let pool = pool.clone();
+            std::thread::spawn(move || {
+                for (p, size) in rx {
+                    // SAFETY: handed over whole by the allocating thread.
+                    unsafe { pool.deallocate(NonNull::new(p as *mut u8).unwrap(), layout(size)) };
+                }
+                pool.flush_thread_cache();
+            })
+        };
+        let reader = {
+            let (pool, seen, sweeps, stop) =
+                (pool.clone(), seen.clone(), sweeps.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut hits = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    for s in seen.iter() {
+                        let p = s.load(Ordering::Relaxed) as *const u8;
+                        hits += usize::from(pool.owns(p));
+                        hits += pool.usable_size(p).unwrap_or(0) & 1;
+                        hits += usize::from(pool.manages(p.wrapping_add(4096)));
+                    }
+                    sweeps.fetch_add(1, Ordering::Relaxed);
+                }
+                hits
+            })
+        };
+        let mut rng = 0x9E37_79B9u64;
+        let mut next = |n: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % n as u64) as usize
+        };
+        for round in 0..24 {
+            let mut blocks = Vec::new();
+            for slot in seen.iter() {
+                let size = 5 * MIB + next(20 * MIB);
+                let p = pool.allocate(layout(size)).unwrap();
+                assert_eq!(
+                    pool.usable_size(p.as_ptr()),
+                    Some(class_size(class_of(size)))
+                );
+                // SAFETY: a live block of `size` bytes.
+                unsafe {
+                    p.as_ptr().write(round as u8);
+                    p.as_ptr().add(size - 1).write(round as u8);
+                }
+                slot.store(p.as_ptr() as usize, Ordering::Relaxed);
+                blocks.push((p, size));
+            }
+            for &(p, size) in &blocks {
+                // SAFETY: live blocks written above; none overlaps another.
+                unsafe {
+                    assert_eq!(p.as_ptr().read(), round as u8);
+                    assert_eq!(p.as_ptr().add(size - 1).read(), round as u8);
+                }
+            }
+            // Waits for progress (the reader swept at least once), not time.
+            let (start, t) = (sweeps.load(Ordering::Relaxed), Instant::now());
+            while sweeps.load(Ordering::Relaxed) <= start {
+                assert!(t.elapsed() < Duration::from_secs(120), "reader stuck");
+                std::thread::yield_now();
+            }
+            for (i, (p, size)) in blocks.into_iter().enumerate() {
+                if i % 2 == 0 {
+                    tx.send((p.as_ptr() as usize, size)).unwrap();
+                } else {
+                    // SAFETY: allocated above with this layout.
+                    unsafe { pool.deallocate(p, layout(size)) };
+                }
+            }
+        }
+        drop(tx);
+        freer.join().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        reader.join().unwrap();
+        pool.flush_thread_cache();
+        pool.trim();
+        assert_eq!(pool.stats().reserved_bytes, 0, "every span accounted for");
+    }
+
     #[test]
     fn donor_prefers_the_nearest_bigger_then_smaller_within_twice() {
         let c = class_of(12 * MIB);

@@ -15,8 +15,11 @@
 //! - forged or mismatched allocations are typed errors and change nothing.
 #![cfg(feature = "remote")]
 
+mod remote_common;
+
+use remote_common::{eventually, pattern};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tensorpool::backend::remote::{CHUNK, MemoryStore, RemoteBackend, RemoteConfig};
 use tensorpool::{
     Addr, AllocError, AllocRequest, Allocation, DType, Device, TensorAllocator, TensorBuf,
@@ -35,30 +38,6 @@ fn slow_timer() -> RemoteConfig {
         flush_interval: Duration::from_millis(500),
         ..RemoteConfig::default()
     }
-}
-
-/// Waits (polling, at most 20 s) for `cond`; false if it never held.
-fn eventually(mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    cond()
-}
-
-fn pattern(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 #[test]
@@ -299,20 +278,7 @@ fn a_failed_batch_fails_every_waiter_with_the_same_error() {
     for (i, a) in ts.iter().enumerate() {
         b.write(a, 0, &pattern(CHUNK + 10, i as u64)).unwrap();
     }
-    let waiters: Vec<_> = (0..3)
-        .map(|i| {
-            let b = b.clone();
-            let a = ts[i.min(1)];
-            std::thread::spawn(move || {
-                if i == 2 {
-                    b.synchronize()
-                } else {
-                    let mut buf = vec![0u8; 12];
-                    b.read(&a, CHUNK - 3, &mut buf)
-                }
-            })
-        })
-        .collect();
+    let waiters = remote_common::waiters(&b, ts[0], ts[1], CHUNK - 3, 12);
     assert!(
         eventually(|| store.stalled_calls() == 1),
         "flusher in flight"
@@ -324,8 +290,8 @@ fn a_failed_batch_fails_every_waiter_with_the_same_error() {
     };
     store.fail_next(1, injected.clone());
     store.release();
-    for w in waiters {
-        assert_eq!(w.join().unwrap(), Err(injected.clone()));
+    for r in remote_common::join_all(waiters) {
+        assert_eq!(r, Err(injected.clone()));
     }
     // The third tensor had no waiter: it reports the failure on next use.
     let mut buf = [0u8; 4];

@@ -59,7 +59,8 @@ pub struct RemoteConfig {
     /// Send a batch when it holds this many writes and frees (default 1024).
     pub flush_ops: usize,
     /// A writer that finds more than this queued waits for the flush
-    /// (default 256 MiB; at least `flush_bytes`).
+    /// (default 64 MiB; at least `flush_bytes`). With `cache_bytes` it
+    /// bounds the local memory that tensor bytes can take.
     pub max_queued_bytes: usize,
     /// The longest any call waits for the flusher (default 30 s).
     pub wait_timeout: Duration,
@@ -79,7 +80,7 @@ impl Default for RemoteConfig {
             flush_interval: Duration::from_millis(2),
             flush_bytes: 8 << 20,
             flush_ops: 1024,
-            max_queued_bytes: 256 << 20,
+            max_queued_bytes: 64 << 20,
             wait_timeout: Duration::from_secs(30),
             cache_bytes: 16 << 20,
             retry_backoff: Duration::from_millis(50),

@@ -254,7 +254,7 @@ impl RedisStore {
         &self,
         op: &'static str,
         write: bool,
-        f: impl FnOnce(ConnRef<'_>) -> redis::RedisResult<T>,
+        mut f: impl FnMut(ConnRef<'_>) -> redis::RedisResult<T>,
     ) -> Result<T, AllocError> {
         let start = std::time::Instant::now();
         let io = Some(self.cfg.io_timeout);
@@ -295,23 +295,38 @@ impl RedisStore {
 }
 
 /// Runs `f` on the connection in `slot`, connecting first if it is empty;
-/// empties the slot when `f` leaves the connection unusable.
+/// empties the slot when `f` leaves the connection unusable. A connection
+/// kept from earlier may have died in between (server restarted): then `f`
+/// runs once more on a fresh one — every command the store sends (`SET`,
+/// `GET`, `DEL`, `PING`) is idempotent, so a repeat is harmless.
 fn on_slot<C, T>(
     slot: &Mutex<Option<C>>,
-    connect: impl FnOnce() -> redis::RedisResult<C>,
-    f: impl FnOnce(&mut C) -> redis::RedisResult<T>,
+    mut connect: impl FnMut() -> redis::RedisResult<C>,
+    mut f: impl FnMut(&mut C) -> redis::RedisResult<T>,
     fail: impl Fn(RedisError) -> AllocError,
 ) -> Result<T, AllocError> {
     let mut slot = slot.lock();
-    let c = match &mut *slot {
-        Some(c) => c,
-        none => none.insert(connect().map_err(&fail)?),
-    };
-    f(c).map_err(|e| {
-        if broken(&e) {
-            *slot = None;
+    let reused = slot.is_some();
+    for attempt in 0..2 {
+        let c = match &mut *slot {
+            Some(c) => c,
+            none => none.insert(connect().map_err(&fail)?),
+        };
+        match f(c) {
+            Ok(v) => return Ok(v),
+            Err(e) if broken(&e) => {
+                *slot = None;
+                if !(reused && attempt == 0 && !e.is_timeout()) {
+                    return Err(fail(e));
+                }
+            }
+            Err(e) => return Err(fail(e)),
         }
-        fail(e)
+    }
+    Err(AllocError::Backend {
+        backend: "redis",
+        op: "reconnect",
+        message: "connection lost twice".into(),
     })
 }
 

@@ -33,13 +33,6 @@ fn backend(cfg: RemoteConfig) -> (Arc<MemoryStore>, Mem) {
     (store, b)
 }
 
-fn slow_timer() -> RemoteConfig {
-    RemoteConfig {
-        flush_interval: Duration::from_millis(500),
-        ..RemoteConfig::default()
-    }
-}
-
 #[test]
 fn lazy_allocations_send_nothing_and_ids_are_distinct() {
     let (store, b) = backend(RemoteConfig::default());
@@ -189,7 +182,7 @@ fn round_trips_across_chunk_boundaries_at_odd_offsets() {
 
 #[test]
 fn partial_writes_merge_and_unwritten_bytes_read_as_zero() {
-    let (_store, b) = backend(slow_timer());
+    let (_store, b) = backend(remote_common::slow_timer());
     let a = b.allocate(&AllocRequest::bytes(2 * CHUNK)).unwrap();
     // Two partial writes to one chunk in the same batch, one to a chunk
     // never stored: the rest of each chunk reads as zero.
@@ -214,7 +207,7 @@ fn partial_writes_merge_and_unwritten_bytes_read_as_zero() {
 
 #[test]
 fn frees_become_one_batched_delete_without_a_later_operation() {
-    let (store, b) = backend(slow_timer());
+    let (store, b) = backend(remote_common::slow_timer());
     let v: Vec<Allocation> = (0..100)
         .map(|i| {
             let a = b.allocate(&AllocRequest::bytes(1000 + i)).unwrap();
@@ -248,7 +241,7 @@ fn default_timer_sends_writes_without_a_call() {
 
 #[test]
 fn small_writes_are_batched() {
-    let (store, b) = backend(slow_timer());
+    let (store, b) = backend(remote_common::slow_timer());
     let before = store.counts();
     let v: Vec<Allocation> = (0..500)
         .map(|_| b.allocate(&AllocRequest::bytes(256)).unwrap())
@@ -264,7 +257,7 @@ fn small_writes_are_batched() {
 
 #[test]
 fn a_failed_batch_fails_every_waiter_with_the_same_error() {
-    let (store, b) = backend(slow_timer());
+    let (store, b) = backend(remote_common::slow_timer());
     let b = Arc::new(b);
     let ts: Vec<Allocation> = (0..3)
         .map(|i| {
@@ -274,9 +267,10 @@ fn a_failed_batch_fails_every_waiter_with_the_same_error() {
             a
         })
         .collect();
+    let data: Vec<Vec<u8>> = (0..3).map(|i| pattern(CHUNK + 10, i)).collect();
     store.stall();
-    for (i, a) in ts.iter().enumerate() {
-        b.write(a, 0, &pattern(CHUNK + 10, i as u64)).unwrap();
+    for (a, d) in ts.iter().zip(&data) {
+        b.write(a, 0, d).unwrap();
     }
     let waiters = remote_common::waiters(&b, ts[0], ts[1], CHUNK - 3, 12);
     assert!(

@@ -20,13 +20,6 @@ fn open(cfg: RedisConfig, rc: RemoteConfig) -> Redis {
     RemoteBackend::new(RedisStore::open(cfg).unwrap(), rc).unwrap()
 }
 
-fn slow_timer() -> RemoteConfig {
-    RemoteConfig {
-        flush_interval: Duration::from_millis(500),
-        ..RemoteConfig::default()
-    }
-}
-
 /// 4 KiB … 64 MiB, across chunk boundaries, at odd offsets.
 fn round_trips(b: &Redis) {
     for (i, size) in [4096, CHUNK - 1, CHUNK + 1, 3 * CHUNK + 5, 64 * CHUNK]
@@ -141,7 +134,7 @@ fn n_drops_are_one_batched_delete_and_dbsize_returns_to_zero() {
     let Some(srv) = Server::start("n_drops_are_one_batched_delete", &[]) else {
         return;
     };
-    let b: Arc<dyn TensorAllocator> = Arc::new(open(srv.config(), slow_timer()));
+    let b: Arc<dyn TensorAllocator> = Arc::new(open(srv.config(), remote_common::slow_timer()));
     let mut admin = srv.admin();
     let ts: Vec<TensorBuf> = (0..50)
         .map(|i| {
@@ -165,7 +158,7 @@ fn out_of_memory_fails_every_waiter_and_the_backend_recovers() {
         return;
     };
     let mut admin = srv.admin();
-    let b = Arc::new(open(srv.config(), slow_timer()));
+    let b = Arc::new(open(srv.config(), remote_common::slow_timer()));
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
         .arg("maxmemory-policy")
@@ -178,10 +171,13 @@ fn out_of_memory_fails_every_waiter_and_the_backend_recovers() {
         .arg("1mb")
         .query(&mut admin)
         .unwrap();
-    let ts: Vec<Allocation> = (0..3)
-        .map(|i| {
+    // Data made first, so the three writes go out back to back, in one batch.
+    let data: Vec<Vec<u8>> = (0..3).map(|i| pattern(2 * CHUNK, i)).collect();
+    let ts: Vec<Allocation> = data
+        .iter()
+        .map(|d| {
             let a = b.allocate(&AllocRequest::bytes(2 * CHUNK)).unwrap();
-            b.write(&a, 0, &pattern(2 * CHUNK, i)).unwrap();
+            b.write(&a, 0, d).unwrap();
             a
         })
         .collect();
@@ -220,7 +216,7 @@ fn killing_the_server_mid_flush_fails_every_waiter_and_a_restart_recovers() {
         return;
     };
     let mut admin = srv.admin();
-    let b = Arc::new(open(srv.config(), slow_timer()));
+    let b = Arc::new(open(srv.config(), remote_common::slow_timer()));
     // Hold write commands in the server so the flush is in flight.
     let _: () = redis::cmd("CLIENT")
         .arg("PAUSE")
@@ -228,10 +224,12 @@ fn killing_the_server_mid_flush_fails_every_waiter_and_a_restart_recovers() {
         .arg("WRITE")
         .query(&mut admin)
         .unwrap();
-    let ts: Vec<Allocation> = (0..2)
-        .map(|i| {
+    let data: Vec<Vec<u8>> = (0..2).map(|i| pattern(CHUNK + 1, i)).collect();
+    let ts: Vec<Allocation> = data
+        .iter()
+        .map(|d| {
             let a = b.allocate(&AllocRequest::bytes(CHUNK + 1)).unwrap();
-            b.write(&a, 0, &pattern(CHUNK + 1, i)).unwrap();
+            b.write(&a, 0, d).unwrap();
             a
         })
         .collect();

@@ -250,3 +250,12 @@ pub fn join_all(
 ) -> Vec<Result<(), AllocError>> {
     ws.into_iter().map(|w| w.join().unwrap()).collect()
 }
+
+/// The longest flush timer (1 s), so that writes made back to back share a
+/// batch even on a loaded machine; tests then trigger flushes themselves.
+pub fn slow_timer() -> tensorpool::backend::remote::RemoteConfig {
+    tensorpool::backend::remote::RemoteConfig {
+        flush_interval: std::time::Duration::from_secs(1),
+        ..Default::default()
+    }
+}

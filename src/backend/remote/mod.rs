@@ -196,9 +196,12 @@ struct Entry {
     pending: Option<Arc<Ticket>>,
     /// A failed batch's error, reported on the next use.
     failed: Option<Box<AllocError>>,
-    shape: Option<Shape>,
-    dtype: Option<DType>,
+    /// Shape and dtype, boxed so an entry stays small (56 B) when the
+    /// request carries neither.
+    meta: Option<Box<(Option<Shape>, Option<DType>)>>,
 }
+
+const _: () = assert!(core::mem::size_of::<Entry>() <= 64);
 
 impl Entry {
     fn chunks(&self) -> usize {
@@ -426,7 +429,7 @@ impl<S: RemoteStore> RemoteBackend<S> {
     pub fn shape(&self, a: &Allocation) -> Result<(Option<Shape>, Option<DType>), AllocError> {
         let mut m = self.sh.shard(a.id().get()).lock();
         let e = self.sh.verify(&mut m, a)?;
-        Ok((e.shape, e.dtype))
+        Ok(e.meta.as_deref().copied().unwrap_or_default())
     }
     /// Counters of batches, flushes, chunks and cache use.
     pub fn remote_stats(&self) -> RemoteStats {
@@ -597,8 +600,8 @@ unsafe impl<S: RemoteStore> TensorAllocator for RemoteBackend<S> {
             present: Bits::new(chunks),
             pending: None,
             failed: None,
-            shape: req.shape,
-            dtype: req.dtype,
+            meta: (req.shape.is_some() || req.dtype.is_some())
+                .then(|| Box::new((req.shape, req.dtype))),
         };
         self.sh.shard(id.get()).lock().insert(id.get(), e);
         self.sh.allocated.add(req.size as u64);

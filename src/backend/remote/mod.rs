@@ -19,6 +19,31 @@
 //!   use (once), and `synchronize` returns it; every wait is bounded by
 //!   [`RemoteConfig::wait_timeout`].
 //!
+//! ```
+//! use tensorpool::backend::remote::RemoteBackend;
+//! use tensorpool::{AllocError, AllocRequest, TensorAllocator};
+//! # fn main() -> Result<(), AllocError> {
+//! let b = RemoteBackend::in_memory()?;
+//! let a = b.allocate(&AllocRequest::bytes(4 << 20))?; // no round trip
+//! assert!(matches!(b.read(&a, 0, &mut [0u8; 4]), Err(AllocError::NotWritten { .. })));
+//! b.write(&a, 0, &vec![1u8; 4 << 20])?; // queued
+//! let mut out = vec![0u8; 100];
+//! b.read(&a, 4000, &mut out)?; // flushes the write, then reads chunk 0
+//! assert_eq!(out, vec![1u8; 100]);
+//! b.synchronize()?; // surfaces any deferred error
+//! # Ok(()) }
+//! ```
+//!
+//! With Redis (the same calls; `RedisConfig::cluster([...])` for a cluster):
+//!
+//! ```no_run
+//! use tensorpool::backend::remote::{RedisConfig, RedisStore, RemoteBackend, RemoteConfig};
+//! # fn main() -> Result<(), tensorpool::AllocError> {
+//! let store = RedisStore::open(RedisConfig::single("redis://127.0.0.1:6379/"))?;
+//! let b = RemoteBackend::new(store, RemoteConfig::default())?; // PINGs the server
+//! # Ok(()) }
+//! ```
+//!
 //! Invariants (per shard, under its lock): an id is in at most one shard
 //! (`id % SHARDS`); `present` has a bit set only for chunks queued or stored
 //! since allocation; `reserved_bytes == Σ lengths of present chunks` over

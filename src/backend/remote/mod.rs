@@ -62,7 +62,7 @@ pub use store::{CHUNK, ChunkKey, HEADER, RemoteStore, decode, encode, encode_hea
 use crate::allocator::{Addr, AllocRequest, Allocation, DType, Device, Shape, TensorAllocator};
 use crate::error::{AllocError, LayoutProblem};
 use crate::meta::next_id;
-use crate::stats::{AtomicStat, MemoryStats};
+use crate::stats::{AtomicStat, MemoryStats, Stat};
 use cache::ReadCache;
 use flusher::{Pending, Queue, Reason, Ticket};
 use parking_lot::{Condvar, Mutex};
@@ -265,7 +265,55 @@ impl BuildHasher for IdHash {
 }
 
 const SHARDS: usize = 64;
-type Shard = Mutex<HashMap<u64, Entry, IdHash>>;
+/// One shard: its tensors and their byte and count statistics, all under
+/// the shard's lock, so an allocation touches no shared atomic.
+#[derive(Debug, Default)]
+struct ShardState {
+    map: HashMap<u64, Entry, IdHash>,
+    bytes: Stat,
+    count: Stat,
+}
+
+impl ShardState {
+    fn add(&mut self, size: u64) {
+        for (s, n) in [(&mut self.bytes, size), (&mut self.count, 1)] {
+            s.current += n;
+            s.allocated += n;
+            s.peak = s.peak.max(s.current);
+        }
+    }
+    fn sub(&mut self, size: u64) {
+        for (s, n) in [(&mut self.bytes, size), (&mut self.count, 1)] {
+            s.current -= n;
+            s.freed += n;
+        }
+    }
+}
+
+impl core::ops::Deref for ShardState {
+    type Target = HashMap<u64, Entry, IdHash>;
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+impl core::ops::DerefMut for ShardState {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.map
+    }
+}
+
+/// Sums per-shard statistics. `peak` is the sum of the shards' peaks: an
+/// upper bound of the true peak (equal when one shard dominates).
+fn sum_stats<'a>(it: impl Iterator<Item = &'a Stat>) -> Stat {
+    it.fold(Stat::default(), |a, s| Stat {
+        current: a.current + s.current,
+        peak: a.peak + s.peak,
+        allocated: a.allocated + s.allocated,
+        freed: a.freed + s.freed,
+    })
+}
+
+type Shard = Mutex<ShardState>;
 
 /// State shared with the flusher thread.
 struct Shared<S> {
@@ -278,8 +326,6 @@ struct Shared<S> {
     wake: Condvar,
     cache: Mutex<ReadCache>,
     counters: Counters,
-    allocated: AtomicStat,
-    count: AtomicStat,
     reserved: AtomicStat,
 }
 
@@ -403,12 +449,10 @@ impl<S: RemoteStore> RemoteBackend<S> {
             ns: cfg.namespace.unwrap_or_else(random_namespace),
             cache: Mutex::new(ReadCache::new(cfg.cache_bytes)),
             cfg,
-            shards: std::array::from_fn(|_| Mutex::new(HashMap::with_hasher(IdHash))),
+            shards: std::array::from_fn(|_| Mutex::new(ShardState::default())),
             queue: Mutex::new(Queue::new()),
             wake: Condvar::new(),
             counters: Counters::default(),
-            allocated: AtomicStat::new(),
-            count: AtomicStat::new(),
             reserved: AtomicStat::new(),
         });
         let s2 = sh.clone();
@@ -470,7 +514,7 @@ impl<S: RemoteStore> RemoteBackend<S> {
             cache_hits: r(&c.cache_hits),
             cache_misses: r(&c.cache_misses),
             cache_bytes: self.sh.cache.lock().bytes(),
-            live: self.sh.count.current() as usize,
+            live: self.sh.shards.iter().map(|s| s.lock().map.len()).sum(),
         }
     }
 
@@ -628,9 +672,10 @@ unsafe impl<S: RemoteStore> TensorAllocator for RemoteBackend<S> {
             meta: (req.shape.is_some() || req.dtype.is_some())
                 .then(|| Box::new((req.shape, req.dtype))),
         };
-        self.sh.shard(id.get()).lock().insert(id.get(), e);
-        self.sh.allocated.add(req.size as u64);
-        self.sh.count.add(1);
+        let mut m = self.sh.shard(id.get()).lock();
+        m.insert(id.get(), e);
+        m.add(req.size as u64);
+        drop(m);
         Ok(Allocation::new(
             id,
             Addr::Remote(id.get()),
@@ -646,13 +691,13 @@ unsafe impl<S: RemoteStore> TensorAllocator for RemoteBackend<S> {
         let e = {
             let mut m = self.sh.shard(id).lock();
             self.sh.verify(&mut m, a)?;
-            m.remove(&id).ok_or(AllocError::UnknownId {
+            let e = m.remove(&id).ok_or(AllocError::UnknownId {
                 id,
                 device: self.device(),
-            })?
+            })?;
+            m.sub(e.size);
+            e
         };
-        self.sh.allocated.sub(e.size);
-        self.sh.count.sub(1);
         let chunks = e.chunks() as u32;
         let present: Vec<u32> = (0..chunks).filter(|&c| e.present.get(c)).collect();
         if present.is_empty() {
@@ -668,6 +713,7 @@ unsafe impl<S: RemoteStore> TensorAllocator for RemoteBackend<S> {
             }
         }
         let mut q = self.sh.queue.lock();
+        let first = q.oldest.is_none();
         for &c in &present {
             if let Some(p) = q.writes.remove(&(id, c)) {
                 q.bytes -= p.buf.len();
@@ -679,22 +725,33 @@ unsafe impl<S: RemoteStore> TensorAllocator for RemoteBackend<S> {
             });
         }
         q.touch();
-        if q.over(self.sh.cfg.flush_bytes, self.sh.cfg.flush_ops) {
-            self.sh.wake.notify_one();
-        } else if q.ops == 1 {
-            // The first entry of a batch starts the timer.
+        // The first entry of a batch arms the timer; a threshold sends it.
+        if first || q.over(self.sh.cfg.flush_bytes, self.sh.cfg.flush_ops) {
             self.sh.wake.notify_one();
         }
         Ok(())
     }
 
+    /// Allocated bytes and counts are summed over the table's shards (their
+    /// `peak` is the sum of per-shard peaks: an upper bound); reserved bytes
+    /// are the bytes of chunks queued or stored.
     fn stats(&self) -> MemoryStats {
+        let (bytes, count): (Vec<Stat>, Vec<Stat>) = self
+            .sh
+            .shards
+            .iter()
+            .map(|s| {
+                let s = s.lock();
+                (s.bytes, s.count)
+            })
+            .unzip();
+        let bytes = sum_stats(bytes.iter());
         MemoryStats {
             device: Some(self.device()),
-            allocated_bytes: self.sh.allocated.get(),
-            active_bytes: self.sh.allocated.get(),
+            allocated_bytes: bytes,
+            active_bytes: bytes,
             reserved_bytes: self.sh.reserved.get(),
-            allocation: self.sh.count.get(),
+            allocation: sum_stats(count.iter()),
             cache_hits: self.sh.counters.cache_hits.load(Ordering::Relaxed),
             cache_misses: self.sh.counters.cache_misses.load(Ordering::Relaxed),
             ..MemoryStats::default()
@@ -756,6 +813,7 @@ unsafe impl<S: RemoteStore> TensorAllocator for RemoteBackend<S> {
             }
         }
         let mut q = self.sh.queue.lock();
+        let first = q.oldest.is_none();
         for (((c, s, en, whole), in_store), clen) in pieces.into_iter().zip(base).zip(chunk_lens) {
             let slice = &src[c as usize * CHUNK + s - offset..c as usize * CHUNK + en - offset];
             let old = q.writes.remove(&(id, c));
@@ -792,11 +850,9 @@ unsafe impl<S: RemoteStore> TensorAllocator for RemoteBackend<S> {
         if over_limit {
             q.want(Reason::Backpressure);
         }
-        if over_limit
-            || q.over(self.sh.cfg.flush_bytes, self.sh.cfg.flush_ops)
-            || q.ops <= 1
-            || q.oldest.is_some()
-        {
+        // The flusher is woken when the batch starts (to arm its timer) or
+        // crosses a threshold; otherwise its timer is already running.
+        if first || over_limit || q.over(self.sh.cfg.flush_bytes, self.sh.cfg.flush_ops) {
             self.sh.wake.notify_one();
         }
         let t = q.ticket.clone();

@@ -5,7 +5,8 @@
 //! - write / read throughput at 4 KiB, 1 MiB and 64 MiB tensors (64 MiB in
 //!   all per case) through `RemoteBackend<RedisStore>`, against the raw
 //!   `redis` crate doing one pipeline of SET / GET of the same 1 MiB chunks
-//!   (the client floor), `redis-benchmark` at the same value size, one
+//!   (the client floor) — reads both one call per tensor and all at once
+//!   with `read_many` — `redis-benchmark` at the same value size, one
 //!   client, pipeline 16 (the server ceiling), and memcpy + loopback TCP
 //!   (the physical floor);
 //! - small writes (256 B): batched by the flusher vs one command per write.
@@ -176,12 +177,12 @@ fn throughput(url: &str, port: Option<u16>) {
     let mut raw = redis::Client::open(url).unwrap().get_connection().unwrap();
     let src = vec![0x3Cu8; TOTAL];
     println!(
-        "| tensor size | backend write GB/s | raw pipelined SET GB/s | backend read GB/s | raw pipelined GET GB/s | write / raw | read / raw | redis-benchmark SET / GET GB/s |"
+        "| tensor size | backend write GB/s | raw pipelined SET GB/s | backend read GB/s | backend read_many GB/s | raw pipelined GET GB/s | write / raw | read / raw | read_many / raw | redis-benchmark SET / GET GB/s |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for size in [4 << 10, 1 << 20, 64 << 20] {
         let count = TOTAL / size;
-        let (mut bw, mut br, mut rw, mut rr) = (vec![], vec![], vec![], vec![]);
+        let (mut bw, mut br, mut bm, mut rw, mut rr) = (vec![], vec![], vec![], vec![], vec![]);
         for rep in 0..REPS {
             // The backend: allocate, write all, synchronize; read all.
             let ts: Vec<_> = (0..count)
@@ -200,6 +201,17 @@ fn throughput(url: &str, port: Option<u16>) {
                 b.read(a, 0, &mut dst).unwrap();
             }
             br.push(gbs(TOTAL, t.elapsed()));
+            b.trim();
+            let mut all = vec![0u8; TOTAL];
+            let t = Instant::now();
+            let mut reads: Vec<_> = ts
+                .iter()
+                .zip(all.chunks_mut(size))
+                .map(|(a, d)| (*a, 0, d))
+                .collect();
+            b.read_many(&mut reads).unwrap();
+            bm.push(gbs(TOTAL, t.elapsed()));
+            assert!(all == src);
             for a in &ts {
                 // SAFETY: allocated above, freed once.
                 unsafe { b.deallocate(a).unwrap() };
@@ -237,15 +249,17 @@ fn throughput(url: &str, port: Option<u16>) {
             }
             p.exec(&mut raw).unwrap();
         }
-        let (bw, br, rw, rr) = (median(bw), median(br), median(rw), median(rr));
+        let (bw, br, bm) = (median(bw), median(br), median(bm));
+        let (rw, rr) = (median(rw), median(rr));
         let rb = port
             .and_then(|p| redis_benchmark(p, size))
             .map_or("-".to_string(), |(s, g)| format!("{s:.2} / {g:.2}"));
         println!(
-            "| {} | {bw:.2} | {rw:.2} | {br:.2} | {rr:.2} | {:.2} | {:.2} | {rb} |",
+            "| {} | {bw:.2} | {rw:.2} | {br:.2} | {bm:.2} | {rr:.2} | {:.2} | {:.2} | {:.2} | {rb} |",
             human(size),
             bw / rw,
-            br / rr
+            br / rr,
+            bm / rr
         );
     }
     // Small writes: batched by the flusher vs one SET per write.

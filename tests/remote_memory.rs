@@ -457,3 +457,36 @@ fn config_is_validated() {
     let b = RemoteBackend::in_memory().unwrap();
     assert!(b.allocate(&AllocRequest::new(8, 3)).is_err());
 }
+
+#[test]
+fn read_many_is_one_store_round_trip() {
+    let (store, b) = backend(RemoteConfig::default());
+    let ts: Vec<Allocation> = (0..20)
+        .map(|i| {
+            let a = b.allocate(&AllocRequest::bytes(CHUNK + 100)).unwrap();
+            b.write(&a, 0, &pattern(CHUNK + 100, i)).unwrap();
+            a
+        })
+        .collect();
+    b.synchronize().unwrap();
+    b.trim();
+    let before = store.counts().gets;
+    let mut bufs = vec![vec![0u8; 150]; ts.len()];
+    let mut reads: Vec<(Allocation, usize, &mut [u8])> = ts
+        .iter()
+        .zip(bufs.iter_mut())
+        .map(|(a, buf)| (*a, CHUNK - 50, &mut buf[..]))
+        .collect();
+    b.read_many(&mut reads).unwrap();
+    assert_eq!(store.counts().gets - before, 1, "one get for 40 chunks");
+    for (i, buf) in bufs.iter().enumerate() {
+        assert!(buf[..] == pattern(CHUNK + 100, i as u64)[CHUNK - 50..CHUNK + 100]);
+    }
+    // A lazy tensor among them: NotWritten, nothing fetched.
+    let lazy = b.allocate(&AllocRequest::bytes(10)).unwrap();
+    let (mut x, mut y) = ([0u8; 4], [0u8; 4]);
+    let gets = store.counts().gets;
+    let r = b.read_many(&mut [(ts[0], 0, &mut x[..]), (lazy, 0, &mut y[..])]);
+    assert!(matches!(r, Err(AllocError::NotWritten { .. })), "{r:?}");
+    assert_eq!(store.counts().gets, gets);
+}

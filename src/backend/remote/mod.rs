@@ -530,42 +530,113 @@ impl<S: RemoteStore> RemoteBackend<S> {
         t.wait(self.sh.cfg.wait_timeout, what)
     }
 
-    /// Fills `dst` from the chunks of `id` covering `offset..`; `chunks`
-    /// lists (chunk, stored?) for each covering chunk.
-    fn fetch(
+    /// Checks a read of `dst.len()` bytes at `offset` of `a` and notes what
+    /// it needs: `None` for an empty read; the batch to wait for if the
+    /// tensor has a queued write.
+    fn plan<'d>(
         &self,
-        id: u64,
-        generation: u32,
+        a: &Allocation,
         offset: usize,
-        dst: &mut [u8],
-        chunks: &[(u32, usize, bool)],
-    ) -> Result<(), AllocError> {
-        let end = offset + dst.len();
-        let mut need: Vec<(u32, usize)> = Vec::new();
-        let mut got: Vec<(u32, cache::Value)> = Vec::new();
+        dst: &'d mut [u8],
+    ) -> Result<Option<ReadPlan<'d>>, AllocError> {
+        let id = a.id().get();
+        let mut m = self.sh.shard(id).lock();
+        let e = self.sh.verify(&mut m, a)?;
+        if let Some(f) = e.failed.take() {
+            return Err(*f);
+        }
+        a.check_range(offset, dst.len())?;
+        if dst.is_empty() {
+            return Ok(None);
+        }
+        if !e.realized {
+            return Err(AllocError::NotWritten {
+                id,
+                offset,
+                end: offset + dst.len(),
+            });
+        }
+        let chunks = chunk_span(offset, dst.len())
+            .map(|c| (c, e.chunk_len(c), e.present.get(c)))
+            .collect();
+        let pending = e.pending.take().filter(|t| !t.is_done());
+        e.pending.clone_from(&pending);
+        let plan = ReadPlan {
+            id,
+            generation: e.generation,
+            offset,
+            dst,
+            chunks,
+            pending,
+        };
+        Ok(Some(plan))
+    }
+
+    /// Read-your-writes: sends the open batch if it holds one of `pending`,
+    /// then waits for each. A waiter told of a failure is not told again.
+    fn await_writes(&self, pending: &[(u64, Arc<Ticket>)]) -> Result<(), AllocError> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut q = self.sh.queue.lock();
+            if pending.iter().any(|(_, t)| Arc::ptr_eq(t, &q.ticket)) {
+                q.want(Reason::Read);
+                self.sh.wake.notify_one();
+            }
+        }
+        for (id, t) in pending {
+            if let Err(err) = self.wait(t, "remote read waiting for its pending write") {
+                if let Some(e) = self.sh.shard(*id).lock().get_mut(id) {
+                    if e.failed.as_deref() == Some(&err) {
+                        e.failed = None;
+                    }
+                }
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills every plan's `dst`: cached chunks from the cache, the others in
+    /// one store `get` (verified, then cached if no write came in since the
+    /// plan was made), never-written chunks as zeros.
+    fn fetch(&self, plans: &mut [ReadPlan<'_>]) -> Result<(), AllocError> {
+        // (plan, chunk, length) of every stored chunk not in the cache.
+        let mut need: Vec<(usize, u32, usize)> = Vec::new();
+        let mut got: HashMap<(u64, u32), cache::Value> = HashMap::new();
         {
             let cache = self.sh.cache.lock();
-            for &(c, len, stored) in chunks {
-                if !stored {
-                    continue;
-                }
-                match cache.get(id, c, generation) {
-                    Some(v) => got.push((c, v)),
-                    None => need.push((c, len)),
+            for (i, p) in plans.iter().enumerate() {
+                for &(c, len, stored) in &p.chunks {
+                    if !stored || got.contains_key(&(p.id, c)) {
+                        continue;
+                    }
+                    match cache.get(p.id, c, p.generation) {
+                        Some(v) => {
+                            got.insert((p.id, c), v);
+                        }
+                        None if !need
+                            .iter()
+                            .any(|&(j, nc, _)| plans[j].id == p.id && nc == c) =>
+                        {
+                            need.push((i, c, len))
+                        }
+                        None => {}
+                    }
                 }
             }
         }
-        let hits = got.len() as u64;
         self.sh
             .counters
             .cache_hits
-            .fetch_add(hits, Ordering::Relaxed);
+            .fetch_add(got.len() as u64, Ordering::Relaxed);
         if !need.is_empty() {
             let keys: Vec<ChunkKey> = need
                 .iter()
-                .map(|&(chunk, _)| ChunkKey {
+                .map(|&(i, chunk, _)| ChunkKey {
                     ns: self.sh.ns,
-                    id,
+                    id: plans[i].id,
                     chunk,
                 })
                 .collect();
@@ -576,45 +647,92 @@ impl<S: RemoteStore> RemoteBackend<S> {
                 .fetch_add(keys.len() as u64, Ordering::Relaxed);
             let vals = self.sh.store.get(&keys)?;
             let mut fresh = Vec::with_capacity(keys.len());
-            for ((key, &(c, len)), v) in keys.iter().zip(&need).zip(vals) {
+            for ((key, &(i, c, len)), v) in keys.iter().zip(&need).zip(vals) {
                 let v = v.ok_or_else(|| AllocError::Integrity {
                     what: format!("remote chunk {key}"),
                     detail: "written and flushed but missing from the store (evicted, flushed or deleted outside tensorpool)".into(),
                 })?;
                 decode(key, &v, len)?;
-                fresh.push((c, Arc::new(v)));
+                fresh.push((i, c, Arc::new(v)));
             }
-            if self.sh.cfg.cache_bytes > 0 {
-                // Cache only if no write came in since `generation` was read.
-                let m = self.sh.shard(id).lock();
-                if m.get(&id).is_some_and(|e| e.generation == generation) {
-                    let mut cache = self.sh.cache.lock();
-                    for (c, v) in &fresh {
-                        cache.insert(id, *c, generation, v.clone());
+            for (i, c, v) in fresh {
+                let (id, generation) = (plans[i].id, plans[i].generation);
+                if self.sh.cfg.cache_bytes > 0 {
+                    // Cache only if no write came in since the plan was made.
+                    let m = self.sh.shard(id).lock();
+                    if m.get(&id).is_some_and(|e| e.generation == generation) {
+                        self.sh.cache.lock().insert(id, c, generation, v.clone());
                     }
                 }
+                got.insert((id, c), v);
             }
-            got.extend(fresh);
         }
-        // Copy out: stored chunks from their values, the rest as zeros.
-        for &(c, _, stored) in chunks {
-            let cs = c as usize * CHUNK;
-            let (s, e) = (offset.max(cs), end.min(cs + CHUNK));
-            let out = &mut dst[s - offset..e - offset];
-            if stored {
-                let v = &got.iter().find(|(gc, _)| *gc == c).map(|(_, v)| v.clone());
-                let v = v.as_ref().ok_or(AllocError::Backend {
+        for p in plans.iter_mut() {
+            let end = p.offset + p.dst.len();
+            for &(c, _, stored) in &p.chunks {
+                let cs = c as usize * CHUNK;
+                let (s, e) = (p.offset.max(cs), end.min(cs + CHUNK));
+                let out = &mut p.dst[s - p.offset..e - p.offset];
+                if !stored {
+                    out.fill(0);
+                    continue;
+                }
+                let v = got.get(&(p.id, c)).ok_or(AllocError::Backend {
                     backend: "remote",
                     op: "read",
-                    message: format!("chunk {c} of tensor {id} not fetched"),
+                    message: format!("chunk {c} of tensor {} not fetched", p.id),
                 })?;
                 out.copy_from_slice(&v[HEADER + s - cs..HEADER + e - cs]);
-            } else {
-                out.fill(0);
             }
         }
         Ok(())
     }
+
+    /// Many reads in one store round trip (one pipeline of `GET`s): each
+    /// `(allocation, offset, dst)` is checked as [`TensorAllocator::read`]
+    /// checks it; the first error stops the call before anything is fetched.
+    ///
+    /// ```
+    /// # use tensorpool::backend::remote::RemoteBackend;
+    /// # use tensorpool::{AllocRequest, TensorAllocator};
+    /// let b = RemoteBackend::in_memory().unwrap();
+    /// let (x, y) = (b.allocate(&AllocRequest::bytes(8)).unwrap(), b.allocate(&AllocRequest::bytes(8)).unwrap());
+    /// b.write(&x, 0, &[1; 8]).unwrap();
+    /// b.write(&y, 0, &[2; 8]).unwrap();
+    /// let (mut bx, mut by) = ([0u8; 8], [0u8; 4]);
+    /// b.read_many(&mut [(x, 0, &mut bx[..]), (y, 4, &mut by[..])]).unwrap();
+    /// assert_eq!((bx, by), ([1; 8], [2; 4]));
+    /// ```
+    pub fn read_many(
+        &self,
+        reads: &mut [(Allocation, usize, &mut [u8])],
+    ) -> Result<(), AllocError> {
+        let mut plans = Vec::with_capacity(reads.len());
+        let mut pending = Vec::new();
+        for (a, off, dst) in reads.iter_mut() {
+            if let Some(mut p) = self.plan(a, *off, dst)? {
+                if let Some(t) = p.pending.take() {
+                    pending.push((p.id, t));
+                }
+                plans.push(p);
+            }
+        }
+        self.await_writes(&pending)?;
+        self.fetch(&mut plans)
+    }
+}
+
+/// One read: which tensor, at which write generation, where, and the
+/// covering chunks as (index, length, stored?).
+#[derive(Debug)]
+struct ReadPlan<'d> {
+    id: u64,
+    generation: u32,
+    offset: usize,
+    dst: &'d mut [u8],
+    chunks: Vec<(u32, usize, bool)>,
+    /// The batch holding the tensor's queued write, if not yet sent.
+    pending: Option<Arc<Ticket>>,
 }
 
 impl<S: RemoteStore> Drop for RemoteBackend<S> {
@@ -868,45 +986,13 @@ unsafe impl<S: RemoteStore> TensorAllocator for RemoteBackend<S> {
     }
 
     fn read(&self, a: &Allocation, offset: usize, dst: &mut [u8]) -> Result<(), AllocError> {
-        let id = a.id().get();
-        let (pending, generation, chunks) = {
-            let mut m = self.sh.shard(id).lock();
-            let e = self.sh.verify(&mut m, a)?;
-            if let Some(f) = e.failed.take() {
-                return Err(*f);
-            }
-            a.check_range(offset, dst.len())?;
-            if dst.is_empty() {
-                return Ok(());
-            }
-            if !e.realized {
-                return Err(AllocError::NotWritten {
-                    id,
-                    offset,
-                    end: offset + dst.len(),
-                });
-            }
-            let chunks: Vec<(u32, usize, bool)> = chunk_span(offset, dst.len())
-                .map(|c| (c, e.chunk_len(c), e.present.get(c)))
-                .collect();
-            let pending = e.pending.take().filter(|t| !t.is_done());
-            e.pending.clone_from(&pending);
-            (pending, e.generation, chunks)
+        let Some(mut plan) = self.plan(a, offset, dst)? else {
+            return Ok(());
         };
-        if let Some(t) = pending {
-            // Read-your-writes: send the batch holding our write now.
-            self.flush_now(Reason::Read);
-            if let Err(err) = self.wait(&t, "remote read waiting for its pending write") {
-                if let Some(e) = self.sh.shard(id).lock().get_mut(&id) {
-                    // This waiter has been told; do not report it twice.
-                    if e.failed.as_deref() == Some(&err) {
-                        e.failed = None;
-                    }
-                }
-                return Err(err);
-            }
+        if let Some(t) = plan.pending.take() {
+            self.await_writes(&[(plan.id, t)])?;
         }
-        self.fetch(id, generation, offset, dst, &chunks)
+        self.fetch(&mut [plan])
     }
 
     fn synchronize(&self) -> Result<(), AllocError> {

@@ -605,24 +605,19 @@ impl<S: RemoteStore> RemoteBackend<S> {
         // (plan, chunk, length) of every stored chunk not in the cache.
         let mut need: Vec<(usize, u32, usize)> = Vec::new();
         let mut got: HashMap<(u64, u32), cache::Value> = HashMap::new();
+        let mut seen: std::collections::HashSet<(u64, u32)> = Default::default();
         {
             let cache = self.sh.cache.lock();
             for (i, p) in plans.iter().enumerate() {
                 for &(c, len, stored) in &p.chunks {
-                    if !stored || got.contains_key(&(p.id, c)) {
+                    if !stored || !seen.insert((p.id, c)) {
                         continue;
                     }
                     match cache.get(p.id, c, p.generation) {
                         Some(v) => {
                             got.insert((p.id, c), v);
                         }
-                        None if !need
-                            .iter()
-                            .any(|&(j, nc, _)| plans[j].id == p.id && nc == c) =>
-                        {
-                            need.push((i, c, len))
-                        }
-                        None => {}
+                        None => need.push((i, c, len)),
                     }
                 }
             }

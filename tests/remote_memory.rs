@@ -490,3 +490,27 @@ fn read_many_is_one_store_round_trip() {
     assert!(matches!(r, Err(AllocError::NotWritten { .. })), "{r:?}");
     assert_eq!(store.counts().gets, gets);
 }
+
+#[test]
+fn a_chunk_lost_in_the_store_fails_only_its_tensor() {
+    use tensorpool::backend::remote::RemoteStore;
+    let (store, b) = backend(remote_common::slow_timer());
+    let (a, other) = (
+        b.allocate(&AllocRequest::bytes(100)).unwrap(),
+        b.allocate(&AllocRequest::bytes(100)).unwrap(),
+    );
+    b.write(&a, 0, &[1; 100]).unwrap();
+    b.synchronize().unwrap();
+    store.delete(&[b.chunk_key(&a, 0)]).unwrap(); // lost outside tensorpool
+    // In one batch: a partial write of `a` (needs its stored chunk) and a
+    // write of `other`.
+    b.write(&a, 10, &[2; 5]).unwrap();
+    b.write(&other, 0, &[3; 100]).unwrap();
+    b.synchronize().unwrap();
+    let mut buf = [0u8; 100];
+    b.read(&other, 0, &mut buf).unwrap();
+    assert_eq!(buf, [3; 100]);
+    let e = b.read(&a, 0, &mut buf).unwrap_err();
+    assert!(matches!(e, AllocError::Integrity { .. }), "{e}");
+    assert!(e.to_string().contains("missing"), "{e}");
+}

@@ -165,6 +165,10 @@ impl Queue {
 struct Batch {
     writes: Vec<(ChunkKey, Pending)>,
     frees: Vec<ChunkKey>,
+    /// Tensors whose partial writes could not be merged (their stored chunk
+    /// is missing or fails its checksum): left out of the batch, so one bad
+    /// tensor does not fail the others, and told on their next use.
+    bad: Vec<(u64, AllocError)>,
 }
 
 /// The flusher thread's body. Returns on shutdown once the queue is empty.
@@ -198,6 +202,7 @@ pub(super) fn run<S: RemoteStore>(sh: Arc<Shared<S>>) {
                     })
                     .collect(),
                 frees: core::mem::take(&mut q.frees),
+                bad: Vec::new(),
             };
             q.bytes = 0;
             q.ops = 0;
@@ -213,6 +218,9 @@ pub(super) fn run<S: RemoteStore>(sh: Arc<Shared<S>>) {
             sh.counters.batches.fetch_add(1, Ordering::Relaxed);
             apply(&sh, &mut batch)
         };
+        for (id, e) in &batch.bad {
+            sh.mark_failed(*id, e);
+        }
         if let Err(e) = &r {
             sh.counters.failed_batches.fetch_add(1, Ordering::Relaxed);
             // The ids whose writes this batch carried report it on next use.
@@ -293,13 +301,22 @@ fn apply<S: RemoteStore>(sh: &Shared<S>, b: &mut Batch) -> Result<(), AllocError
         let vals = sh.store.get(&keys)?;
         for (&i, v) in rmw.iter().zip(vals) {
             let (key, p) = &mut b.writes[i];
-            let mut base = v.ok_or_else(|| missing(key))?;
-            decode(key, &base, p.payload_len())?;
-            for &(s, e) in &p.dirty {
-                let r = HEADER + s as usize..HEADER + e as usize;
-                base[r.clone()].copy_from_slice(&p.buf[r]);
+            let merged = v.ok_or_else(|| missing(key)).and_then(|mut base| {
+                decode(key, &base, p.payload_len())?;
+                for &(s, e) in &p.dirty {
+                    let r = HEADER + s as usize..HEADER + e as usize;
+                    base[r.clone()].copy_from_slice(&p.buf[r]);
+                }
+                Ok(base)
+            });
+            match merged {
+                Ok(base) => p.buf = base,
+                Err(e) => b.bad.push((key.id, e)),
             }
-            p.buf = base;
+        }
+        if !b.bad.is_empty() {
+            let bad: Vec<u64> = b.bad.iter().map(|(id, _)| *id).collect();
+            b.writes.retain(|(k, _)| !bad.contains(&k.id));
         }
     }
     for (_, p) in &mut b.writes {

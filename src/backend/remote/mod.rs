@@ -351,6 +351,16 @@ impl<S: RemoteStore> Shared<S> {
             en.failed.get_or_insert_with(|| Box::new(e.clone()));
         }
     }
+    /// `err` has been returned to a waiter of `id`'s batch: the id need not
+    /// report it again on its next use.
+    fn told(&self, id: u64, err: AllocError) -> AllocError {
+        if let Some(e) = self.shard(id).lock().get_mut(&id)
+            && e.failed.as_deref() == Some(&err)
+        {
+            e.failed = None;
+        }
+        err
+    }
     /// Checks `a` against the record of its id: device, id, address, size,
     /// alignment and backend tag. Changes nothing.
     fn verify<'m>(
@@ -586,14 +596,8 @@ impl<S: RemoteStore> RemoteBackend<S> {
             }
         }
         for (id, t) in pending {
-            if let Err(err) = self.wait(t, "remote read waiting for its pending write") {
-                if let Some(e) = self.sh.shard(*id).lock().get_mut(id) {
-                    if e.failed.as_deref() == Some(&err) {
-                        e.failed = None;
-                    }
-                }
-                return Err(err);
-            }
+            self.wait(t, "remote read waiting for its pending write")
+                .map_err(|err| self.sh.told(*id, err))?;
         }
         Ok(())
     }
@@ -975,7 +979,8 @@ unsafe impl<S: RemoteStore> TensorAllocator for RemoteBackend<S> {
             self.wait(
                 &t,
                 "remote write back-pressure (queued bytes over max_queued_bytes)",
-            )?;
+            )
+            .map_err(|err| self.sh.told(id, err))?;
         }
         Ok(())
     }

@@ -514,3 +514,15 @@ fn a_chunk_lost_in_the_store_fails_only_its_tensor() {
     assert!(matches!(e, AllocError::Integrity { .. }), "{e}");
     assert!(e.to_string().contains("missing"), "{e}");
 }
+
+#[test]
+fn drop_sends_what_is_queued() {
+    let store = Arc::new(MemoryStore::new());
+    let b = RemoteBackend::new(store.clone(), remote_common::slow_timer()).unwrap();
+    let a = b.allocate(&AllocRequest::bytes(10)).unwrap();
+    b.write(&a, 0, &[9; 10]).unwrap();
+    assert!(store.is_empty(), "still queued (1 s timer)");
+    drop(b);
+    assert_eq!(store.len(), 1, "the drop flushed the write");
+    assert!(store.counts().puts >= 1);
+}

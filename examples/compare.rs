@@ -19,6 +19,8 @@
 
 #[path = "../benches/common/mod.rs"]
 mod common;
+#[path = "replay/table.rs"]
+mod replay_table;
 
 use common::{Runner, Suite, Workload, allocators, workloads};
 use std::fmt::Write as _;
@@ -173,6 +175,11 @@ fn main() {
     match write_csv(&opts.csv, &rows) {
         Ok(()) => println!("- CSV: {}", opts.csv),
         Err(e) => eprintln!("could not write {}: {e}", opts.csv),
+    }
+    println!("\n## Replay of the committed real traces (examples/replay)\n");
+    match replay_table::committed_table(opts.reps.min(11)) {
+        Ok(t) => print!("{t}"),
+        Err(e) => eprintln!("replay: {e}"),
     }
 }
 

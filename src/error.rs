@@ -122,6 +122,12 @@ pub enum AllocError {
         /// The address.
         addr: usize,
     },
+    /// The block is free already (a double free); nothing was changed.
+    #[error("double free detected: block {addr:#x} of this pool is free already")]
+    DoubleFree {
+        /// The address.
+        addr: usize,
+    },
     /// The allocation's recorded size/alignment disagree with the backend's.
     #[error(
         "allocation {id} says {size} B / align {align}, but the backend recorded {recorded_size} B / align {recorded_align}"
@@ -220,6 +226,23 @@ pub enum AllocError {
         /// The error as reported.
         message: String,
     },
+    /// A residency budget (offload) has no room for the request and nothing
+    /// can be evicted: everything resident is pinned or loading.
+    #[error(
+        "budget exceeded on {device}: requested {requested} B with {resident} B resident ({pinned} B pinned); budget {budget} B"
+    )]
+    BudgetExceeded {
+        /// The device.
+        device: Device,
+        /// Bytes needed (as the inner backend rounds them).
+        requested: usize,
+        /// Bytes resident at the time (loading included).
+        resident: usize,
+        /// Of those, bytes pinned (not evictable).
+        pinned: usize,
+        /// The budget.
+        budget: usize,
+    },
     /// A wait did not finish in time.
     #[error("timed out after {waited_ms} ms waiting for {what}")]
     Timeout {
@@ -228,6 +251,98 @@ pub enum AllocError {
         /// How long it waited.
         waited_ms: u64,
     },
+    /// A device caching pool could not serve a request: the figures PyTorch's
+    /// "CUDA out of memory" message gives, and whether it can never fit.
+    /// (A variant of its own because `OutOfMemory` has no room for the
+    /// capacity, free, rounded and limit figures, and a `Box` keeps
+    /// `AllocError` small.)
+    #[error("{0}")]
+    DeviceOutOfMemory(Box<DeviceOom>),
+}
+
+/// The figures of a device out-of-memory failure. `Display` reads like
+/// PyTorch's message, with "tensorpool" for "PyTorch".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceOom {
+    /// The device.
+    pub device: Device,
+    /// Bytes asked for.
+    pub requested: usize,
+    /// Bytes after the pool's rounding.
+    pub rounded: usize,
+    /// Bytes the pool asked the driver for (the segment size).
+    pub segment: usize,
+    /// The device's total memory.
+    pub total: usize,
+    /// Free device memory at the time (as the driver reports it).
+    pub free: usize,
+    /// Bytes allocated by the pool (rounded block sizes).
+    pub allocated: usize,
+    /// Bytes the pool held from the driver.
+    pub reserved: usize,
+    /// The pool's byte limit (memory fraction or limit), if set.
+    pub limit: Option<usize>,
+    /// The request exceeds the total capacity or the limit: it will never fit.
+    pub never_fits: bool,
+}
+
+impl DeviceOom {
+    /// Bytes reserved but not allocated (cached).
+    pub fn cached(&self) -> usize {
+        self.reserved.saturating_sub(self.allocated)
+    }
+    /// What to try: never fits, fragmentation, or real exhaustion.
+    pub fn hint(&self) -> &'static str {
+        if self.never_fits {
+            "This request can never fit: it is larger than the device's total capacity or the configured limit."
+        } else if self.cached() >= self.rounded {
+            "Reserved but unallocated memory is large: the cache is fragmented; set max_split_size or call trim()/empty_cache()."
+        } else {
+            "The device is exhausted: free tensors or lower the memory fraction of other users."
+        }
+    }
+}
+
+/// PyTorch's `format_size`: bytes up to 1 KiB, then KiB, MiB, GiB with two decimals.
+pub fn format_size(size: usize) -> String {
+    let s = size as f64;
+    if size <= 1024 {
+        format!("{size} bytes")
+    } else if size <= 1 << 20 {
+        format!("{:.2} KiB", s / 1024.0)
+    } else if size <= 1 << 30 {
+        format!("{:.2} MiB", s / 1048576.0)
+    } else {
+        format!("{:.2} GiB", s / 1073741824.0)
+    }
+}
+
+impl core::fmt::Display for DeviceOom {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let gpu = match self.device {
+            Device::Cuda(n) => n,
+            _ => 0,
+        };
+        write!(
+            f,
+            "CUDA out of memory. Tried to allocate {}. GPU {gpu} has a total capacity of {} of which {} is free. ",
+            format_size(self.segment),
+            format_size(self.total),
+            format_size(self.free)
+        )?;
+        if let Some(l) = self.limit {
+            write!(f, "{} allowed; ", format_size(l))?;
+        }
+        write!(
+            f,
+            "Of the allocated memory {} is allocated by tensorpool, and {} is reserved by tensorpool but unallocated. {} (requested {} B, rounded to {} B)",
+            format_size(self.allocated),
+            format_size(self.cached()),
+            self.hint(),
+            self.requested,
+            self.rounded
+        )
+    }
 }
 
 impl AllocError {
@@ -239,7 +354,8 @@ impl AllocError {
                 | AllocError::LimitExceeded { .. }
                 | AllocError::Timeout { .. }
                 | AllocError::Backend { .. }
-        )
+                | AllocError::BudgetExceeded { .. }
+        ) || matches!(self, AllocError::DeviceOutOfMemory(o) if !o.never_fits)
     }
 }
 

@@ -93,6 +93,8 @@
 //! [`HostPool::new`](crate::host::HostPool::new) are not covered.
 
 use crate::AllocError;
+use crate::adapt::format::TraceOp;
+use crate::adapt::process as trace;
 use crate::host::PoolStats;
 use crate::host::size_class::{MAX_ALIGN, MAX_CLASS_SIZE, class_for};
 use crate::host::span::HUGE_CLASS;
@@ -170,19 +172,54 @@ impl<A: GlobalAlloc> TensorGlobalAlloc<A> {
         pool().block_info(ptr as usize).is_some()
     }
 
+    /// Whether `ptr` points anywhere into memory the process-wide pool has
+    /// mapped for blocks (a block start, an interior pointer, a free block):
+    /// such a pointer must never reach another allocator's `free`.
+    pub fn manages(&self, ptr: *const u8) -> bool {
+        pool().manages(ptr as usize)
+    }
+
     /// Frees `ptr` without its layout (C `free`) if the pool owns it, found
     /// through the pagemap. Returns `false`, and does nothing, for a pointer
-    /// the pool does not own (null, the inner allocator's, anybody else's).
+    /// that does not start a block of the pool (null, the inner allocator's,
+    /// anybody else's, an interior pointer: see [`manages`](Self::manages)).
+    /// A detected double free aborts with "double free detected" on stderr,
+    /// as glibc does (it must not reach another allocator either);
+    /// [`try_free_unsized`](Self::try_free_unsized) returns it as an error
+    /// instead.
     ///
     /// # Safety
     /// - If `ptr` is a live block of the pool, it is not used afterwards.
     #[inline]
     pub unsafe fn free_unsized(&self, ptr: *mut u8) -> bool {
+        // SAFETY: forwarded from the caller.
+        match unsafe { self.try_free_unsized(ptr) } {
+            Ok(()) => true,
+            Err(AllocError::DoubleFree { .. }) => double_free_abort(),
+            Err(_) => false,
+        }
+    }
+
+    /// Frees `ptr` without its layout, saying why not where it does not:
+    /// [`AllocError::ForeignPointer`] (null, not a block start of the pool;
+    /// [`manages`](Self::manages) tells an interior pointer from another
+    /// allocator's) or [`AllocError::DoubleFree`]. Nothing changes on error.
+    /// Never allocates; the error's `Display` is not needed to branch on it.
+    ///
+    /// # Safety
+    /// - If `ptr` is a live block of the pool, it is not used afterwards.
+    #[inline]
+    pub unsafe fn try_free_unsized(&self, ptr: *mut u8) -> Result<(), AllocError> {
         let Some(p) = NonNull::new(ptr) else {
-            return false;
+            return Err(AllocError::ForeignPointer { addr: 0 });
         };
+        if trace::enabled() && self.owns(ptr) {
+            // Before the free: the address cannot be handed out again
+            // (and recorded) ahead of this record.
+            trace::record(TraceOp::Free, ptr, 0, 1);
+        }
         // SAFETY: forwarded from the caller; `free_unsized` checks ownership.
-        with_global_cache(|tc| unsafe { pool().free_unsized(tc, p) }).is_ok()
+        with_global_cache(|tc| unsafe { pool().free_unsized(tc, p) })
     }
 
     /// Resizes a pool block without its layout (C `realloc`): in place when
@@ -204,6 +241,7 @@ impl<A: GlobalAlloc> TensorGlobalAlloc<A> {
         let p = unsafe { NonNull::new_unchecked(ptr) };
         // SAFETY: a live block of `class` of the pool, the caller's.
         if let Some(q) = unsafe { resize_without_copy(p, class, new_size, align) } {
+            trace_resized(ptr, 0, q.as_ptr(), new_size, align);
             return q.as_ptr();
         }
         // SAFETY: valid per the caller.
@@ -254,14 +292,29 @@ fn pool_alloc(layout: Layout) -> *mut u8 {
     with_global_cache(|tc| pool().alloc_raw(tc, layout))
 }
 
-/// The hot path of `dealloc`.
+/// The hot path of `dealloc`. A detected double free aborts, as glibc does.
 ///
 /// # Safety
 /// - `ptr` is a live pool block allocated with `layout`, not used afterwards.
 #[inline(always)]
 unsafe fn pool_free(ptr: *mut u8, layout: Layout) {
     // SAFETY: forwarded from the caller; a pool block is non-null.
-    with_global_cache(|tc| unsafe { pool().free(tc, NonNull::new_unchecked(ptr), layout) })
+    let freed =
+        with_global_cache(|tc| unsafe { pool().free(tc, NonNull::new_unchecked(ptr), layout) });
+    if !freed {
+        double_free_abort();
+    }
+}
+
+/// Writes "double free detected" to stderr and aborts (no allocation, no
+/// unwinding out of an allocator).
+#[cold]
+#[inline(never)]
+pub(crate) fn double_free_abort() -> ! {
+    const MSG: &[u8] = b"tensorpool: double free detected\n";
+    // SAFETY: writing a static buffer to fd 2; the result does not matter.
+    unsafe { libc::write(2, MSG.as_ptr().cast(), MSG.len()) };
+    std::process::abort()
 }
 
 // SAFETY: the pool hands out blocks of at least `layout.size()` bytes at
@@ -273,15 +326,21 @@ unsafe fn pool_free(ptr: *mut u8, layout: Layout) {
 unsafe impl<A: GlobalAlloc> GlobalAlloc for TensorGlobalAlloc<A> {
     #[inline(always)]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if layout.align() > MAX_ALIGN {
+        let p = if layout.align() > MAX_ALIGN {
             // SAFETY: forwarded from the caller (non-zero size).
-            return unsafe { self.inner.alloc(layout) };
-        }
-        pool_alloc(layout)
+            unsafe { self.inner.alloc(layout) }
+        } else {
+            pool_alloc(layout)
+        };
+        trace_alloc(p, layout);
+        p
     }
 
     #[inline(always)]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if trace::enabled() {
+            trace::record(TraceOp::Free, ptr, layout.size(), layout.align());
+        }
         if layout.align() > MAX_ALIGN {
             // SAFETY: over-aligned blocks are the inner allocator's (type
             // invariant); the rest is forwarded from the caller.
@@ -298,17 +357,28 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TensorGlobalAlloc<A> {
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if layout.align() > MAX_ALIGN {
+        let p = if layout.align() > MAX_ALIGN {
             // SAFETY: forwarded from the caller.
-            return unsafe { self.inner.alloc_zeroed(layout) };
-        }
-        from_pool(|tc| pool().alloc_zeroed(tc, layout))
+            unsafe { self.inner.alloc_zeroed(layout) }
+        } else {
+            from_pool(|tc| pool().alloc_zeroed(tc, layout))
+        };
+        trace_alloc(p, layout);
+        p
     }
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let align = layout.align();
         if align > MAX_ALIGN {
+            if trace::enabled() {
+                // SAFETY: an inner block (type invariant); the rest is forwarded.
+                let q = unsafe { self.inner.realloc(ptr, layout, new_size) };
+                if !q.is_null() {
+                    trace_resized(ptr, layout.size(), q, new_size, align);
+                }
+                return q;
+            }
             // SAFETY: an inner block (type invariant); the rest is forwarded.
             return unsafe { self.inner.realloc(ptr, layout, new_size) };
         }
@@ -319,6 +389,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TensorGlobalAlloc<A> {
         let resized =
             unsafe { resize_without_copy(NonNull::new_unchecked(ptr), class, new_size, align) };
         if let Some(q) = resized {
+            trace_resized(ptr, layout.size(), q.as_ptr(), new_size, align);
             return q.as_ptr();
         }
         // SAFETY: the caller guarantees `new_size`, rounded up to `align`,
@@ -337,6 +408,28 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TensorGlobalAlloc<A> {
             }
         }
         new
+    }
+}
+
+/// Records an allocation when recording (`TENSORPOOL_TRACE`), after it
+/// succeeded.
+#[inline(always)]
+fn trace_alloc(p: *mut u8, layout: Layout) {
+    if !p.is_null() && trace::enabled() {
+        trace::record(TraceOp::Alloc, p, layout.size(), layout.align());
+    }
+}
+
+/// Records a realloc done without the allocator's alloc/free (in place, or
+/// pages moved) as a free of `old` and an alloc of `new`. Recorded after the
+/// fact: `old`'s address is still this thread's if unchanged; if the pages
+/// moved, another thread could in principle receive `old`'s address and
+/// record it first (replay then reports a duplicate alloc).
+#[inline(always)]
+fn trace_resized(old: *mut u8, old_size: usize, new: *mut u8, new_size: usize, align: usize) {
+    if trace::enabled() {
+        trace::record(TraceOp::Free, old, old_size, align);
+        trace::record(TraceOp::Alloc, new, new_size, align);
     }
 }
 
@@ -398,12 +491,15 @@ fn register_atfork() {
     ) {
         Ok(_) => {
             ATFORK_OWNER.store(me, Ordering::Relaxed);
+            // Once per process, before (nearly) any block is freed: a key no
+            // program can know from the binary.
+            pool().rekey();
             // SAFETY: the handlers are `extern "C" fn()` that stay valid for
             // the life of the process. glibc keeps the first handlers in a
             // static array; should it allocate, the re-entrant allocation sees
             // `REGISTERING` with us as owner and goes on without waiting.
             let _ = unsafe {
-                libc::pthread_atfork(Some(fork_prepare), Some(fork_release), Some(fork_release))
+                libc::pthread_atfork(Some(fork_prepare), Some(fork_release), Some(fork_child))
             };
             ATFORK.store(REGISTERED, Ordering::Release);
         }
@@ -427,4 +523,10 @@ extern "C" fn fork_release() {
     // prepare handlers of the same `fork()`, in the forking thread (in the
     // child, its only thread, whose memory image holds the same lock words).
     unsafe { pool().unlock_after_fork() };
+}
+
+extern "C" fn fork_child() {
+    fork_release();
+    // SAFETY: the child handler runs in the child, which has one thread.
+    unsafe { trace::after_fork_in_child() };
 }

@@ -10,6 +10,7 @@
 //!   predicts the reserved bytes a host backend would hold for a workload.
 //! - [`meta`]: tensor ids, 64-byte metadata records and the metadata table.
 //! - [`Limited`]: a byte limit around any backend.
+//! - [`adapt`]: trace record ([`adapt::Traced`], `TENSORPOOL_TRACE`) and replay.
 //! - [`TensorGlobalAlloc`]: the process-wide pool as a `#[global_allocator]`.
 //! - `testkit` (feature `testkit`): the conformance kit every backend passes.
 //!
@@ -24,6 +25,8 @@
 
 pub(crate) mod sync;
 
+#[cfg(not(tensorpool_loom))]
+pub mod adapt;
 #[cfg(not(tensorpool_loom))]
 pub mod allocator;
 #[cfg(not(tensorpool_loom))]
@@ -53,7 +56,7 @@ pub use crate::{
         Addr, AllocRequest, Allocation, DType, Device, Shape, TensorAllocator, TensorBuf,
         TensorFlags, ViewError,
     },
-    error::{AllocError, LayoutProblem},
+    error::{AllocError, DeviceOom, LayoutProblem},
     global::TensorGlobalAlloc,
     limit::Limited,
     meta::id::TensorId,
@@ -64,6 +67,7 @@ pub use crate::{
 #[cfg(tensorpool_loom)]
 #[doc(hidden)]
 pub mod loom_exports {
+    pub use crate::host::central_list::{CentralList, Locked};
     pub use crate::host::transfer::TransferStack;
     pub use crate::meta::id::IdIssuer;
     pub use crate::sync::RawLock;

@@ -198,6 +198,22 @@ pub(crate) unsafe fn remap(
     new_len: usize,
     dst: Option<NonNull<u8>>,
 ) -> bool {
+    #[cfg(test)]
+    if let Some(d) = dst {
+        use core::sync::atomic::Ordering::SeqCst;
+        if REMAP_FAULT_AT.load(SeqCst) == old.as_ptr() as usize {
+            // What the kernel may do: unmap the destination, then fail.
+            // SAFETY: `d` is the caller's fresh mapping.
+            unsafe { libc::munmap(d.as_ptr().cast(), new_len) };
+            let hook = REMAP_FAULT_HOOK.load(SeqCst);
+            if hook != 0 {
+                // SAFETY: the test stored a `fn(usize, usize)` there.
+                let f: fn(usize, usize) = unsafe { core::mem::transmute(hook) };
+                f(d.as_ptr() as usize, new_len);
+            }
+            return false;
+        }
+    }
     let old = old.as_ptr().cast();
     // SAFETY: the caller owns both ranges; `mremap` either resizes/moves
     // them as asked or fails without touching them.
@@ -215,6 +231,52 @@ pub(crate) unsafe fn remap(
     };
     r != libc::MAP_FAILED
 }
+
+/// Gives back the destination of a failed moving [`remap`] without touching
+/// anything that is not ours. With `MREMAP_FIXED` the kernel unmaps the
+/// destination before it can still fail, and another thread may have mapped
+/// the range since; so the range is taken back only where nothing is mapped
+/// (`MAP_FIXED_NOREPLACE`) and then unmapped. Where something is mapped, it
+/// cannot be told apart from our own untouched reservation (which the kernel
+/// left in place if it failed early), so it is left alone: at worst that
+/// leaks address space that was never touched (no memory).
+///
+/// # Safety
+/// - `[dst, dst+len)` was a whole mapping from [`map_aligned`] passed to a
+///   moving `remap` that failed, and nothing of ours refers to it.
+pub(crate) unsafe fn release_failed_remap_target(dst: NonNull<u8>, len: usize) {
+    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping; on a
+    // kernel before 4.17 it is a hint, and a mapping elsewhere is ours alone.
+    let raw = unsafe {
+        libc::mmap(
+            dst.as_ptr().cast(),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE
+                | libc::MAP_ANONYMOUS
+                | libc::MAP_NORESERVE
+                | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if raw != libc::MAP_FAILED {
+        // SAFETY: the mapping we just made (at `dst` or, on an old kernel,
+        // wherever it landed): nothing else knows of it.
+        unsafe { libc::munmap(raw, len) };
+    }
+}
+
+/// Test hook: a moving [`remap`] of the mapping at this address fails after
+/// unmapping its destination, and calls [`REMAP_FAULT_HOOK`] in between.
+#[cfg(test)]
+pub(crate) static REMAP_FAULT_AT: core::sync::atomic::AtomicUsize =
+    core::sync::atomic::AtomicUsize::new(0);
+/// Test hook: what "another thread" does with the destination meanwhile
+/// (a `fn(usize, usize)` as `usize`).
+#[cfg(test)]
+pub(crate) static REMAP_FAULT_HOOK: core::sync::atomic::AtomicUsize =
+    core::sync::atomic::AtomicUsize::new(0);
 
 /// Tells the OS it may drop the physical pages in the page-aligned interior of
 /// `[ptr, ptr+len)`; they read as zero when touched again. Returns the bytes

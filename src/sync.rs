@@ -9,14 +9,14 @@
 
 #[cfg(not(tensorpool_loom))]
 pub(crate) use std::sync::atomic::{
-    AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
+    AtomicBool, AtomicPtr, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
 };
 
 #[cfg(tensorpool_loom)]
 #[allow(unused_imports)]
 // AtomicU32 and fence serve only the metadata table, which loom builds leave out.
 pub(crate) use loom::sync::atomic::{
-    AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
+    AtomicBool, AtomicPtr, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
 };
 
 /// Tells the CPU (or loom) that we are spinning.
@@ -173,6 +173,28 @@ impl<T> core::ops::Deref for CachePadded<T> {
     fn deref(&self) -> &T {
         &self.0
     }
+}
+
+/// This thread's number: 1, 2, … in the order threads first ask (trace
+/// records carry it). A const-initialised thread-local `Cell` without a
+/// destructor, so asking never allocates (usable inside `GlobalAlloc`).
+#[cfg(not(tensorpool_loom))]
+#[inline]
+pub(crate) fn thread_number() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    std::thread_local! {
+        static NUMBER: core::cell::Cell<u32> = const { core::cell::Cell::new(0) };
+    }
+    NUMBER
+        .try_with(|n| {
+            let mut v = n.get();
+            if v == 0 {
+                v = NEXT.fetch_add(1, Ordering::Relaxed);
+                n.set(v);
+            }
+            v
+        })
+        .unwrap_or(0)
 }
 
 #[cfg(all(test, not(tensorpool_loom)))]

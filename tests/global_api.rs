@@ -326,3 +326,69 @@ fn stats_readable_while_another_thread_allocates() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     h.join().unwrap();
 }
+
+/// Issue 7 item 2 (and what the C ABI needs for item 3): a size-less free
+/// of a block that is free already is `DoubleFree`, not "not ours", and
+/// changes nothing; `manages` covers interior pointers, `owns` only starts.
+#[test]
+fn size_less_double_free_is_reported_and_manages_covers_interiors() {
+    use tensorpool::AllocError;
+    let l = Layout::from_size_align(4096, 16).unwrap();
+    // SAFETY: a non-zero layout.
+    let p = unsafe { A.alloc(l) };
+    assert!(!p.is_null());
+    // SAFETY: inside the 4 KiB block.
+    let inner = unsafe { p.add(16) };
+    assert!(A.manages(inner) && !A.owns(inner));
+    let local = 0u64;
+    assert!(!A.manages((&local as *const u64).cast()));
+    // SAFETY: a live pool block, freed once here.
+    unsafe { A.try_free_unsized(p) }.unwrap();
+    // SAFETY: freed already: the pool must refuse it and change nothing.
+    let e = unsafe { A.try_free_unsized(p) }.unwrap_err();
+    assert_eq!(e, AllocError::DoubleFree { addr: p as usize });
+    // SAFETY: not a block start: refused, nothing changes.
+    let e = unsafe { A.try_free_unsized(inner) }.unwrap_err();
+    assert!(matches!(e, AllocError::ForeignPointer { .. }), "{e}");
+    // SAFETY: non-zero layouts; freed below.
+    let (a, b) = unsafe { (A.alloc(l), A.alloc(l)) };
+    assert_ne!(a, b, "one block handed out twice");
+    // SAFETY: allocated just above with `l`.
+    unsafe {
+        A.dealloc(a, l);
+        A.dealloc(b, l);
+    }
+}
+
+/// Issue 7 item 2 through `#[global_allocator]`: a second `dealloc` of a
+/// cached block aborts with glibc's message rather than corrupting the pool
+/// (run in a child process: the abort is the point).
+#[test]
+fn double_dealloc_aborts_with_a_message() {
+    use std::os::unix::process::ExitStatusExt;
+    const CHILD: &str = "TENSORPOOL_DOUBLE_FREE_CHILD";
+    const NAME: &str = "double_dealloc_aborts_with_a_message";
+    if std::env::var_os(CHILD).is_some() {
+        let l = Layout::from_size_align(256, 8).unwrap();
+        // SAFETY: freed twice on purpose; the second free must abort.
+        unsafe {
+            let p = A.alloc(l);
+            A.dealloc(p, l);
+            A.dealloc(p, l);
+        }
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", NAME, "--test-threads=1", "--nocapture"])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.signal(),
+        Some(6),
+        "not SIGABRT: {:?}",
+        out.status
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("double free detected"), "stderr: {err}");
+}

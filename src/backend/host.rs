@@ -101,11 +101,7 @@ unsafe impl TensorAllocator for HostBackend {
         let p = self.pool.stats();
         s.reserved_bytes = p.reserved;
         s.segment = p.segment;
-        s.cache_misses = p.os_maps as u64;
-        s.cache_hits = self
-            .ledger
-            .total_allocations()
-            .saturating_sub(s.cache_misses);
+        (s.cache_hits, s.cache_misses) = (p.cache_hits, p.cache_misses);
         s
     }
 

@@ -56,6 +56,16 @@ impl MetaBackend {
     pub fn table(&self) -> &MetaTable {
         &self.ledger.table
     }
+    /// A meta backend applying the CUDA caching pool's policy (PyTorch's)
+    /// to a device of `capacity` bytes: it predicts the pool's reserved
+    /// bytes, peak included.
+    #[cfg(feature = "cuda")]
+    pub fn cuda_policy(
+        capacity: usize,
+        cfg: super::cuda::CudaConfig,
+    ) -> Result<super::cuda::CudaModel, super::cuda::CudaConfigError> {
+        super::cuda::CudaModel::new(capacity, cfg)
+    }
     /// Models `HostPool::prewarm(plan)`.
     pub fn prewarm(&self, plan: &Prewarm) {
         let mut s = self.sim.lock();

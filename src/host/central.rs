@@ -1,26 +1,26 @@
 //! A size class's central free list: where thread caches hand batches back
 //! and refill from, and where spans are mapped, carved and released.
 //!
-//! Frees arrive lock-free through [`TransferStack`] (any thread, one CAS per
-//! batch); refill, growth and trim take the class's [`RawLock`], once per
-//! batch. Accounting invariant, per class, with the lock held and `incoming`
-//! drained:
+//! The list protocol (lock-free frees in through a transfer stack, locked
+//! refills out, counters raised before and lowered after) is
+//! [`CentralList`], loom-modelled on its own; this file adds the spans:
+//! growth, carving, trim, the retain limit. Accounting invariant, per class,
+//! with the lock held and `incoming` drained:
 //! `Σ span.nblocks == blocks in thread caches + blocks in use + free_len + bump_left`.
 
+use super::central_list::{CentralList, Locked};
 use super::pagemap;
 use super::pool::PoolShared;
-use super::size_class::{GRANULE, blocks_per_span, class_size, span_bytes};
+use super::size_class::{GRANULE, blocks_per_span, class_size, counts_against_limit, span_bytes};
 use super::span::{self, SpanMeta};
-use super::transfer::{FreeBlock, TransferStack};
+use super::transfer::FreeBlock;
 use crate::os::UnmapBatch;
-use crate::sync::{AtomicUsize, Ordering, RawLock, UnsafeCell};
+use crate::sync::Ordering;
 use core::ptr::null_mut;
 
-/// State guarded by the class lock.
+/// The span bookkeeping guarded by the class lock (beside the free list).
 #[derive(Debug)]
-struct Inner {
-    free: *mut FreeBlock,
-    free_len: usize,
+struct Spans {
     /// Next uncarved block of the newest span and how many remain.
     bump: usize,
     bump_left: usize,
@@ -29,31 +29,23 @@ struct Inner {
     spans: *mut SpanMeta,
 }
 
+// SAFETY: raw addresses of span records owned by the pool, touched only
+// under the class lock.
+unsafe impl Send for Spans {}
+
+/// Everything the class lock guards.
+type Inner = Locked<Spans>;
+
 /// One class's central list.
 #[derive(Debug)]
 pub(crate) struct Central {
-    incoming: TransferStack,
-    incoming_len: AtomicUsize,
-    lock: RawLock,
-    inner: UnsafeCell<Inner>,
+    list: CentralList<Spans>,
 }
-
-// SAFETY: `inner` is only touched with `lock` held; `incoming` is a lock-free
-// structure that is Sync by itself; the raw pointers are addresses of blocks
-// and span records owned by the pool, not thread-bound data.
-unsafe impl Sync for Central {}
-// SAFETY: as above.
-unsafe impl Send for Central {}
 
 impl Central {
     pub(crate) const fn new() -> Self {
         Central {
-            incoming: TransferStack::new(),
-            incoming_len: AtomicUsize::new(0),
-            lock: RawLock::new(),
-            inner: UnsafeCell::new(Inner {
-                free: null_mut(),
-                free_len: 0,
+            list: CentralList::new(Spans {
                 bump: 0,
                 bump_left: 0,
                 bump_span: null_mut(),
@@ -65,79 +57,46 @@ impl Central {
     /// Runs `f` with the lock held and the guarded state.
     #[inline]
     fn locked<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
-        // SAFETY: the lock is held for the whole closure, so the `&mut` is unique.
-        self.lock
-            .with(|| self.inner.with_mut(|p| f(unsafe { &mut *p })))
+        self.list.locked(f)
     }
 
     /// Moves everything from `incoming` onto the locked free list.
     fn drain_incoming(&self, inner: &mut Inner) {
-        let mut head = self.incoming.take_all();
-        if head.is_null() {
-            return;
-        }
-        let mut n = 0usize;
-        let first = head;
-        let mut tail = head;
-        while !head.is_null() {
-            n += 1;
-            tail = head;
-            // SAFETY: a taken chain is ours; every node is a free block.
-            head = unsafe { (*head).next };
-        }
-        // SAFETY: `tail` is the last node of our chain.
-        unsafe { (*tail).next = inner.free };
-        inner.free = first;
-        inner.free_len += n;
-        self.incoming_len.fetch_sub(n, Ordering::Relaxed);
+        self.list.drain_incoming(inner)
     }
 
     /// Free blocks available without mapping (a racy hint when unlocked).
     #[cfg(test)]
     pub(crate) fn available(&self) -> usize {
-        self.locked(|i| i.free_len + i.bump_left) + self.incoming_len.load(Ordering::Relaxed)
+        self.locked(|i| i.free_len + i.bump_left) + self.list.incoming_len()
+    }
+
+    /// Whether the block `b` is on this class's free list or incoming stack
+    /// (takes the lock): the slow half of double-free detection.
+    pub(crate) fn holds(&self, b: *mut FreeBlock) -> bool {
+        self.list.holds(b)
     }
 
     /// Takes up to `want` (≥ 1) blocks, mapping a new span if none is free.
     /// Returns the chain's head (null only if the OS refused memory), its
-    /// length, and whether the head is *fresh*: carved from a span's
-    /// never-used tail, so every byte of it but the link word reads zero.
+    /// length, and how many of its first blocks are *fresh*: carved from a
+    /// span's never-used tail, so every byte of them but the link word
+    /// reads zero.
     pub(crate) fn refill(
         &self,
         pool: &PoolShared,
         c: usize,
         want: usize,
-    ) -> (*mut FreeBlock, usize, bool) {
+    ) -> (*mut FreeBlock, usize, usize) {
         let size = class_size(c);
-        let (head, n, fresh) = self.locked(|inner| {
-            if inner.free_len < want {
-                self.drain_incoming(inner);
-            }
-            let mut head: *mut FreeBlock = null_mut();
-            let mut n = 0usize;
-            // 1. From the free list: cut the first `k` nodes.
-            let k = want.min(inner.free_len);
-            if k > 0 {
-                head = inner.free;
-                let mut last = head;
-                for _ in 1..k {
-                    // SAFETY: the free list has `free_len ≥ k` well-formed nodes.
-                    last = unsafe { (*last).next };
-                }
-                // SAFETY: `last` is the k-th node.
-                unsafe {
-                    inner.free = (*last).next;
-                    (*last).next = null_mut();
-                }
-                inner.free_len -= k;
-                n = k;
-            }
-            // 2. From the newest span's uncarved tail, mapping one if needed.
+        // 1. From the free list (`take` cuts up to `want` nodes), then
+        let more = |inner: &mut Inner, mut head: *mut FreeBlock, mut n: usize| {
+            // 2. from the newest span's uncarved tail, mapping one if needed.
             if n == 0 && inner.bump_left == 0 && !self.grow(pool, c, inner, false) {
-                return (null_mut(), 0, false);
+                return (null_mut(), 0, 0);
             }
-            // Carved blocks go to the front, so the head is fresh iff one is carved.
-            let fresh = n < want && inner.bump_left > 0;
+            // Carved blocks go to the front of the chain.
+            let before = n;
             while n < want && inner.bump_left > 0 {
                 let b = inner.bump as *mut FreeBlock;
                 // SAFETY: `b` is an uncarved block inside our mapped span.
@@ -147,12 +106,11 @@ impl Central {
                 inner.bump_left -= 1;
                 n += 1;
             }
-            (head, n, fresh)
-        });
-        if n > 0 {
-            pool.cached.fetch_sub(n * size, Ordering::Relaxed);
-        }
-        (head, n, fresh)
+            (head, n, n - before)
+        };
+        // After the take: the blocks were counted before they were listed
+        // (`give_back`, `grow`), so the counters never go below zero.
+        self.list.take(want, more, |n| pool.uncache(c, n * size))
     }
 
     /// Hands a chain of `n` blocks back (lock-free).
@@ -168,12 +126,12 @@ impl Central {
         tail: *mut FreeBlock,
         n: usize,
     ) {
-        self.incoming_len.fetch_add(n, Ordering::Relaxed);
         // SAFETY: forwarded from the caller.
-        unsafe { self.incoming.push_chain(head, tail) };
-        let size = class_size(c);
-        let cached = pool.cached.fetch_add(n * size, Ordering::Relaxed) + n * size;
-        if blocks_per_span(c) == 1 && cached > pool.retain_limit.load(Ordering::Relaxed) {
+        let retained = unsafe {
+            self.list
+                .give_back(head, tail, n, || pool.cache(c, n * class_size(c)))
+        };
+        if counts_against_limit(c) && retained > pool.retain_limit.load(Ordering::Relaxed) {
             self.enforce_limit(pool, c);
         }
     }
@@ -199,35 +157,32 @@ impl Central {
         let nblocks = blocks_per_span(c);
         // SAFETY: `rec` is a fresh zeroed record we own.
         unsafe {
-            (*rec).base = base;
-            (*rec).len = len;
-            (*rec).block = class_size(c);
-            (*rec).nblocks = nblocks as u32;
-            (*rec).class = c as u16;
-            (*rec).owner = pool as *const PoolShared as usize;
-            (*rec).prev = null_mut();
-            (*rec).next = inner.spans;
-            if !inner.spans.is_null() {
-                (*inner.spans).prev = rec;
-            }
+            (*rec).init(
+                base,
+                len,
+                class_size(c),
+                nblocks as u32,
+                c as u16,
+                pool as *const PoolShared as usize,
+            );
         }
         if !pagemap::register(base, len, rec) {
-            // SAFETY: the record is not yet linked into `spans` (we only set its
-            // own `next`), and the mapping was never handed out.
+            // SAFETY: the record is on no list and the mapping was never
+            // handed out.
             unsafe {
                 span::free_record(rec);
                 crate::os::unmap(core::ptr::NonNull::new_unchecked(base as *mut u8), len);
             }
             return false;
         }
-        inner.spans = rec;
+        // SAFETY: a live record on no list; the class lock is held.
+        unsafe { span::push_front(&mut inner.spans, rec) };
         // The previous bump span's leftover blocks become ordinary free blocks.
         self.retire_bump(c, inner);
         inner.bump = base;
         inner.bump_left = nblocks;
         inner.bump_span = rec;
-        pool.cached
-            .fetch_add(nblocks * class_size(c), Ordering::Relaxed);
+        pool.cache(c, nblocks * class_size(c));
         pool.reserved.add(len as u64);
         pool.segments.add(1);
         pool.grows.fetch_add(1, Ordering::Relaxed);
@@ -277,15 +232,8 @@ impl Central {
     ) -> usize {
         // SAFETY: `s` is a live record of this class (caller); list edits under the lock.
         unsafe {
-            let (prev, next, base, len) = ((*s).prev, (*s).next, (*s).base, (*s).len);
-            if prev.is_null() {
-                inner.spans = next;
-            } else {
-                (*prev).next = next;
-            }
-            if !next.is_null() {
-                (*next).prev = prev;
-            }
+            let (base, len) = ((*s).base(), (*s).len());
+            span::unlink(&mut inner.spans, s);
             if inner.bump_span == s {
                 inner.bump_span = null_mut();
                 inner.bump_left = 0;
@@ -337,7 +285,7 @@ impl Central {
                 // SAFETY: as above.
                 let (s, next) = unsafe { (pagemap::lookup(b as usize), (*b).next) };
                 // SAFETY: as above.
-                if unsafe { (*s).free_seen == (*s).nblocks } {
+                if unsafe { (*s).free_seen == (*s).nblocks() } {
                     dropped += 1;
                 } else {
                     if discard && size >= 2 * crate::os::PAGE {
@@ -364,7 +312,7 @@ impl Central {
             let bump_blocks_released = {
                 let bs = inner.bump_span;
                 // SAFETY: live record when non-null.
-                if !bs.is_null() && unsafe { (*bs).free_seen == (*bs).nblocks } {
+                if !bs.is_null() && unsafe { (*bs).free_seen == (*bs).nblocks() } {
                     inner.bump_left
                 } else {
                     0
@@ -375,7 +323,7 @@ impl Central {
                 // SAFETY: live records of this class, under the lock.
                 let next = unsafe { (*s).next };
                 // SAFETY: as above.
-                if unsafe { (*s).free_seen == (*s).nblocks } {
+                if unsafe { (*s).free_seen == (*s).nblocks() } {
                     // SAFETY: all its blocks are free and no longer on any list.
                     released += unsafe { self.release_span(pool, inner, s, out) };
                 } else {
@@ -384,8 +332,7 @@ impl Central {
                 }
                 s = next;
             }
-            pool.cached
-                .fetch_sub((dropped + bump_blocks_released) * size, Ordering::Relaxed);
+            pool.uncache(c, (dropped + bump_blocks_released) * size);
             released + discarded
         })
     }
@@ -398,7 +345,7 @@ impl Central {
         let mut unmaps = UnmapBatch::new();
         self.locked(|inner| {
             self.drain_incoming(inner);
-            while pool.cached.load(Ordering::Relaxed) > pool.retain_limit.load(Ordering::Relaxed)
+            while pool.retained.load(Ordering::Relaxed) > pool.retain_limit.load(Ordering::Relaxed)
                 && !inner.free.is_null()
             {
                 let b = inner.free;
@@ -409,14 +356,14 @@ impl Central {
                     let s = pagemap::lookup(b as usize);
                     self.release_span(pool, inner, s, &mut unmaps);
                 }
-                pool.cached.fetch_sub(size, Ordering::Relaxed);
+                pool.uncache(c, size);
             }
         })
     }
 
     /// Takes the class lock and keeps it (`pthread_atfork` prepare).
     pub(crate) fn lock_for_fork(&self) {
-        self.lock.lock();
+        self.list.lock_for_fork();
     }
 
     /// Releases the lock taken by [`lock_for_fork`](Self::lock_for_fork).
@@ -425,14 +372,16 @@ impl Central {
     /// - This thread (or, in a forked child, its parent thread) took the lock
     ///   with `lock_for_fork` and has not released it since.
     pub(crate) unsafe fn unlock_after_fork(&self) {
-        // SAFETY: forwarded from the caller: the lock is held by us.
-        unsafe { self.lock.unlock() };
+        // SAFETY: forwarded from the caller.
+        unsafe { self.list.unlock_after_fork() };
     }
 
-    /// Unmaps every span (pool teardown).
+    /// Unmaps every span (pool teardown), blocks in use and blocks in
+    /// thread caches included.
     ///
     /// # Safety
-    /// - No block of this class is in use or cached anywhere but here.
+    /// - Nothing touches a block of this class afterwards (the last handle
+    ///   is gone: thread caches forget their blocks without touching them).
     pub(crate) unsafe fn release_all(&self, pool: &PoolShared) {
         let mut unmaps = UnmapBatch::new();
         self.locked(|inner| {

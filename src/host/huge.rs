@@ -5,11 +5,20 @@
 //! request of the same mapped size, or one at most 1/8 smaller — the same
 //! rounding bound as the size classes. The choice is the pure function
 //! [`pick`], which the meta backend uses too so its predictions match.
+//!
+//! Every huge span of the pool, cached or in use, is on the cache's span
+//! list (under its lock), so tearing the pool down unmaps blocks still in
+//! use too and leaves no pagemap entry naming the dead pool.
+//!
+//! Invariant (lock held): `n ≤ HUGE_SLOTS`; each cached block is on the
+//! span list and carries the pool's key in word 1; the pool's `cached` and
+//! `retained` counters include every cached block's length.
 
+use super::guard::{key_of, set_key};
 use super::pagemap;
 use super::pool::PoolShared;
 use super::size_class::GRANULE;
-use super::span::{self, HUGE_CLASS};
+use super::span::{self, HUGE_CLASS, SpanMeta};
 use crate::sync::{Ordering, RawLock, UnsafeCell};
 use core::ptr::{NonNull, null_mut};
 
@@ -33,6 +42,8 @@ struct Slots {
     ptr: [usize; HUGE_SLOTS],
     len: [usize; HUGE_SLOTS],
     n: usize,
+    /// Every huge span of the pool (linked through `SpanMeta::{prev,next}`).
+    spans: *mut SpanMeta,
 }
 
 /// The cache.
@@ -55,6 +66,7 @@ impl HugeCache {
                 ptr: [0; HUGE_SLOTS],
                 len: [0; HUGE_SLOTS],
                 n: 0,
+                spans: null_mut(),
             }),
         }
     }
@@ -77,10 +89,22 @@ impl HugeCache {
             Some((p, l))
         });
         if let Some((p, l)) = hit {
-            pool.cached.fetch_sub(l, Ordering::Relaxed);
+            pool.uncache_huge(l);
+            pool.count_requests(1, 0);
+            let b = p as *mut super::transfer::FreeBlock;
+            // SAFETY: a cached huge block, ours now: clear its key word.
+            unsafe { set_key(b, 0) };
             return NonNull::new(p as *mut u8).map(|p| (p, false));
         }
-        map_huge(pool, need, false).map(|p| (p, true))
+        let p = self.map(pool, need, false)?;
+        pool.count_requests(1, 1);
+        Some((p, true))
+    }
+
+    /// Whether the huge block `p` is in the cache (the slow half of
+    /// double-free detection).
+    fn holds(&self, p: usize) -> bool {
+        self.locked(|s| s.ptr[..s.n].contains(&p))
     }
 
     /// Gives the tail of an in-use huge block back to the OS, so that it maps
@@ -98,15 +122,14 @@ impl HugeCache {
         // the caller's thread touches it; the tail is unregistered before it
         // is unmapped, so no lookup finds the record through it afterwards.
         unsafe {
-            let len = (*rec).len;
+            let len = (*rec).len();
             debug_assert!(new_len <= len);
             if new_len >= len {
                 return;
             }
             let tail = p.as_ptr().add(new_len);
             pagemap::unregister(tail as usize, len - new_len);
-            (*rec).len = new_len;
-            (*rec).block = new_len;
+            (*rec).set_len(new_len);
             crate::os::unmap(NonNull::new_unchecked(tail), len - new_len);
             pool.reserved.sub((len - new_len) as u64);
         }
@@ -133,13 +156,12 @@ impl HugeCache {
         // the block can be found through it and unregistered only once its
         // pages are gone.
         unsafe {
-            let len = (*rec).len;
+            let len = (*rec).len();
             debug_assert!(new_len > len);
             if crate::os::remap(p, len, new_len, None) {
                 let tail = p.as_ptr().add(len);
                 if pagemap::register(tail as usize, new_len - len, rec) {
-                    (*rec).len = new_len;
-                    (*rec).block = new_len;
+                    (*rec).set_len(new_len);
                     pool.reserved.add((new_len - len) as u64);
                     return Some(p);
                 }
@@ -163,16 +185,22 @@ impl HugeCache {
             // looks this block up meanwhile: it is the caller's.
             pagemap::unregister(p.as_ptr() as usize, len);
             if !crate::os::remap(p, len, new_len, Some(dst)) {
-                pagemap::unregister(dst.as_ptr() as usize, new_len);
-                crate::os::unmap(dst, new_len);
+                // With MREMAP_FIXED the kernel unmaps `dst` first and may
+                // still fail: the range may be free now, or mapped (and
+                // registered) by another thread. Touch only what is ours:
+                // pagemap entries that still name our record, and the range
+                // only if it can be taken back without replacing anything.
+                pagemap::unregister_if(dst.as_ptr() as usize, new_len, rec);
+                crate::os::release_failed_remap_target(dst, new_len);
+                // The old range is still ours and mapped: nobody else could
+                // have registered it.
                 let back = pagemap::register(p.as_ptr() as usize, len, rec);
                 debug_assert!(back, "leaves of a registered range are never unmapped");
                 return None;
             }
             // The kernel moved the pages: the old range is unmapped.
-            (*rec).base = dst.as_ptr() as usize;
-            (*rec).len = new_len;
-            (*rec).block = new_len;
+            (*rec).base.store(dst.as_ptr() as usize, Ordering::Relaxed);
+            (*rec).set_len(new_len);
             pool.reserved.add((new_len - len) as u64);
             Some(dst)
         }
@@ -194,13 +222,22 @@ impl HugeCache {
     }
 
     /// Takes a huge block back: cached if there is room under the limit,
-    /// else unmapped.
+    /// else unmapped. Returns `false`, with nothing changed, for a detected
+    /// double free (the block is in the cache already).
     ///
     /// # Safety
-    /// - `p` is a huge block of `pool`, not in use.
-    pub(crate) unsafe fn free(&self, pool: &PoolShared, p: NonNull<u8>, len: usize) {
+    /// - `p` is a huge block of `pool`, not in use, and not freed since it
+    ///   was handed out unless this is a double free of a cached block.
+    #[must_use]
+    pub(crate) unsafe fn free(&self, pool: &PoolShared, p: NonNull<u8>, len: usize) -> bool {
+        let b = p.as_ptr().cast::<super::transfer::FreeBlock>();
+        // SAFETY: a huge block of ours (caller): mapped, far more than 16 bytes.
+        if unsafe { key_of(b) } == pool.key() && self.holds(p.as_ptr() as usize) {
+            return false;
+        }
         // SAFETY: forwarded from the caller.
         unsafe { self.cache_or_unmap(pool, p, len, true) };
+        true
     }
 
     /// Caches the huge block `p` of `len` bytes if a slot is free (and, with
@@ -222,20 +259,23 @@ impl HugeCache {
             usize::MAX
         };
         let kept = self.locked(|s| {
-            if s.n == HUGE_SLOTS || pool.cached.load(Ordering::Relaxed).saturating_add(len) > limit
+            if s.n == HUGE_SLOTS
+                || pool.retained.load(Ordering::Relaxed).saturating_add(len) > limit
             {
                 return false;
             }
+            // Counted before it can be taken (see `PoolShared::cache`).
+            pool.cache_huge(len);
+            // SAFETY: the block is ours (caller) and mapped.
+            unsafe { set_key(p.as_ptr().cast(), pool.key()) };
             s.ptr[s.n] = p.as_ptr() as usize;
             s.len[s.n] = len;
             s.n += 1;
             true
         });
-        if kept {
-            pool.cached.fetch_add(len, Ordering::Relaxed);
-        } else {
+        if !kept {
             // SAFETY: forwarded from the caller.
-            unsafe { unmap_huge(pool, p) };
+            unsafe { self.unmap(pool, p) };
         }
         kept
     }
@@ -245,7 +285,7 @@ impl HugeCache {
         let have = self.locked(|s| s.len[..s.n].iter().filter(|&&l| l == need).count());
         let mut mapped = 0;
         for _ in have..count.min(HUGE_SLOTS) {
-            let p = map_huge(pool, need, true)?;
+            let p = self.map(pool, need, true)?;
             mapped += need;
             // Prewarm is explicit: the retained limit does not apply.
             // SAFETY: just mapped, never handed out.
@@ -267,13 +307,60 @@ impl HugeCache {
         for &p in &taken.0[..taken.1] {
             let s = pagemap::lookup(p);
             // SAFETY: cached huge blocks are live spans of ours.
-            let len = unsafe { (*s).len };
+            let len = unsafe { (*s).len() };
             bytes += len;
             // SAFETY: cached, so not in use.
-            unsafe { unmap_huge(pool, NonNull::new_unchecked(p as *mut u8)) };
+            unsafe { self.unmap(pool, NonNull::new_unchecked(p as *mut u8)) };
         }
-        pool.cached.fetch_sub(bytes, Ordering::Relaxed);
+        pool.uncache_huge(bytes);
         bytes
+    }
+
+    /// Unmaps every huge span of the pool, cached or in use (teardown).
+    ///
+    /// # Safety
+    /// - Nothing touches a huge block of `pool` afterwards.
+    pub(crate) unsafe fn release_all(&self, pool: &PoolShared) {
+        let mut s = self.locked(|st| {
+            st.n = 0;
+            core::mem::replace(&mut st.spans, null_mut())
+        });
+        while !s.is_null() {
+            // SAFETY: a live record of ours, now off every list; the caller
+            // guarantees nothing uses its block.
+            unsafe {
+                let next = (*s).next;
+                let (base, len) = ((*s).base(), (*s).len());
+                pagemap::unregister(base, len);
+                span::free_record(s);
+                crate::os::unmap(NonNull::new_unchecked(base as *mut u8), len);
+                pool.reserved.sub(len as u64);
+                pool.segments.sub(1);
+                s = next;
+            }
+        }
+    }
+
+    /// Maps a huge span of `len` bytes and lists it.
+    fn map(&self, pool: &PoolShared, len: usize, populate: bool) -> Option<NonNull<u8>> {
+        let p = map_huge(pool, len, populate)?;
+        let rec = pagemap::lookup(p.as_ptr() as usize);
+        // SAFETY: the fresh span's record, ours, on no list; under the lock.
+        self.locked(|s| unsafe { span::push_front(&mut s.spans, rec) });
+        Some(p)
+    }
+
+    /// Unlists and unmaps a huge block.
+    ///
+    /// # Safety
+    /// - `p` is a huge block of `pool`, not in use and not cached.
+    unsafe fn unmap(&self, pool: &PoolShared, p: NonNull<u8>) {
+        let rec = pagemap::lookup(p.as_ptr() as usize);
+        debug_assert!(!rec.is_null());
+        // SAFETY: a listed record of ours; under the lock.
+        self.locked(|s| unsafe { span::unlink(&mut s.spans, rec) });
+        // SAFETY: forwarded from the caller.
+        unsafe { unmap_huge(pool, p) };
     }
 }
 
@@ -292,12 +379,14 @@ fn map_huge(pool: &PoolShared, len: usize, populate: bool) -> Option<NonNull<u8>
     }
     // SAFETY: a fresh record we own.
     unsafe {
-        (*rec).base = p.as_ptr() as usize;
-        (*rec).len = len;
-        (*rec).block = len;
-        (*rec).nblocks = 1;
-        (*rec).class = HUGE_CLASS;
-        (*rec).owner = pool as *const PoolShared as usize;
+        (*rec).init(
+            p.as_ptr() as usize,
+            len,
+            len,
+            1,
+            HUGE_CLASS,
+            pool as *const PoolShared as usize,
+        );
         (*rec).next = null_mut();
     }
     if !pagemap::register(p.as_ptr() as usize, len, rec) {
@@ -322,7 +411,7 @@ unsafe fn unmap_huge(pool: &PoolShared, p: NonNull<u8>) {
     // SAFETY: `rec` is the block's live record (caller); after unregistering
     // nothing finds it, so it can be recycled and the mapping dropped.
     unsafe {
-        let len = (*rec).len;
+        let len = (*rec).len();
         pagemap::unregister(p.as_ptr() as usize, len);
         span::free_record(rec);
         crate::os::unmap(p, len);

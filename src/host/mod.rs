@@ -4,9 +4,11 @@
 //! - [`size_class`]: the classes and categories.
 //! - `pagemap`, `span`: a pointer alone finds its span record (owner pool,
 //!   class, size): size-less free, `usable_size`, foreign-pointer checks.
-//! - `central`: per-class central lists (lock-free frees in, locked refills out).
+//! - `central`: per-class central lists (lock-free frees in, locked refills
+//!   out); their protocol is [`central_list`], loom-modelled.
 //! - `thread_cache`: the hot path.
 //! - `huge`: blocks above 64 MiB, cached by size.
+//! - `guard`: double-free detection (a per-pool key in each freed block).
 //! - [`transfer`]: the lock-free cross-thread free list.
 #[cfg(not(tensorpool_loom))]
 mod api2;
@@ -15,6 +17,9 @@ pub mod transfer;
 
 #[cfg(not(tensorpool_loom))]
 mod central;
+pub mod central_list;
+#[cfg(not(tensorpool_loom))]
+mod guard;
 #[cfg(not(tensorpool_loom))]
 pub mod huge;
 #[cfg(not(tensorpool_loom))]

@@ -14,8 +14,8 @@
 
 use super::huge::{HUGE_SLOTS, pick};
 use super::size_class::{
-    NUM_CLASSES, batch_len, blocks_per_span, cache_cap, class_for, class_size, huge_size,
-    span_bytes,
+    NUM_CLASSES, batch_len, blocks_per_span, cache_cap, class_for, class_size,
+    counts_against_limit, huge_size, span_bytes,
 };
 use crate::stats::Stat;
 
@@ -34,6 +34,9 @@ pub struct PoolModel {
     classes: [ClassModel; NUM_CLASSES],
     huge: Vec<usize>,
     cached: usize,
+    /// The part of `cached` the retain limit bounds (classes of 1 MiB and
+    /// up, huge blocks).
+    retained: usize,
     retain_limit: usize,
     reserved: Stat,
     segments: Stat,
@@ -47,6 +50,7 @@ impl PoolModel {
             classes: [ClassModel::default(); NUM_CLASSES],
             huge: Vec::new(),
             cached: 0,
+            retained: 0,
             retain_limit: retain_limit.unwrap_or(usize::MAX),
             reserved: Stat::default(),
             segments: Stat::default(),
@@ -76,8 +80,22 @@ impl PoolModel {
         m.free += m.bump;
         m.bump = blocks_per_span(c);
         m.spans += 1;
-        self.cached += blocks_per_span(c) * class_size(c);
+        self.cache(c, blocks_per_span(c) * class_size(c));
         self.map(span_bytes(c));
+    }
+
+    fn cache(&mut self, c: usize, bytes: usize) {
+        self.cached += bytes;
+        if counts_against_limit(c) {
+            self.retained += bytes;
+        }
+    }
+
+    fn uncache(&mut self, c: usize, bytes: usize) {
+        self.cached -= bytes;
+        if counts_against_limit(c) {
+            self.retained -= bytes;
+        }
     }
 
     /// Allocates `size`/`align` (both valid for the pool, size ≥ 1); returns
@@ -88,6 +106,7 @@ impl PoolModel {
             if let Some(i) = pick(&self.huge, need) {
                 let len = self.huge.swap_remove(i);
                 self.cached -= len;
+                self.retained -= len;
                 return len;
             }
             self.map(need);
@@ -111,19 +130,21 @@ impl PoolModel {
         m.bump -= carve;
         n += carve;
         m.tc = n - 1;
-        self.cached -= n * class_size(c);
+        self.uncache(c, n * class_size(c));
         class_size(c)
     }
 
     /// Frees a block allocated with `size`/`align` whose mapped length was `len`.
     pub fn free(&mut self, size: usize, align: usize, len: usize) {
         let Some(c) = class_for(size, align) else {
-            if self.huge.len() == HUGE_SLOTS || self.cached.saturating_add(len) > self.retain_limit
+            if self.huge.len() == HUGE_SLOTS
+                || self.retained.saturating_add(len) > self.retain_limit
             {
                 self.unmap(len, 1);
             } else {
                 self.huge.push(len);
                 self.cached += len;
+                self.retained += len;
             }
             return;
         };
@@ -138,12 +159,12 @@ impl PoolModel {
     fn give_back(&mut self, c: usize, k: usize) {
         self.classes[c].tc -= k;
         self.classes[c].free += k;
-        self.cached += k * class_size(c);
-        if blocks_per_span(c) == 1 {
-            while self.cached > self.retain_limit && self.classes[c].free > 0 {
+        self.cache(c, k * class_size(c));
+        if counts_against_limit(c) {
+            while self.retained > self.retain_limit && self.classes[c].free > 0 {
                 self.classes[c].free -= 1;
                 self.classes[c].spans -= 1;
-                self.cached -= class_size(c);
+                self.uncache(c, class_size(c));
                 self.unmap(span_bytes(c), 1);
             }
         }
@@ -162,6 +183,7 @@ impl PoolModel {
             self.unmap(l, 1);
         }
         self.cached -= huge.iter().sum::<usize>();
+        self.retained -= huge.iter().sum::<usize>();
         for c in 0..NUM_CLASSES {
             let m = self.classes[c];
             let released = if m.live == 0 {
@@ -177,7 +199,7 @@ impl PoolModel {
                 } else {
                     released
                 };
-                self.cached -= free_blocks * class_size(c);
+                self.uncache(c, free_blocks * class_size(c));
                 let m = &mut self.classes[c];
                 m.spans -= released;
                 m.free = 0;
@@ -206,6 +228,7 @@ impl PoolModel {
                     }
                     self.huge.push(need);
                     self.cached += need;
+                    self.retained += need;
                 }
             }
         }

@@ -104,3 +104,27 @@ pub(crate) fn unregister(base: usize, len: usize) {
         a += GRANULE;
     }
 }
+
+/// Clears the granules of `[base, base+len)` that still point at `span`,
+/// leaving any entry another span has taken since: for a range that may
+/// have changed hands behind our back (a failed `mremap` onto it).
+pub(crate) fn unregister_if(base: usize, len: usize, span: *mut SpanMeta) {
+    let mut a = base;
+    while a < base + len {
+        if let Some((i1, i2)) = split(a) {
+            let leaf = L1[i1].load(Ordering::Acquire);
+            if !leaf.is_null() {
+                // SAFETY: non-null leaves are live and never unmapped.
+                let _ = unsafe {
+                    (*leaf)[i2].compare_exchange(
+                        span,
+                        null_mut(),
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    )
+                };
+            }
+        }
+        a += GRANULE;
+    }
+}

@@ -1,23 +1,29 @@
 //! The pool: per-class central lists, the huge cache, and the public
 //! [`HostPool`] handle.
 //!
-//! A `HostPool` is a cheap, clonable handle (`Arc`) to a [`PoolShared`].
-//! Threads that use it keep a strong reference in their cache slot, so the
-//! shared state (and its mappings) lives until the last handle is dropped and
-//! every thread that cached it has exited or evicted it. Dropping the last
-//! handle flushes the calling thread's cache right away.
+//! A `HostPool` is a cheap, clonable handle (`Arc`) to a [`PoolShared`],
+//! which counts its handles. Dropping the last handle tears the pool down:
+//! every span and huge block is unmapped and unregistered, whatever other
+//! threads still cache (they forget those blocks untouched). Threads that
+//! used the pool keep a reference to the shared state in their cache slot,
+//! which keeps only its address (a few dozen KiB, no pool memory) until they
+//! evict the slot or exit. Dropping a handle that is not the last does
+//! nothing else.
 
 use super::central::Central;
+use super::guard;
 use super::huge::HugeCache;
 use super::pagemap;
 use super::prewarm::Prewarm;
-use super::size_class::{MAX_ALIGN, MAX_CLASS_SIZE, NUM_CLASSES, class_for, huge_size};
+use super::size_class::{
+    MAX_ALIGN, MAX_CLASS_SIZE, NUM_CLASSES, class_for, counts_against_limit, huge_size,
+};
 use super::span::HUGE_CLASS;
 use super::thread_cache::{self, ThreadCache};
 use crate::allocator::Device;
 use crate::error::{AllocError, LayoutProblem};
 use crate::stats::{AtomicStat, Stat};
-use crate::sync::{AtomicBool, AtomicUsize, CachePadded, Ordering};
+use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, CachePadded, Ordering};
 use core::alloc::Layout;
 use core::ptr::NonNull;
 use std::sync::Arc;
@@ -25,21 +31,38 @@ use std::sync::Arc;
 /// The shared state of one pool.
 ///
 /// Invariants: `reserved` is the sum of the lengths of this pool's live
-/// spans; `segments` their count; `cached` (approximately, it is updated
-/// after the lists) the bytes of blocks on central lists, uncarved span
-/// tails and the huge cache.
+/// spans; `segments` their count; `cached` the bytes of blocks on central
+/// lists, uncarved span tails and the huge cache, and `retained` the part
+/// of it in classes of 1 MiB and up and the huge cache (what the retain
+/// limit bounds). Both are raised before blocks are listed and lowered
+/// after they are taken, so they may run ahead of the lists but never
+/// below them (never below zero). `handles == 0` exactly when the pool was
+/// torn down (it never rises again from zero).
 #[derive(Debug)]
 pub(crate) struct PoolShared {
+    /// The double-free key (see `guard`).
+    key: AtomicUsize,
+    /// Live `HostPool` handles (1 for the static global pool, never dropped).
+    handles: AtomicUsize,
     centrals: [CachePadded<Central>; NUM_CLASSES],
     pub(crate) huge: HugeCache,
     pub(crate) reserved: AtomicStat,
     pub(crate) segments: AtomicStat,
     pub(crate) grows: AtomicUsize,
     pub(crate) cached: AtomicUsize,
+    pub(crate) retained: AtomicUsize,
     pub(crate) retain_limit: AtomicUsize,
+    /// Requests served / those served by a fresh block (published by
+    /// thread caches in batches).
+    requests: AtomicU64,
+    misses: AtomicU64,
     /// Map spans of 2 MiB and up 2 MiB-aligned with `MADV_HUGEPAGE`.
     pub(crate) huge_pages: AtomicBool,
 }
+
+/// Requests above this can never be mapped: the pagemap covers 47-bit
+/// addresses (the user half of x86-64 and of aarch64 with 48-bit VAs).
+pub(crate) const ADDRESS_SPACE: usize = 1 << 47;
 
 static GLOBAL: PoolShared = PoolShared::new();
 
@@ -52,15 +75,135 @@ pub(crate) fn global_pool() -> &'static PoolShared {
 impl PoolShared {
     pub(crate) const fn new() -> Self {
         PoolShared {
+            // Replaced by a fresh key before use (`HostPool::with_config`,
+            // `rekey` for the global pool); any nonzero value is correct.
+            key: AtomicUsize::new(0x9E37_79B9_7F4A_7C15_u64 as usize),
+            handles: AtomicUsize::new(1),
             centrals: [const { CachePadded(Central::new()) }; NUM_CLASSES],
             huge: HugeCache::new(),
             reserved: AtomicStat::new(),
             segments: AtomicStat::new(),
             grows: AtomicUsize::new(0),
             cached: AtomicUsize::new(0),
+            retained: AtomicUsize::new(0),
             retain_limit: AtomicUsize::new(usize::MAX),
+            requests: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
             huge_pages: AtomicBool::new(true),
         }
+    }
+
+    /// The double-free key (one relaxed load: a plain `mov` on x86-64).
+    #[inline(always)]
+    pub(crate) fn key(&self) -> usize {
+        self.key.load(Ordering::Relaxed)
+    }
+
+    /// Draws a fresh key. Blocks freed under the old key keep it, which only
+    /// means their double free goes undetected; nothing is refused wrongly.
+    pub(crate) fn rekey(&self) {
+        self.key.store(
+            guard::fresh_key(self as *const Self as usize),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Counts `bytes` of free blocks of class `c` about to be listed; returns
+    /// the retained bytes after (0 if the class does not count).
+    #[inline]
+    pub(crate) fn cache(&self, c: usize, bytes: usize) -> usize {
+        self.cached.fetch_add(bytes, Ordering::Relaxed);
+        if counts_against_limit(c) {
+            self.retained.fetch_add(bytes, Ordering::Relaxed) + bytes
+        } else {
+            0
+        }
+    }
+
+    /// Uncounts `bytes` of free blocks of class `c` just taken off the lists.
+    #[inline]
+    pub(crate) fn uncache(&self, c: usize, bytes: usize) {
+        self.cached.fetch_sub(bytes, Ordering::Relaxed);
+        if counts_against_limit(c) {
+            self.retained.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a huge block about to be cached.
+    pub(crate) fn cache_huge(&self, len: usize) {
+        self.cached.fetch_add(len, Ordering::Relaxed);
+        self.retained.fetch_add(len, Ordering::Relaxed);
+    }
+
+    /// Uncounts huge blocks just taken out of the cache.
+    pub(crate) fn uncache_huge(&self, len: usize) {
+        self.cached.fetch_sub(len, Ordering::Relaxed);
+        self.retained.fetch_sub(len, Ordering::Relaxed);
+    }
+
+    /// Adds served requests (`misses` of them served by fresh blocks) to the
+    /// cache statistics.
+    #[inline]
+    pub(crate) fn count_requests(&self, requests: u64, misses: u64) {
+        if requests > 0 {
+            self.requests.fetch_add(requests, Ordering::Relaxed);
+        }
+        if misses > 0 {
+            self.misses.fetch_add(misses, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the pool is still alive (a handle exists).
+    #[inline]
+    pub(crate) fn is_alive(&self) -> bool {
+        self.handles.load(Ordering::Acquire) != 0
+    }
+
+    /// Takes a handle if the pool is alive, so that it cannot be torn down
+    /// until [`release_handle`](Self::release_handle): for a thread that
+    /// hands blocks back from a cache slot without holding a `HostPool`.
+    pub(crate) fn acquire_handle(&self) -> bool {
+        let mut n = self.handles.load(Ordering::Relaxed);
+        while n != 0 {
+            match self
+                .handles
+                .compare_exchange_weak(n, n + 1, Ordering::Acquire, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(m) => n = m,
+            }
+        }
+        false
+    }
+
+    /// Drops a handle; the last one tears the pool down (and says so).
+    pub(crate) fn release_handle(&self) -> bool {
+        // AcqRel: everything every other handle holder did happens before
+        // the teardown (a load, not a fence, so ThreadSanitizer follows it).
+        if self.handles.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return false;
+        }
+        // SAFETY: no handle is left, so no thread can reach the pool's
+        // blocks through its API any more; thread caches forget theirs
+        // untouched (`thread_cache::retire_slot`).
+        unsafe { self.teardown() };
+        true
+    }
+
+    /// Unmaps and unregisters every span and huge block.
+    ///
+    /// # Safety
+    /// - No handle is left and nothing touches a block of the pool after.
+    unsafe fn teardown(&self) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            self.huge.release_all(self);
+            for c in 0..NUM_CLASSES {
+                self.central(c).release_all(self);
+            }
+        }
+        self.cached.store(0, Ordering::Relaxed);
+        self.retained.store(0, Ordering::Relaxed);
     }
 
     #[inline(always)]
@@ -86,22 +229,10 @@ impl PoolShared {
     /// Why `alloc_raw(layout)` returned null.
     #[cold]
     pub(crate) fn alloc_error(&self, layout: Layout) -> AllocError {
-        let (size, align) = (layout.size(), layout.align());
-        if align > MAX_ALIGN {
-            return AllocError::InvalidLayout {
-                size,
-                align,
-                problem: LayoutProblem::AlignTooLarge { max: MAX_ALIGN },
-            };
+        match huge_check(layout) {
+            Err(e) => e,
+            Ok(_) => self.oom(layout.size()),
         }
-        if size > MAX_CLASS_SIZE && huge_size(size).is_none() {
-            return AllocError::InvalidLayout {
-                size,
-                align,
-                problem: LayoutProblem::SizeOverflow,
-            };
-        }
-        self.oom(size)
     }
 
     /// A zeroed block for `layout` (size > 0). The memset is skipped for a
@@ -139,20 +270,10 @@ impl PoolShared {
 
     #[cold]
     fn alloc_huge(&self, layout: Layout) -> Result<(NonNull<u8>, bool), AllocError> {
-        let (size, align) = (layout.size(), layout.align());
-        if align > MAX_ALIGN {
-            return Err(AllocError::InvalidLayout {
-                size,
-                align,
-                problem: LayoutProblem::AlignTooLarge { max: MAX_ALIGN },
-            });
-        }
-        let need = huge_size(size).ok_or(AllocError::InvalidLayout {
-            size,
-            align,
-            problem: LayoutProblem::SizeOverflow,
-        })?;
-        self.huge.alloc(self, need).ok_or_else(|| self.oom(size))
+        let need = huge_check(layout)?;
+        self.huge
+            .alloc(self, need)
+            .ok_or_else(|| self.oom(layout.size()))
     }
 
     /// Whether the block `p` of class `class` (`HUGE_CLASS` for a huge block)
@@ -182,7 +303,7 @@ impl PoolShared {
         let rec = pagemap::lookup(p.as_ptr() as usize);
         debug_assert!(!rec.is_null());
         // SAFETY: a live huge block of ours (caller), so its record is live.
-        let len = unsafe { (*rec).len };
+        let len = unsafe { (*rec).len() };
         if need > len {
             return false;
         }
@@ -206,38 +327,40 @@ impl PoolShared {
         }
     }
 
-    /// Frees a block allocated with `layout`.
+    /// Frees a block allocated with `layout`. Returns `false`, with
+    /// nothing changed, for a detected double free (see `guard`).
     ///
     /// # Safety
     /// - `p` was returned by `alloc` of this pool with this `layout` and is
-    ///   not used again.
+    ///   not used again; freeing it twice is detected where `guard` says.
     #[inline(always)]
+    #[must_use]
     pub(crate) unsafe fn free(
         &self,
         cache: Option<&mut ThreadCache>,
         p: NonNull<u8>,
         layout: Layout,
-    ) {
+    ) -> bool {
         if let Some(c) = class_for(layout.size(), layout.align()) {
             // SAFETY: forwarded from the caller: a block of class `c` of ours.
-            unsafe {
+            return unsafe {
                 match cache {
                     Some(tc) => tc.free(self, c, p.as_ptr()),
                     None => thread_cache::central_free(self, c, p.as_ptr()),
                 }
-            }
-            return;
+            };
         }
         // SAFETY: forwarded: a huge block of ours.
         unsafe { self.free_huge(p) }
     }
 
     #[cold]
-    unsafe fn free_huge(&self, p: NonNull<u8>) {
+    #[must_use]
+    unsafe fn free_huge(&self, p: NonNull<u8>) -> bool {
         let rec = pagemap::lookup(p.as_ptr() as usize);
         debug_assert!(!rec.is_null());
-        // SAFETY: a live huge block of ours (caller), so its record is live.
-        let len = unsafe { (*rec).len };
+        // SAFETY: a huge block of ours (caller), so its record is live.
+        let len = unsafe { (*rec).len() };
         // SAFETY: forwarded from the caller.
         unsafe { self.huge.free(self, p, len) }
     }
@@ -253,13 +376,29 @@ impl PoolShared {
         // SAFETY: records are never unmapped; a stale read yields a record
         // whose owner check fails or whose fields describe another span.
         let r = unsafe { &*rec };
-        if r.owner != self as *const PoolShared as usize || !r.is_block_start(p) {
+        if r.owner() != self as *const PoolShared as usize || !r.is_block_start(p) {
             return None;
         }
-        Some((r.class, r.block))
+        Some((r.class(), r.block()))
     }
 
-    /// Frees a block without its size (C `free`).
+    /// Whether `p` is any address inside memory this pool has mapped for
+    /// blocks (a block start, an interior pointer, a free block, padding).
+    #[inline]
+    pub(crate) fn manages(&self, p: usize) -> bool {
+        let rec = pagemap::lookup(p);
+        if rec.is_null() {
+            return false;
+        }
+        // SAFETY: as in `block_info`.
+        let r = unsafe { &*rec };
+        r.owner() == self as *const PoolShared as usize && r.contains(p)
+    }
+
+    /// Frees a block without its size (C `free`): `ForeignPointer` if `p`
+    /// does not start a block of this pool, `DoubleFree` if the block is
+    /// free already (see `guard` for what is detected); either way nothing
+    /// changes.
     ///
     /// # Safety
     /// - If `p` is a block of this pool, it is not in use any more.
@@ -268,15 +407,14 @@ impl PoolShared {
         cache: Option<&mut ThreadCache>,
         p: NonNull<u8>,
     ) -> Result<(), AllocError> {
-        let (class, _) =
-            self.block_info(p.as_ptr() as usize)
-                .ok_or(AllocError::ForeignPointer {
-                    addr: p.as_ptr() as usize,
-                })?;
+        let addr = p.as_ptr() as usize;
+        let (class, _) = self
+            .block_info(addr)
+            .ok_or(AllocError::ForeignPointer { addr })?;
         // SAFETY: the pagemap says `p` starts a block of class `class` of ours.
-        unsafe {
+        let freed = unsafe {
             if class == HUGE_CLASS {
-                self.free_huge(p);
+                self.free_huge(p)
             } else {
                 let c = class as usize;
                 match cache {
@@ -284,8 +422,12 @@ impl PoolShared {
                     None => thread_cache::central_free(self, c, p.as_ptr()),
                 }
             }
+        };
+        if freed {
+            Ok(())
+        } else {
+            Err(AllocError::DoubleFree { addr })
         }
-        Ok(())
     }
 
     /// Grows a huge block to hold `new_size > MAX_CLASS_SIZE` bytes without
@@ -340,7 +482,14 @@ impl PoolShared {
             reserved_bytes: self.reserved.current() as usize,
             segments: self.segments.current() as usize,
             cached_bytes: self.cached.load(Ordering::Relaxed),
+            retained_bytes: self.retained.load(Ordering::Relaxed),
             os_maps: self.grows.load(Ordering::Relaxed),
+            cache_misses: self.misses.load(Ordering::Relaxed),
+            // Misses may be published a batch ahead of their requests.
+            cache_hits: self
+                .requests
+                .load(Ordering::Relaxed)
+                .saturating_sub(self.misses.load(Ordering::Relaxed)),
             reserved: self.reserved.get(),
             segment: self.segments.get(),
         }
@@ -379,16 +528,30 @@ impl PoolShared {
     }
 }
 
-impl Drop for PoolShared {
-    fn drop(&mut self) {
-        self.huge.trim(self);
-        for c in 0..NUM_CLASSES {
-            // SAFETY: the last reference is going: no handle and no thread
-            // cache refers to this pool, so no block is cached elsewhere; blocks
-            // still handed out die with the pool (documented on `HostPool`).
-            unsafe { self.central(c).release_all(self) };
-        }
+/// The huge mapping a layout that no size class serves needs, or why it
+/// can never be served (not retryable: no amount of freeing helps).
+fn huge_check(layout: Layout) -> Result<usize, AllocError> {
+    let (size, align) = (layout.size(), layout.align());
+    if align > MAX_ALIGN {
+        return Err(AllocError::InvalidLayout {
+            size,
+            align,
+            problem: LayoutProblem::AlignTooLarge { max: MAX_ALIGN },
+        });
     }
+    let need = huge_size(size).ok_or(AllocError::InvalidLayout {
+        size,
+        align,
+        problem: LayoutProblem::SizeOverflow,
+    })?;
+    if need > ADDRESS_SPACE {
+        return Err(AllocError::NeverFits {
+            device: Device::Host,
+            requested: need,
+            limit: ADDRESS_SPACE,
+        });
+    }
+    Ok(need)
 }
 
 /// Configuration of a [`HostPool`].
@@ -415,8 +578,18 @@ pub struct PoolStats {
     pub segments: usize,
     /// Free bytes held centrally (not counting thread caches), approximate.
     pub cached_bytes: usize,
-    /// Mappings ever made (cache misses that went to the OS).
+    /// The part of `cached_bytes` the retain limit bounds: free blocks of
+    /// 1 MiB and up, and cached huge blocks.
+    pub retained_bytes: usize,
+    /// Mappings ever made.
     pub os_maps: usize,
+    /// Requests served by a block that was handed out before (counted per
+    /// request; each thread's counts are added when it refills, flushes,
+    /// exits or reads these statistics).
+    pub cache_hits: u64,
+    /// Requests served by a fresh block: a never-used part of a span or a
+    /// new huge mapping (memory the OS has to provide).
+    pub cache_misses: u64,
     /// Reserved bytes: current, peak, total mapped, total unmapped.
     pub reserved: Stat,
     /// Mappings: current, peak, total made, total unmapped.
@@ -438,11 +611,27 @@ pub struct PoolStats {
 ///
 /// Every block of 4 KiB or more is at least 64-byte aligned, and page aligned
 /// from 32 KiB up, whatever alignment was asked. Dropping the last handle
-/// unmaps the pool's memory: pointers still handed out dangle (the backends
-/// keep the pool alive for as long as any of their allocations is live).
-#[derive(Debug, Clone)]
+/// unmaps all of the pool's memory, huge blocks included, even while other
+/// threads still cache blocks of it: pointers still handed out dangle (the
+/// backends keep the pool alive for as long as any of their allocations is
+/// live). Dropping any other handle changes nothing.
+///
+/// A block freed twice (size-less [`free`](Self::free) or sized
+/// [`deallocate`](Self::deallocate)) is detected when the first free left
+/// it in this thread's cache, the pool's central list or its huge cache;
+/// the second free then changes nothing. Blocks of 8 bytes are not checked.
+#[derive(Debug)]
 pub struct HostPool {
     shared: Arc<PoolShared>,
+}
+
+impl Clone for HostPool {
+    fn clone(&self) -> Self {
+        self.shared.handles.fetch_add(1, Ordering::Relaxed);
+        HostPool {
+            shared: self.shared.clone(),
+        }
+    }
 }
 
 impl Default for HostPool {
@@ -460,6 +649,7 @@ impl HostPool {
     /// A pool with `config`. Maps nothing.
     pub fn with_config(config: HostPoolConfig) -> Self {
         let shared = Arc::new(PoolShared::new());
+        shared.rekey();
         shared
             .retain_limit
             .store(config.retain_limit.unwrap_or(usize::MAX), Ordering::Relaxed);
@@ -489,7 +679,8 @@ impl HostPool {
         thread_cache::with_pool_cache(&self.shared, |tc| self.shared.alloc_zeroed(tc, layout))
     }
 
-    /// Frees a block.
+    /// Frees a block. A detected double free (see the type docs) changes
+    /// nothing; [`free`](Self::free) reports it as an error.
     ///
     /// # Safety
     /// - `ptr` was returned by [`allocate`](Self::allocate) (or
@@ -501,13 +692,16 @@ impl HostPool {
             return;
         }
         // SAFETY: forwarded from the caller.
-        thread_cache::with_pool_cache(&self.shared, |tc| unsafe {
+        let _freed = thread_cache::with_pool_cache(&self.shared, |tc| unsafe {
             self.shared.free(tc, ptr, layout)
-        })
+        });
     }
 
-    /// Frees a block without its layout. A pointer this pool did not hand out
-    /// (or not at a block start) is an error and nothing changes.
+    /// Frees a block without its layout. Errors, with nothing changed:
+    /// [`AllocError::ForeignPointer`] for a pointer that does not start a
+    /// block of this pool (another allocator's, an interior pointer, a
+    /// block already unmapped), [`AllocError::DoubleFree`] for a block that
+    /// is free already (see the type docs for what is detected).
     ///
     /// # Safety
     /// - If `ptr` is a live block of this pool, it is not used afterwards.
@@ -526,6 +720,14 @@ impl HostPool {
     /// Whether `ptr` starts a block of this pool.
     pub fn owns(&self, ptr: *const u8) -> bool {
         self.shared.block_info(ptr as usize).is_some()
+    }
+
+    /// Whether `ptr` points anywhere into memory this pool has mapped for
+    /// blocks: a block start, a pointer into a block (interior), a free or
+    /// cached block. Such a pointer must never be handed to another
+    /// allocator. Lock-free: one pagemap lookup.
+    pub fn manages(&self, ptr: *const u8) -> bool {
+        self.shared.manages(ptr as usize)
     }
 
     /// Maps (and faults in) the blocks of `plan`. Returns the bytes mapped.
@@ -559,14 +761,21 @@ impl HostPool {
             .store(limit.unwrap_or(usize::MAX), Ordering::Relaxed);
     }
 
-    /// A statistics snapshot.
+    /// A statistics snapshot (this thread's request counts included).
     pub fn stats(&self) -> PoolStats {
+        thread_cache::publish_counts(&self.shared);
         self.shared.stats()
     }
 
     /// The usable size a request would be served with (class rounding).
     pub fn rounded_size(layout: Layout) -> Option<usize> {
         super::size_class::usable_size_for(layout.size(), layout.align())
+    }
+
+    /// The shared state (tests).
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> &Arc<PoolShared> {
+        &self.shared
     }
 
     /// Blocks of class `c` held centrally (tests).
@@ -579,10 +788,10 @@ impl HostPool {
 
 impl Drop for HostPool {
     fn drop(&mut self) {
-        if Arc::strong_count(&self.shared) > 1 {
-            // Our thread's slot may hold the other reference: release it so the
-            // pool dies now rather than at thread exit.
-            thread_cache::release_pool_cache(&self.shared);
+        if self.shared.release_handle() {
+            // The pool is torn down: forget this thread's cache of it now
+            // (other threads forget theirs when they next look).
+            thread_cache::discard_pool_cache(&self.shared);
         }
     }
 }

@@ -264,6 +264,14 @@ pub fn blocks_per_span(c: usize) -> usize {
     }
 }
 
+/// Whether free blocks of class `c` count against a pool's retained-bytes
+/// limit: blocks of 1 MiB and up (one block a span, so a free one can be
+/// unmapped alone). Huge blocks count too; smaller classes never do.
+#[inline(always)]
+pub const fn counts_against_limit(c: usize) -> bool {
+    class_size(c) >= 1 << 20
+}
+
 /// Bytes one span of class `c` maps (a multiple of [`GRANULE`]).
 #[inline]
 pub fn span_bytes(c: usize) -> usize {

@@ -6,7 +6,7 @@
 //! (never from the global allocator) and are recycled through a free list;
 //! chunks are never unmapped, so a stale pagemap read still lands in a record.
 
-use crate::sync::RawLock;
+use crate::sync::{AtomicU16, AtomicU32, AtomicUsize, Ordering, RawLock};
 use core::ptr::null_mut;
 
 /// The `class` of a huge (> 64 MiB) span.
@@ -17,20 +17,30 @@ pub(crate) const HUGE_CLASS: u16 = u16::MAX;
 /// Invariants: `base % GRANULE == 0`, `len % GRANULE == 0`,
 /// `nblocks * block ≤ len`; `owner` is the pool whose lists hold its blocks;
 /// `prev`/`next` link the owner class's span list (guarded by that class's
-/// lock), or the arena free list when the record is unused.
+/// lock, or the huge cache's), or the arena free list when the record is unused.
+///
+/// The fields a lock-free reader looks at (`PoolShared::block_info`, reached
+/// from `owns`/`usable_size`/size-less free on any thread while another
+/// thread's trim or growth rewrites the record) are atomics: `base`, `len`,
+/// `block`, `owner`, `nblocks`, `class`. Relaxed is enough: a record is
+/// published through the pagemap (Release store, Acquire load), and a
+/// reader racing with a record's reuse gets an answer about *some* span,
+/// which the owner and block-start checks reject or which is a correct
+/// answer for a pointer that is not live anyway. `prev`, `next` and
+/// `free_seen` are touched only under a lock.
 #[repr(C, align(64))]
 #[derive(Debug)]
 pub(crate) struct SpanMeta {
-    pub base: usize,
-    pub len: usize,
-    pub block: usize,
-    pub owner: usize,
+    pub base: AtomicUsize,
+    pub len: AtomicUsize,
+    pub block: AtomicUsize,
+    pub owner: AtomicUsize,
     pub next: *mut SpanMeta,
     pub prev: *mut SpanMeta,
-    pub nblocks: u32,
+    pub nblocks: AtomicU32,
     /// Scratch for trim: free blocks counted in this span.
     pub free_seen: u32,
-    pub class: u16,
+    pub class: AtomicU16,
 }
 
 const _: () = assert!(core::mem::size_of::<SpanMeta>() == 64);
@@ -42,14 +52,111 @@ impl SpanMeta {
     /// [`is_multiple_of_class`](super::size_class::is_multiple_of_class).
     #[inline]
     pub fn is_block_start(&self, p: usize) -> bool {
-        let Some(off) = p.checked_sub(self.base) else {
+        let Some(off) = p.checked_sub(self.base()) else {
             return false;
         };
-        if self.class == HUGE_CLASS {
+        let class = self.class();
+        if class == HUGE_CLASS {
             return off == 0;
         }
-        off < (self.nblocks as usize).wrapping_mul(self.block)
-            && super::size_class::is_multiple_of_class(off, self.class as usize)
+        off < (self.nblocks() as usize).wrapping_mul(self.block())
+            && super::size_class::is_multiple_of_class(off, class as usize)
+    }
+
+    /// Whether `p` lies inside the span's mapping (any byte of it).
+    #[inline]
+    pub fn contains(&self, p: usize) -> bool {
+        p.wrapping_sub(self.base()) < self.len()
+    }
+
+    /// First byte of the mapping.
+    #[inline(always)]
+    pub fn base(&self) -> usize {
+        self.base.load(Ordering::Relaxed)
+    }
+    /// Bytes mapped.
+    #[inline(always)]
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+    /// Bytes per block.
+    #[inline(always)]
+    pub fn block(&self) -> usize {
+        self.block.load(Ordering::Relaxed)
+    }
+    /// The owner pool's address.
+    #[inline(always)]
+    pub fn owner(&self) -> usize {
+        self.owner.load(Ordering::Relaxed)
+    }
+    /// Blocks in the span.
+    #[inline(always)]
+    pub fn nblocks(&self) -> u32 {
+        self.nblocks.load(Ordering::Relaxed)
+    }
+    /// Size class (`HUGE_CLASS` for a huge block).
+    #[inline(always)]
+    pub fn class(&self) -> u16 {
+        self.class.load(Ordering::Relaxed)
+    }
+
+    /// Describes a freshly allocated (unpublished) record.
+    pub fn init(
+        &self,
+        base: usize,
+        len: usize,
+        block: usize,
+        nblocks: u32,
+        class: u16,
+        owner: usize,
+    ) {
+        self.base.store(base, Ordering::Relaxed);
+        self.len.store(len, Ordering::Relaxed);
+        self.block.store(block, Ordering::Relaxed);
+        self.nblocks.store(nblocks, Ordering::Relaxed);
+        self.class.store(class, Ordering::Relaxed);
+        self.owner.store(owner, Ordering::Relaxed);
+    }
+
+    /// Sets the mapped length (a huge block that shrank or grew in place).
+    pub fn set_len(&self, len: usize) {
+        self.len.store(len, Ordering::Relaxed);
+        self.block.store(len, Ordering::Relaxed);
+    }
+}
+
+/// Puts `s` at the front of the span list at `*head`.
+///
+/// # Safety
+/// - `s` is a live record on no list; the list's lock is held.
+pub(crate) unsafe fn push_front(head: &mut *mut SpanMeta, s: *mut SpanMeta) {
+    // SAFETY: per the contract; the list's records are ours under its lock.
+    unsafe {
+        (*s).prev = null_mut();
+        (*s).next = *head;
+        if !head.is_null() {
+            (**head).prev = s;
+        }
+    }
+    *head = s;
+}
+
+/// Takes `s` off the span list at `*head`.
+///
+/// # Safety
+/// - `s` is on that list; the list's lock is held.
+pub(crate) unsafe fn unlink(head: &mut *mut SpanMeta, s: *mut SpanMeta) {
+    // SAFETY: per the contract.
+    unsafe {
+        let (prev, next) = ((*s).prev, (*s).next);
+        if prev.is_null() {
+            *head = next;
+        } else {
+            (*prev).next = next;
+        }
+        if !next.is_null() {
+            (*next).prev = prev;
+        }
     }
 }
 
@@ -89,7 +196,9 @@ pub(crate) fn alloc_record() -> *mut SpanMeta {
                 // SAFETY: records on the free list are valid, unused records.
                 unsafe {
                     st.free = (*r).next;
-                    r.write(SpanMeta::zeroed());
+                    // Field by field: a stale lock-free reader may be
+                    // looking at the atomics right now.
+                    SpanMeta::reset(r);
                 }
                 return r;
             }
@@ -136,7 +245,8 @@ pub(crate) unsafe fn free_record(r: *mut SpanMeta) {
             // SAFETY: lock held; `r` is ours per the caller.
             unsafe {
                 (*r).next = (*st).free;
-                (*r).nblocks = 0;
+                (*r).nblocks.store(0, Ordering::Relaxed);
+                (*r).owner.store(0, Ordering::Relaxed);
                 (*st).free = r;
             }
         })
@@ -146,15 +256,31 @@ pub(crate) unsafe fn free_record(r: *mut SpanMeta) {
 impl SpanMeta {
     const fn zeroed() -> Self {
         SpanMeta {
-            base: 0,
-            len: 0,
-            block: 0,
-            owner: 0,
+            base: AtomicUsize::new(0),
+            len: AtomicUsize::new(0),
+            block: AtomicUsize::new(0),
+            owner: AtomicUsize::new(0),
             next: null_mut(),
             prev: null_mut(),
-            nblocks: 0,
+            nblocks: AtomicU32::new(0),
             free_seen: 0,
-            class: 0,
+            class: AtomicU16::new(0),
+        }
+    }
+
+    /// Zeroes a recycled record.
+    ///
+    /// # Safety
+    /// - `r` is an unused record of the arena and the arena lock is held: no
+    ///   other thread writes it (lock-free readers only load its atomics).
+    unsafe fn reset(r: *mut SpanMeta) {
+        // SAFETY: per the contract; the plain fields are written through the
+        // raw pointer, the atomics through shared references.
+        unsafe {
+            (*r).init(0, 0, 0, 0, 0, 0);
+            (*r).next = null_mut();
+            (*r).prev = null_mut();
+            (*r).free_seen = 0;
         }
     }
 }

@@ -13,9 +13,28 @@
 //! thread exit is observed through a `pthread` key whose destructor flushes
 //! every cache and releases the pools it references.
 //!
-//! Invariant per class: `len` equals the length of the list at `head` and
-//! `len ≤ cap` between calls.
+//! A slot's reference to its pool keeps the pool's *shared state* (its
+//! address) alive, not its memory: the last [`HostPool`] handle tears the
+//! pool down (unmaps everything) whatever other threads cache. A thread that
+//! finds a torn-down pool in a slot forgets the slot's blocks without
+//! touching them; one that hands blocks back to a pool it holds no handle of
+//! (eviction, thread exit) first takes a handle, so the pool cannot be torn
+//! down under it (`PoolShared::acquire_handle`).
+//!
+//! Per-request cache statistics at no cost on the hot path: a class's list
+//! length and its count of requests served share one word (`lp`), so the
+//! pop's `len -= 1` also counts the request; a pop of a fresh block (key
+//! word zero, see `guard`) also counts a miss, on a branch the hot loop
+//! never takes. The counts are added to the pool's counters at refill,
+//! flush, thread exit and `HostPool::stats`.
+//!
+//! Invariant per class: `lp & LEN_MASK` equals the length of the list at
+//! `head` and is `≤ CAPS[c]` between calls; every block on the list of a
+//! class `c > 0` carries its pool's key in word 1.
+//!
+//! [`HostPool`]: super::HostPool
 
+use super::guard::{has_key, key_of, set_key};
 use super::pool::PoolShared;
 use super::size_class::{NUM_CLASSES, batch_len, cache_cap};
 use super::transfer::FreeBlock;
@@ -27,34 +46,62 @@ use std::sync::Arc;
 #[repr(C)]
 struct ClassCache {
     head: *mut FreeBlock,
-    len: u32,
-    cap: u32,
+    /// The list's length (low [`LEN_BITS`] bits) and the requests served
+    /// since the last publish (the bits above).
+    lp: u64,
+}
+
+const LEN_BITS: u32 = 16;
+const LEN_MASK: u64 = (1 << LEN_BITS) - 1;
+/// Added by a pop: one more request, one block fewer.
+const POP: u64 = (1 << LEN_BITS) - 1;
+
+/// Per-class cache capacity (≤ 512, so it fits the length bits).
+const CAPS: [u64; NUM_CLASSES] = {
+    let mut a = [0u64; NUM_CLASSES];
+    let mut c = 0;
+    while c < NUM_CLASSES {
+        a[c] = cache_cap(c) as u64;
+        assert!(a[c] < LEN_MASK);
+        c += 1;
+    }
+    a
+};
+
+impl ClassCache {
+    #[inline(always)]
+    fn len(&self) -> u64 {
+        self.lp & LEN_MASK
+    }
+    /// Takes the request count, keeping the length.
+    #[inline]
+    fn take_requests(&mut self) -> u64 {
+        let r = self.lp >> LEN_BITS;
+        self.lp &= LEN_MASK;
+        r
+    }
 }
 
 /// One thread's cache for one pool.
 #[derive(Debug)]
 pub(crate) struct ThreadCache {
     classes: [ClassCache; NUM_CLASSES],
+    /// Requests served by a fresh block, not yet published.
+    fresh: u64,
 }
 
 const fn empty_classes() -> [ClassCache; NUM_CLASSES] {
-    let mut a = [ClassCache {
+    [ClassCache {
         head: null_mut(),
-        len: 0,
-        cap: 0,
-    }; NUM_CLASSES];
-    let mut c = 0;
-    while c < NUM_CLASSES {
-        a[c].cap = cache_cap(c);
-        c += 1;
-    }
-    a
+        lp: 0,
+    }; NUM_CLASSES]
 }
 
 impl ThreadCache {
     pub(crate) const fn new() -> Self {
         ThreadCache {
             classes: empty_classes(),
+            fresh: 0,
         }
     }
 
@@ -66,10 +113,35 @@ impl ThreadCache {
         if !h.is_null() {
             // SAFETY: `h` is a free block on our list; its first word is the link.
             cc.head = unsafe { (*h).next };
-            cc.len -= 1;
+            cc.lp = cc.lp.wrapping_add(POP);
+            // SAFETY: `h` is ours now and of class `c`.
+            unsafe { self.hand_out(c, h) };
             return h.cast();
         }
         self.refill(pool, c).0
+    }
+
+    /// Clears the key word of a block about to be handed out, counting a
+    /// miss if the block is fresh (key word zero).
+    ///
+    /// # Safety
+    /// - `h` is a block of class `c` taken off a free list, owned by us.
+    #[inline(always)]
+    unsafe fn hand_out(&mut self, c: usize, h: *mut FreeBlock) {
+        if has_key(c) {
+            // SAFETY: a block of class `c > 0` has a second word (caller).
+            if unsafe { key_of(h) } == 0 {
+                self.count_fresh();
+            }
+            // SAFETY: as above.
+            unsafe { set_key(h, 0) };
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn count_fresh(&mut self) {
+        self.fresh += 1;
     }
 
     /// Like [`alloc`](Self::alloc), and says whether the block is fresh
@@ -86,33 +158,81 @@ impl ThreadCache {
     #[cold]
     #[inline(never)]
     fn refill(&mut self, pool: &PoolShared, c: usize) -> (*mut u8, bool) {
-        let (head, n, fresh) = pool.central(c).refill(pool, c, batch_len(c) as usize);
+        let (head, n, carved) = pool.central(c).refill(pool, c, batch_len(c) as usize);
         if head.is_null() {
             return (null_mut(), false);
         }
         let cc = &mut self.classes[c];
         // SAFETY: `refill` gave us a well-formed chain of `n ≥ 1` free blocks.
         cc.head = unsafe { (*head).next };
-        cc.len = (n - 1) as u32;
-        (head.cast(), fresh)
+        // The list was empty; the head is handed out now (one request).
+        let requests = cc.take_requests() + 1;
+        cc.lp = (n - 1) as u64;
+        if has_key(c) {
+            // SAFETY: the head is ours, of class `c`.
+            unsafe { self.hand_out(c, head) };
+        } else {
+            // No key word: count fresh blocks as they enter the cache.
+            self.fresh += carved as u64;
+        }
+        pool.count_requests(requests, core::mem::take(&mut self.fresh));
+        // Carved blocks come first, so the head is fresh iff one was carved.
+        (head.cast(), carved > 0)
     }
 
-    /// Frees a block of class `c`.
+    /// Adds this cache's request counts (every class) to the pool's counters.
+    pub(crate) fn publish(&mut self, pool: &PoolShared) {
+        let requests: u64 = self.classes.iter_mut().map(ClassCache::take_requests).sum();
+        pool.count_requests(requests, core::mem::take(&mut self.fresh));
+    }
+
+    /// Whether the block `b` of class `c` is on this cache's list or the
+    /// central list: the slow half of double-free detection, run only
+    /// when `b` carries the key.
+    #[cold]
+    #[inline(never)]
+    fn is_free(&self, pool: &PoolShared, c: usize, b: *mut FreeBlock) -> bool {
+        let mut cur = self.classes[c].head;
+        while !cur.is_null() {
+            if cur == b {
+                return true;
+            }
+            // SAFETY: `len` well-formed nodes on our list.
+            cur = unsafe { (*cur).next };
+        }
+        pool.central(c).holds(b)
+    }
+
+    /// Frees a block of class `c`. Returns `false`, with nothing changed,
+    /// for a detected double free (see `guard`).
     ///
     /// # Safety
-    /// - `p` is a block of class `c` of `pool`, not in use and on no list.
+    /// - `p` is a block of class `c` of `pool`, not in use, and on no list
+    ///   unless this is a double free (which is then detected only if the
+    ///   block is on this cache's or the central list).
     #[inline(always)]
-    pub(crate) unsafe fn free(&mut self, pool: &PoolShared, c: usize, p: *mut u8) {
+    #[must_use]
+    pub(crate) unsafe fn free(&mut self, pool: &PoolShared, c: usize, p: *mut u8) -> bool {
+        let b = p.cast::<FreeBlock>();
+        if has_key(c) {
+            let key = pool.key();
+            // SAFETY: a block of class `c > 0` has a second word (caller).
+            if unsafe { key_of(b) } == key && self.is_free(pool, c, b) {
+                return false;
+            }
+            // SAFETY: as above; the block is being freed by the caller.
+            unsafe { set_key(b, key) };
+        }
         let cc = &mut self.classes[c];
-        if cc.len >= cc.cap {
+        if cc.len() >= CAPS[c] {
             self.flush(pool, c, batch_len(c) as usize);
         }
         let cc = &mut self.classes[c];
-        let b = p.cast::<FreeBlock>();
         // SAFETY: the caller hands us the block; its first word becomes the link.
         unsafe { (*b).next = cc.head };
         cc.head = b;
-        cc.len += 1;
+        cc.lp += 1;
+        true
     }
 
     /// Hands up to `n` blocks of class `c` back to the pool.
@@ -120,7 +240,7 @@ impl ThreadCache {
     #[inline(never)]
     fn flush(&mut self, pool: &PoolShared, c: usize, n: usize) {
         let cc = &mut self.classes[c];
-        let n = n.min(cc.len as usize);
+        let n = n.min(cc.len() as usize);
         if n == 0 {
             return;
         }
@@ -135,19 +255,26 @@ impl ThreadCache {
             cc.head = (*tail).next;
             (*tail).next = null_mut();
         }
-        cc.len -= n as u32;
+        cc.lp -= n as u64;
         // SAFETY: the chain is `n` free blocks of class `c` of `pool`, ours.
         unsafe { pool.central(c).give_back(pool, c, head, tail, n) };
     }
 
-    /// Hands every cached block back to the pool.
+    /// Hands every cached block back to the pool (and publishes the counts).
     pub(crate) fn flush_all(&mut self, pool: &PoolShared) {
         for c in 0..NUM_CLASSES {
-            let len = self.classes[c].len as usize;
+            let len = self.classes[c].len() as usize;
             if len > 0 {
                 self.flush(pool, c, len);
             }
         }
+        self.publish(pool);
+    }
+
+    /// Forgets every cached block without touching it: the pool was torn
+    /// down, its memory is gone.
+    fn discard(&mut self) {
+        *self = ThreadCache::new();
     }
 }
 
@@ -155,29 +282,55 @@ impl ThreadCache {
 /// used after the thread's caches were torn down. Also says whether the
 /// block is fresh, as [`ThreadCache::alloc_fresh`] does.
 pub(crate) fn central_alloc(pool: &PoolShared, c: usize) -> (*mut u8, bool) {
-    let (h, n, fresh) = pool.central(c).refill(pool, c, 1);
+    let (h, n, carved) = pool.central(c).refill(pool, c, 1);
     debug_assert!(h.is_null() || n == 1);
-    (h.cast(), fresh)
+    if h.is_null() {
+        return (null_mut(), false);
+    }
+    let fresh = if has_key(c) {
+        // SAFETY: the block is ours, of class `c > 0`: it has a key word.
+        unsafe {
+            let k = key_of(h);
+            set_key(h, 0);
+            k == 0
+        }
+    } else {
+        carved > 0
+    };
+    pool.count_requests(1, u64::from(fresh));
+    (h.cast(), carved > 0)
 }
 
-/// Frees one block straight to the central list.
+/// Frees one block straight to the central list. Returns `false`, with
+/// nothing changed, for a detected double free.
 ///
 /// # Safety
 /// - As for [`ThreadCache::free`].
-pub(crate) unsafe fn central_free(pool: &PoolShared, c: usize, p: *mut u8) {
+#[must_use]
+pub(crate) unsafe fn central_free(pool: &PoolShared, c: usize, p: *mut u8) -> bool {
     let b = p.cast::<FreeBlock>();
-    // SAFETY: the caller hands us the block.
+    // SAFETY: the caller hands us the block, of class `c`.
     unsafe {
+        if has_key(c) {
+            let key = pool.key();
+            if key_of(b) == key && pool.central(c).holds(b) {
+                return false;
+            }
+            set_key(b, key);
+        }
         (*b).next = null_mut();
         pool.central(c).give_back(pool, c, b, b, 1);
     }
+    true
 }
 
 /// How many pools one thread caches at once; a fifth evicts the oldest.
 const POOL_SLOTS: usize = 4;
 
 struct PoolSlot {
-    /// An `Arc::into_raw` strong reference, or null.
+    /// An `Arc::into_raw` strong reference, or null. It keeps the pool's
+    /// shared state allocated (so no other pool can reuse its address while
+    /// this slot names it), not its memory mapped.
     pool: *const PoolShared,
     cache: ThreadCache,
 }
@@ -225,8 +378,9 @@ fn caches() -> *mut ThreadCaches {
     }
 }
 
-/// Runs `f` with this thread's cache for `pool` (a strong reference to it
-/// is taken on first use), or with `None` once the thread is exiting.
+/// Runs `f` with this thread's cache for `pool` (a reference to its shared
+/// state is taken on first use), or with `None` once the thread is exiting.
+/// The caller holds a handle of `pool`.
 ///
 /// `f` must not re-enter the same pool's cache on this thread (the pool's own
 /// code never does: it maps memory directly from the OS).
@@ -268,27 +422,57 @@ unsafe fn pool_cache_slow(tc: *mut ThreadCaches, pool: &Arc<PoolShared>) -> *mut
                 return &raw mut (*tc).pools[i].cache;
             }
         }
-        // Take a free slot, or evict the oldest.
-        let i = match (0..POOL_SLOTS).find(|&i| (*tc).pools[i].pool.is_null()) {
+        // Take a free slot (one whose pool was torn down counts as free),
+        // or evict the oldest.
+        let free = (0..POOL_SLOTS).find(|&i| {
+            let p = (*tc).pools[i].pool;
+            p.is_null() || !(*p).is_alive()
+        });
+        let i = match free {
             Some(i) => i,
             None => {
                 let v = (*tc).next_victim;
                 (*tc).next_victim = (v + 1) % POOL_SLOTS;
-                let old = (*tc).pools[v].pool;
-                (*tc).pools[v].cache.flush_all(&*old);
-                (*tc).pools[v].pool = null_mut::<PoolShared>();
-                // Released last: dropping the pool may free through the global allocator.
-                drop(Arc::from_raw(old));
                 v
             }
         };
+        retire_slot(&raw mut (*tc).pools[i]);
         (*tc).pools[i].pool = Arc::into_raw(pool.clone());
         &raw mut (*tc).pools[i].cache
     }
 }
 
-/// Flushes and forgets this thread's cache of `pool`, if it has one.
-pub(crate) fn release_pool_cache(pool: &PoolShared) {
+/// Empties a slot: its blocks go back to its pool if the pool is alive
+/// (under a handle taken for the purpose, so that it cannot be torn down
+/// meanwhile; if that was the last handle, this thread tears it down), or
+/// are forgotten untouched if it was torn down. Then the slot's reference
+/// is released.
+///
+/// # Safety
+/// - `slot` is a slot of this thread's `CACHES` cell and no reference into
+///   it is live.
+unsafe fn retire_slot(slot: *mut PoolSlot) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let old = core::mem::replace(&mut (*slot).pool, null_mut::<PoolShared>());
+        if old.is_null() {
+            return;
+        }
+        let pool = &*old;
+        if pool.acquire_handle() {
+            (*slot).cache.flush_all(pool);
+            pool.release_handle();
+        } else {
+            (*slot).cache.discard();
+        }
+        // Released last: dropping the pool may free through the global allocator.
+        drop(Arc::from_raw(old));
+    }
+}
+
+/// Forgets this thread's cache of `pool`, if it has one, without touching
+/// its blocks: the last handle is being dropped and the pool torn down.
+pub(crate) fn discard_pool_cache(pool: &PoolShared) {
     let target = pool as *const PoolShared;
     let _ = CACHES.try_with(|cell| {
         let tc = cell.get();
@@ -299,11 +483,27 @@ pub(crate) fn release_pool_cache(pool: &PoolShared) {
                 if slot.pool != target {
                     continue;
                 }
-                slot.cache.flush_all(pool);
+                slot.cache.discard();
                 core::mem::replace(&mut slot.pool, null_mut::<PoolShared>())
             };
             // SAFETY: `held` is the strong reference this slot took.
             drop(unsafe { Arc::from_raw(held) });
+        }
+    });
+}
+
+/// Publishes this thread's request counts for `pool` (before a stats read).
+pub(crate) fn publish_counts(pool: &PoolShared) {
+    let target = pool as *const PoolShared;
+    let _ = CACHES.try_with(|cell| {
+        let tc = cell.get();
+        for i in 0..POOL_SLOTS {
+            // SAFETY: this thread's cell; no other reference is live.
+            unsafe {
+                if (*tc).pools[i].pool == target {
+                    (*tc).pools[i].cache.publish(pool);
+                }
+            }
         }
     });
 }
@@ -391,22 +591,13 @@ fn exit_key() -> Option<libc::pthread_key_t> {
 extern "C" fn on_thread_exit(_: *mut libc::c_void) {
     let _ = CACHES.try_with(|cell| {
         let tc = cell.get();
-        let mut held = [null_mut::<PoolShared>() as *const PoolShared; POOL_SLOTS];
         // SAFETY: this thread's cell at thread exit; nothing else uses it now.
         unsafe {
             (*tc).life = Life::Dead;
-            for (i, h) in held.iter_mut().enumerate() {
-                let slot = &mut (*tc).pools[i];
-                if !slot.pool.is_null() {
-                    slot.cache.flush_all(&*slot.pool);
-                    *h = core::mem::replace(&mut slot.pool, null_mut::<PoolShared>());
-                }
-            }
             (*tc).global.flush_all(super::pool::global_pool());
-        }
-        for h in held.into_iter().filter(|h| !h.is_null()) {
-            // SAFETY: each is the strong reference its slot took.
-            drop(unsafe { Arc::from_raw(h) });
+            for i in 0..POOL_SLOTS {
+                retire_slot(&raw mut (*tc).pools[i]);
+            }
         }
     });
 }

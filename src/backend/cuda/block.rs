@@ -1,0 +1,280 @@
+//! Blocks, segments and the two free-block pools, with PyTorch's constants
+//! and size rules (c10/cuda/CUDACachingAllocator.cpp).
+//!
+//! A segment is one driver allocation; it is tiled by blocks linked by
+//! `prev`/`next` in address order:
+//! `Σ block.size over a segment == segment size`,
+//! `next.ptr == ptr + size`, and every block of a segment has the segment's
+//! stream and pool. A free block sits in exactly one [`FreeSet`], keyed by
+//! `(stream, size, ptr)` — PyTorch's `BlockComparatorSize` — so a
+//! `lower_bound` on `(stream, size, 0)` is the best fit on that stream.
+
+use super::driver::{DevPtr, StreamId};
+use std::collections::BTreeMap;
+
+/// Smallest block; every size is a multiple of it (`kMinBlockSize`).
+pub const MIN_BLOCK_SIZE: usize = 512;
+/// Largest request served from the small pool (`kSmallSize`).
+pub const SMALL_SIZE: usize = 1 << 20;
+/// Segment size of the small pool (`kSmallBuffer`).
+pub const SMALL_BUFFER: usize = 2 << 20;
+/// Segment size for 1–10 MiB requests (`kLargeBuffer`).
+pub const LARGE_BUFFER: usize = 20 << 20;
+/// Requests from here on get their own segment (`kMinLargeAlloc`).
+pub const MIN_LARGE_ALLOC: usize = 10 << 20;
+/// Rounding of those segments (`kRoundLarge`).
+pub const ROUND_LARGE: usize = 2 << 20;
+
+/// Which of the two pools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PoolKind {
+    /// Requests ≤ 1 MiB, 2 MiB segments.
+    Small,
+    /// Everything else.
+    Large,
+}
+
+impl PoolKind {
+    /// The pool a rounded size is served from (`get_pool`).
+    pub fn for_size(size: usize) -> PoolKind {
+        if size <= SMALL_SIZE {
+            PoolKind::Small
+        } else {
+            PoolKind::Large
+        }
+    }
+    /// Index into per-pool stat arrays: all = 0, small = 1, large = 2.
+    pub fn stat_index(self) -> usize {
+        match self {
+            PoolKind::Small => 1,
+            PoolKind::Large => 2,
+        }
+    }
+}
+
+/// `round_size`: < 512 B → 512; else up to a multiple of 512, or with
+/// `divisions > 1` up to the next of `divisions` equal steps between powers
+/// of two (`roundup_power2_divisions`). `None` on overflow.
+pub fn round_size(size: usize, divisions: usize) -> Option<usize> {
+    if size < MIN_BLOCK_SIZE {
+        return Some(MIN_BLOCK_SIZE);
+    }
+    if divisions > 1 && size > MIN_BLOCK_SIZE * divisions {
+        return roundup_power2_next_division(size, divisions);
+    }
+    size.checked_next_multiple_of(MIN_BLOCK_SIZE)
+}
+
+fn roundup_power2_next_division(size: usize, divisions: usize) -> Option<usize> {
+    if size.is_power_of_two() {
+        return Some(size);
+    }
+    let floor = 1usize << (usize::BITS - 1 - size.leading_zeros());
+    let step = floor >> (usize::BITS - 1 - divisions.leading_zeros());
+    if step == 0 {
+        return floor.checked_mul(2);
+    }
+    let down = size & !(step - 1);
+    if down == size {
+        Some(size)
+    } else {
+        down.checked_add(step)
+    }
+}
+
+/// `get_allocation_size`: the segment size for a rounded request.
+pub fn allocation_size(size: usize) -> Option<usize> {
+    if size <= SMALL_SIZE {
+        Some(SMALL_BUFFER)
+    } else if size < MIN_LARGE_ALLOC {
+        Some(LARGE_BUFFER)
+    } else {
+        size.checked_next_multiple_of(ROUND_LARGE)
+    }
+}
+
+/// A hasher for `u64` keys (addresses, tensor ids): one multiply and a
+/// rotate (Fibonacci hashing), several times cheaper than SipHash on the
+/// pool's hot path. Keys are not attacker-chosen: addresses come from the
+/// driver and ids from the process-wide issuer.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct U64Hasher(u64);
+
+impl core::hash::Hasher for U64Hasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0 ^ x)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(29);
+    }
+}
+
+/// A map keyed by `u64` with [`U64Hasher`].
+pub type U64Map<V> = std::collections::HashMap<u64, V, core::hash::BuildHasherDefault<U64Hasher>>;
+
+/// An index into the block arena.
+pub type BlockIdx = u32;
+
+/// One block. See the module docs for the tiling invariants.
+#[derive(Debug, Clone)]
+pub struct Block {
+    /// Start address.
+    pub ptr: DevPtr,
+    /// Bytes (a multiple of 512).
+    pub size: usize,
+    /// Bytes the caller asked for (0 when free).
+    pub requested: usize,
+    /// The stream the segment was allocated for.
+    pub stream: StreamId,
+    /// The pool the segment belongs to.
+    pub pool: PoolKind,
+    /// Handed out and not freed.
+    pub allocated: bool,
+    /// Previous block of the segment.
+    pub prev: Option<BlockIdx>,
+    /// Next block of the segment.
+    pub next: Option<BlockIdx>,
+    /// Events not yet completed that guard this block's reuse.
+    pub event_count: u32,
+    /// Other streams that used the block (`record_stream`).
+    pub stream_uses: Vec<StreamId>,
+    /// The owner's tensor id and alignment (for verifying handles).
+    pub owner: u64,
+    /// The owner's alignment.
+    pub align: usize,
+    /// Pool search count when the block was last handed out (GC age base).
+    pub gc_base: u64,
+}
+
+impl Block {
+    /// Part of a segment that has been split.
+    pub fn is_split(&self) -> bool {
+        self.prev.is_some() || self.next.is_some()
+    }
+}
+
+/// A slab of blocks with a free-slot list.
+#[derive(Debug, Default)]
+pub struct Arena {
+    slots: Vec<Option<Block>>,
+    free: Vec<BlockIdx>,
+}
+
+impl Arena {
+    /// Stores `b`; its index.
+    pub fn insert(&mut self, b: Block) -> BlockIdx {
+        if let Some(i) = self.free.pop() {
+            self.slots[i as usize] = Some(b);
+            i
+        } else {
+            self.slots.push(Some(b));
+            (self.slots.len() - 1) as BlockIdx
+        }
+    }
+    /// Removes block `i`.
+    pub fn remove(&mut self, i: BlockIdx) -> Block {
+        let b = self.slots[i as usize].take().expect("live block index");
+        self.free.push(i);
+        b
+    }
+    /// Block `i`.
+    pub fn get(&self, i: BlockIdx) -> &Block {
+        self.slots[i as usize].as_ref().expect("live block index")
+    }
+    /// Block `i` if that slot is live (for checking untrusted indices).
+    pub fn try_get(&self, i: BlockIdx) -> Option<&Block> {
+        self.slots.get(i as usize)?.as_ref()
+    }
+    /// Block `i`, mutably.
+    pub fn get_mut(&mut self, i: BlockIdx) -> &mut Block {
+        self.slots[i as usize].as_mut().expect("live block index")
+    }
+    /// Every live block with its index.
+    pub fn iter(&self) -> impl Iterator<Item = (BlockIdx, &Block)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| b.as_ref().map(|b| (i as BlockIdx, b)))
+    }
+}
+
+/// Free blocks of one pool ordered by `(stream, size, ptr)`.
+#[derive(Debug, Default)]
+pub struct FreeSet {
+    map: BTreeMap<(StreamId, usize, DevPtr), BlockIdx>,
+    /// Searches so far (`get_free_blocks_call_count`, the GC clock).
+    pub searches: u64,
+}
+
+impl FreeSet {
+    /// Adds a free block.
+    pub fn insert(&mut self, b: &Block, i: BlockIdx) {
+        let old = self.map.insert((b.stream, b.size, b.ptr), i);
+        debug_assert!(old.is_none(), "block in a free set twice");
+    }
+    /// Removes a free block; whether it was there.
+    pub fn remove(&mut self, b: &Block) -> bool {
+        self.map.remove(&(b.stream, b.size, b.ptr)).is_some()
+    }
+    /// The smallest free block on `stream` of at least `size` bytes.
+    pub fn lower_bound(&self, stream: StreamId, size: usize) -> Option<(usize, BlockIdx)> {
+        self.map
+            .range((stream, size, 0)..)
+            .next()
+            .filter(|((s, _, _), _)| *s == stream)
+            .map(|(&(_, sz, _), &i)| (sz, i))
+    }
+    /// Free blocks on `stream`, largest first, with sizes ≥ `min`.
+    pub fn largest_first(&self, stream: StreamId, min: usize) -> Vec<(usize, BlockIdx)> {
+        self.map
+            .range((stream, min, 0)..=(stream, usize::MAX, DevPtr::MAX))
+            .rev()
+            .map(|(&(_, sz, _), &i)| (sz, i))
+            .collect()
+    }
+    /// Every free block, in key order.
+    pub fn all(&self) -> impl Iterator<Item = BlockIdx> + '_ {
+        self.map.values().copied()
+    }
+    /// Number of free blocks.
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+    /// Whether block `i` (as `b`) is in the set.
+    pub fn contains(&self, b: &Block, i: BlockIdx) -> bool {
+        self.map.get(&(b.stream, b.size, b.ptr)) == Some(&i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pytorch_rounding_and_segment_sizes() {
+        assert_eq!(round_size(1, 0), Some(512));
+        assert_eq!(round_size(512, 0), Some(512));
+        assert_eq!(round_size(513, 0), Some(1024));
+        assert_eq!(round_size(usize::MAX, 0), None);
+        // roundup_power2_divisions = 4: 1200 MiB → 1280 MiB (steps of 256 MiB).
+        assert_eq!(round_size(1200 << 20, 4), Some(1280 << 20));
+        assert_eq!(round_size(1024 << 20, 4), Some(1024 << 20));
+        // Below 512 × divisions the plain rule holds.
+        assert_eq!(round_size(1500, 4), Some(1536));
+        assert_eq!(allocation_size(1 << 20), Some(2 << 20));
+        assert_eq!(allocation_size((1 << 20) + 512), Some(20 << 20));
+        assert_eq!(allocation_size((10 << 20) - 512), Some(20 << 20));
+        assert_eq!(allocation_size(10 << 20), Some(10 << 20));
+        assert_eq!(allocation_size((10 << 20) + 512), Some(12 << 20));
+        assert_eq!(PoolKind::for_size(1 << 20), PoolKind::Small);
+        assert_eq!(PoolKind::for_size((1 << 20) + 512), PoolKind::Large);
+    }
+}

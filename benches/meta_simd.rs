@@ -61,13 +61,15 @@ fn table(n: usize) -> (MetaTable, Vec<TensorKey>) {
         } else {
             Device::Host
         };
-        let k = t.insert(
-            ids.issue().unwrap(),
-            &NewTensor {
-                flags: TensorFlags(flags),
-                ..NewTensor::bytes(size, dev)
-            },
-        );
+        let k = t
+            .insert(
+                ids.issue().unwrap(),
+                &NewTensor {
+                    flags: TensorFlags(flags),
+                    ..NewTensor::bytes(size, dev)
+                },
+            )
+            .unwrap();
         t.touch(&[k], rng.next() % n as u64 + 1);
         keys.push(k);
     }

@@ -170,19 +170,56 @@ impl<A: GlobalAlloc> TensorGlobalAlloc<A> {
         pool().block_info(ptr as usize).is_some()
     }
 
+    /// Whether `ptr` points anywhere into memory the process-wide pool has
+    /// mapped for blocks (a block start, an interior pointer, a free block):
+    /// such a pointer must never reach another allocator's `free`.
+    pub fn manages(&self, ptr: *const u8) -> bool {
+        pool().manages(ptr as usize)
+    }
+
     /// Frees `ptr` without its layout (C `free`) if the pool owns it, found
     /// through the pagemap. Returns `false`, and does nothing, for a pointer
-    /// the pool does not own (null, the inner allocator's, anybody else's).
+    /// that does not start a block of the pool (null, the inner allocator's,
+    /// anybody else's, an interior pointer); see
+    /// [`try_free_unsized`](Self::try_free_unsized) to tell them apart.
     ///
     /// # Safety
     /// - If `ptr` is a live block of the pool, it is not used afterwards.
     #[inline]
     pub unsafe fn free_unsized(&self, ptr: *mut u8) -> bool {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.try_free_unsized(ptr) }.is_ok()
+    }
+
+    /// Frees `ptr` without its layout, saying why not where it does not:
+    /// [`AllocError::ForeignPointer`] (null, not a block start of the pool;
+    /// [`manages`](Self::manages) tells an interior pointer from another
+    /// allocator's). Nothing changes on error. Never allocates.
+    ///
+    /// # Safety
+    /// - If `ptr` is a live block of the pool, it is not used afterwards.
+    #[inline]
+    pub unsafe fn try_free_unsized(&self, ptr: *mut u8) -> Result<(), AllocError> {
         let Some(p) = NonNull::new(ptr) else {
-            return false;
+            return Err(AllocError::ForeignPointer { addr: 0 });
         };
         // SAFETY: forwarded from the caller; `free_unsized` checks ownership.
-        with_global_cache(|tc| unsafe { pool().free_unsized(tc, p) }).is_ok()
+        with_global_cache(|tc| unsafe { pool().free_unsized(tc, p) })
+    }
+
+    /// Sets (or clears) the process-wide pool's retained-bytes limit (see
+    /// [`HostPoolConfig::retain_limit`](crate::host::HostPoolConfig)).
+    pub fn set_retain_limit(&self, limit: Option<usize>) {
+        pool()
+            .retain_limit
+            .store(limit.unwrap_or(usize::MAX), Ordering::Relaxed);
+    }
+
+    /// Unmaps every huge block (above 64 MiB) the process-wide pool keeps
+    /// cached, and nothing else; returns the bytes given back. Cheaper than
+    /// [`trim`](Self::trim): one lock and the `munmap`s.
+    pub fn trim_huge(&self) -> usize {
+        pool().huge.trim(pool())
     }
 
     /// Resizes a pool block without its layout (C `realloc`): in place when
@@ -427,4 +464,71 @@ extern "C" fn fork_release() {
     // prepare handlers of the same `fork()`, in the forking thread (in the
     // child, its only thread, whose memory image holds the same lock words).
     unsafe { pool().unlock_after_fork() };
+}
+
+/// A byte count as written in an environment variable: decimal digits,
+/// optionally followed by `K`, `M`, `G` or `T` (powers of 1024, either
+/// case, optionally followed by `iB` or `B`). `None` for anything else or
+/// on overflow. Allocation-free, so the C ABI can read its settings with it
+/// before `main` (`TENSORPOOL_RETAIN_LIMIT`, `TENSORPOOL_RETURN_ABOVE`).
+pub fn parse_size(s: &[u8]) -> Option<usize> {
+    let digits = s.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 {
+        return None;
+    }
+    let mut n: usize = 0;
+    for &b in &s[..digits] {
+        n = n.checked_mul(10)?.checked_add(usize::from(b - b'0'))?;
+    }
+    let (shift, rest) = match s[digits..].split_first() {
+        None => return Some(n),
+        Some((u, rest)) => match u.to_ascii_uppercase() {
+            b'K' => (10, rest),
+            b'M' => (20, rest),
+            b'G' => (30, rest),
+            b'T' => (40, rest),
+            b'B' if rest.is_empty() => return Some(n),
+            _ => return None,
+        },
+    };
+    if !matches!(rest, b"" | b"B" | b"b" | b"iB" | b"ib") {
+        return None;
+    }
+    n.checked_mul(1usize.checked_shl(shift)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_with_suffixes_and_garbage() {
+        let ok: [(&[u8], usize); 9] = [
+            (b"0", 0),
+            (b"4096", 4096),
+            (b"64K", 64 << 10),
+            (b"64k", 64 << 10),
+            (b"512M", 512 << 20),
+            (b"512MiB", 512 << 20),
+            (b"2G", 2 << 30),
+            (b"1TB", 1 << 40),
+            (b"100B", 100),
+        ];
+        for (s, n) in ok {
+            assert_eq!(parse_size(s), Some(n), "{}", String::from_utf8_lossy(s));
+        }
+        for s in [
+            &b""[..],
+            b"M",
+            b"-1",
+            b"1.5G",
+            b"12Q",
+            b"4 K",
+            b"1KK",
+            b"99999999999999999999",
+            b"20000000000T",
+        ] {
+            assert_eq!(parse_size(s), None, "{}", String::from_utf8_lossy(s));
+        }
+    }
 }

@@ -259,6 +259,18 @@ impl PoolShared {
         Some((r.class, r.block))
     }
 
+    /// Whether `p` points anywhere into a span of this pool (block start,
+    /// interior, free block).
+    pub(crate) fn manages(&self, p: usize) -> bool {
+        let rec = pagemap::lookup(p);
+        if rec.is_null() {
+            return false;
+        }
+        // SAFETY: as in `block_info`.
+        let r = unsafe { &*rec };
+        r.owner == self as *const PoolShared as usize && p.wrapping_sub(r.base) < r.len
+    }
+
     /// Frees a block without its size (C `free`).
     ///
     /// # Safety

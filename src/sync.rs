@@ -151,29 +151,10 @@ impl RawLock {
 }
 
 /// Pads and aligns a value to the destructive-interference size, so that two
-/// of them never share a cache line (crossbeam-utils `CachePadded`, trimmed).
-///
-/// 128 B on x86-64 (the adjacent-line prefetcher pulls pairs of 64 B lines)
-/// and aarch64 (big cores have 128 B lines); 64 B elsewhere.
-#[cfg_attr(
-    any(target_arch = "x86_64", target_arch = "aarch64"),
-    repr(C, align(128))
-)]
-#[cfg_attr(
-    not(any(target_arch = "x86_64", target_arch = "aarch64")),
-    repr(C, align(64))
-)]
-#[derive(Debug, Default)]
-#[cfg_attr(tensorpool_loom, allow(dead_code))]
-pub(crate) struct CachePadded<T>(pub(crate) T);
-
-impl<T> core::ops::Deref for CachePadded<T> {
-    type Target = T;
-    #[inline]
-    fn deref(&self) -> &T {
-        &self.0
-    }
-}
+/// of them never share a cache line: crossbeam-utils' (128 B on x86-64 and
+/// aarch64, 64 B or less elsewhere; `new` is `const`).
+#[cfg_attr(tensorpool_loom, allow(unused_imports))]
+pub(crate) use crossbeam_utils::CachePadded;
 
 #[cfg(all(test, not(tensorpool_loom)))]
 mod tests {
@@ -181,7 +162,7 @@ mod tests {
 
     #[test]
     fn cache_padded_spacing() {
-        let a = [CachePadded(0u8), CachePadded(1u8)];
+        let a = [CachePadded::new(0u8), CachePadded::new(1u8)];
         let d = (&a[1] as *const _ as usize) - (&a[0] as *const _ as usize);
         assert!(d >= 64 && d.is_power_of_two(), "spacing {d}");
         assert_eq!(core::mem::align_of::<CachePadded<u8>>(), d);

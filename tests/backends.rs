@@ -296,7 +296,7 @@ fn ten_thousand_cycles_return_to_zero() {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        if x % 3 != 0 || live.is_empty() {
+        if !x.is_multiple_of(3) || live.is_empty() {
             live.push(
                 b.allocate(&AllocRequest::bytes(1 + (x as usize % (256 << 10))))
                     .unwrap(),
@@ -384,7 +384,7 @@ fn meta_predicts_host_reserved_and_peak() {
                 3 | 4 => 1 + (r as usize >> 3) % (2 << 20),
                 _ => 1 + (r as usize >> 3) % (90 << 20),
             };
-            let req = AllocRequest::new(size, 1 << (r % 9)).flags(if r % 11 == 0 {
+            let req = AllocRequest::new(size, 1 << (r % 9)).flags(if r.is_multiple_of(11) {
                 TensorFlags::PINNED
             } else {
                 0

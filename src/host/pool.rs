@@ -52,7 +52,7 @@ pub(crate) fn global_pool() -> &'static PoolShared {
 impl PoolShared {
     pub(crate) const fn new() -> Self {
         PoolShared {
-            centrals: [const { CachePadded(Central::new()) }; NUM_CLASSES],
+            centrals: [const { CachePadded::new(Central::new()) }; NUM_CLASSES],
             huge: HugeCache::new(),
             reserved: AtomicStat::new(),
             segments: AtomicStat::new(),
@@ -65,7 +65,7 @@ impl PoolShared {
 
     #[inline(always)]
     pub(crate) fn central(&self, c: usize) -> &Central {
-        &self.centrals[c].0
+        &self.centrals[c]
     }
 
     /// A block for `layout` (size > 0), or null; [`alloc_error`](Self::alloc_error)

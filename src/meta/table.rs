@@ -245,7 +245,7 @@ impl Grace {
         Grace {
             epoch: AtomicU64::new(0),
             active: core::array::from_fn(|_| {
-                CachePadded([AtomicUsize::new(0), AtomicUsize::new(0)])
+                CachePadded::new([AtomicUsize::new(0), AtomicUsize::new(0)])
             }),
         }
     }

@@ -62,6 +62,7 @@ pub use crate::{
 #[doc(hidden)]
 pub mod loom_exports {
     pub use crate::host::transfer::TransferStack;
+    pub use crate::meta::grace::{Grace, Limbo};
     pub use crate::meta::id::IdIssuer;
     pub use crate::sync::RawLock;
 }

@@ -14,10 +14,28 @@ pub(crate) use std::sync::atomic::{
 
 #[cfg(tensorpool_loom)]
 #[allow(unused_imports)]
-// AtomicU32 and fence serve only the metadata table, which loom builds leave out.
+// AtomicU32 serves only the metadata table, which loom builds leave out.
 pub(crate) use loom::sync::atomic::{
     AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
 };
+
+/// Orders the `SeqCst` accesses on either side of it for loom.
+///
+/// Store-load patterns made only of `SeqCst` accesses (count a pin, then
+/// re-read the epoch) are ordered by the C++/Rust memory model itself, but
+/// loom models `SeqCst` loads and stores as acquire/release only
+/// (tokio-rs/loom#180) and would report executions the model forbids. Under
+/// loom this is `fence(SeqCst)`, which loom does model, so a model checks
+/// the same argument; elsewhere only a compiler fence (an `mfence` would
+/// cost a metadata-table pin a third more for nothing). Use it only between
+/// `SeqCst` accesses.
+#[inline(always)]
+pub(crate) fn seqcst_fence_for_loom() {
+    #[cfg(tensorpool_loom)]
+    fence(Ordering::SeqCst);
+    #[cfg(not(tensorpool_loom))]
+    core::sync::atomic::compiler_fence(Ordering::SeqCst);
+}
 
 /// Tells the CPU (or loom) that we are spinning.
 #[inline]

@@ -1,12 +1,15 @@
 //! Loom models of every lock-free structure: the cross-thread free list
-//! (`TransferStack`), the id issuer, and the spin lock guarding slow paths.
+//! (`TransferStack`), the id issuer, the spin lock guarding slow paths, and
+//! the metadata table's epoch grace periods for slot reuse (`Grace`,
+//! `Limbo`).
 //! Run by `ci/loom.sh` (`RUSTFLAGS="--cfg tensorpool_loom"`); empty otherwise.
 #![cfg(tensorpool_loom)]
 
 use loom::sync::Arc;
+use loom::sync::atomic::{AtomicU64, Ordering};
 use loom::thread;
 use tensorpool::host::transfer::FreeBlock;
-use tensorpool::loom_exports::{IdIssuer, RawLock, TransferStack};
+use tensorpool::loom_exports::{Grace, IdIssuer, Limbo, RawLock, TransferStack};
 
 /// A block as the pool sees it (link word first) plus a payload that loom
 /// tracks: the pusher writes it before publishing, the taker reads it after
@@ -127,5 +130,59 @@ fn raw_lock_excludes() {
         }
         // SAFETY: all writers joined.
         assert_eq!(l.0.with(|| l.1.with(|p| unsafe { *p })), 2);
+    });
+}
+
+/// The metadata table's slot reuse, as `MetaTable` runs it: a toucher pins,
+/// checks that slot 0 still holds tensor 1 and adds to its access count
+/// (`touch_one`); meanwhile the slot-lock holder removes tensor 1 (id store,
+/// retire into limbo) and inserts tensor 2, which takes slot 0 only if the
+/// grace period let it go (`Limbo::take`), resetting the count and
+/// publishing the new id. Whatever the interleaving, tensor 2 must start
+/// with a count of 0: no touch of tensor 1 lands on it. A second toucher
+/// pins and unpins meanwhile, to move the shard counts under the advancer.
+#[test]
+fn grace_period_keeps_touches_off_the_next_tenant() {
+    loom::model(|| {
+        let g = Arc::new(Grace::new());
+        // Slot 0: id column and access count column.
+        let slot = Arc::new((AtomicU64::new(1), AtomicU64::new(0)));
+        let toucher = {
+            let (g, slot) = (g.clone(), slot.clone());
+            thread::spawn(move || {
+                let _pin = g.pin();
+                if slot.0.load(Ordering::Acquire) == 1 {
+                    slot.1.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let other = {
+            let g = g.clone();
+            thread::spawn(move || drop(g.pin()))
+        };
+        // The slot-lock holder: remove tensor 1, then insert tensor 2.
+        let mut limbo = Limbo::default();
+        slot.0.store(0, Ordering::Relaxed);
+        limbo.retire(0);
+        let reused = match limbo.take(&g) {
+            Some(s) => {
+                assert_eq!(s, 0);
+                slot.1.store(0, Ordering::Relaxed);
+                slot.0.store(2, Ordering::Release);
+                true
+            }
+            None => false,
+        };
+        toucher.join().unwrap();
+        other.join().unwrap();
+        if reused {
+            assert_eq!(
+                slot.1.load(Ordering::Relaxed),
+                0,
+                "a touch of tensor 1 landed on tensor 2"
+            );
+        }
+        // With every reader gone the slot is always reusable.
+        assert_eq!(limbo.take(&g).is_some(), !reused);
     });
 }

@@ -3,7 +3,9 @@
 //! metadata table ([`table`]), its batch scans in scalar, AVX2 and NEON
 //! versions ([`batch`]) and its usage counters (`usage`).
 //!
-//! Under `--cfg tensorpool_loom` only [`id`] is built (it is loom-modelled).
+//! Under `--cfg tensorpool_loom` only [`id`] and the table's grace periods
+//! (`grace`) are built (they are loom-modelled).
+pub(crate) mod grace;
 pub mod id;
 
 #[cfg(not(tensorpool_loom))]

@@ -83,7 +83,9 @@
 //!   [`SHARDS`] cache-padded cells, picked by the thread's stack address);
 //!   insert advances the epoch only when nobody is pinned in the previous
 //!   one, and reuses a slot only two epochs after its removal. Insert never
-//!   waits: with no reusable slot it takes a fresh one.
+//!   waits: with no reusable slot it takes a fresh one. The protocol lives
+//!   in `meta/grace.rs` and is model-checked by loom (`tests/loom.rs`,
+//!   `grace_period_keeps_touches_off_the_next_tenant`).
 //! - **Scans** (lru, touched_before, the usage scans, decay) pin too, read the
 //!   columns through the chosen [`BatchBackend`], and under concurrent
 //!   insert/remove report each tensor as it was at some moment of the scan
@@ -94,12 +96,13 @@ use crate::allocator::{DType, Device, Shape, TensorFlags};
 use crate::error::AllocError;
 use crate::host::size_class::Category;
 use crate::meta::batch::{self, BatchBackend, LIVE, PINNED, UnsupportedBackend};
+use crate::meta::grace::{Grace, Limbo};
 use crate::meta::id::TensorId;
 use crate::meta::info::{AddrKind, COLD_WORDS, TensorInfo};
 use crate::meta::record::TensorMeta;
 use crate::meta::usage::UsageCounters;
 use crate::stats::CategoryUsage;
-use crate::sync::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, CachePadded, Ordering, fence};
+use crate::sync::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
 use parking_lot::Mutex;
 use std::collections::BinaryHeap;
 
@@ -112,7 +115,7 @@ pub const DIR_LEN: usize = 1 << 14;
 /// The most slots a table can hold (64 Mi).
 pub const MAX_SLOTS: usize = CHUNK * DIR_LEN;
 /// Epoch counter shards (threads pin one each, by stack address).
-pub const SHARDS: usize = 8;
+pub use crate::meta::grace::SHARDS;
 /// Devices the usage counters keep an entry for at once (see
 /// [`MetaTable::usage_by_device`]).
 pub const DEVICE_SLOTS: usize = 16;
@@ -210,87 +213,6 @@ struct Chunk {
     cold: [ColdCell; CHUNK],
 }
 
-/// Free-slot bookkeeping, under [`MetaTable::slots`].
-#[derive(Debug, Default)]
-struct Slots {
-    /// Reusable now.
-    free: Vec<u32>,
-    /// Removed during the current epoch.
-    limbo_cur: Vec<u32>,
-    /// Removed during the previous epoch.
-    limbo_prev: Vec<u32>,
-}
-
-/// Epoch-based grace periods for slot reuse (see the module docs).
-struct Grace {
-    epoch: AtomicU64,
-    /// `active[shard][epoch & 1]`: threads pinned in that epoch parity.
-    active: [CachePadded<[AtomicUsize; 2]>; SHARDS],
-}
-
-/// A pinned epoch; unpins on drop.
-struct Pin<'a> {
-    cell: &'a AtomicUsize,
-}
-
-impl Drop for Pin<'_> {
-    #[inline]
-    fn drop(&mut self) {
-        self.cell.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-impl Grace {
-    fn new() -> Self {
-        Grace {
-            epoch: AtomicU64::new(0),
-            active: core::array::from_fn(|_| {
-                CachePadded::new([AtomicUsize::new(0), AtomicUsize::new(0)])
-            }),
-        }
-    }
-
-    /// Pins the current epoch: until the guard drops, no slot removed while
-    /// (or after) it is held is handed out again.
-    #[inline]
-    fn pin(&self) -> Pin<'_> {
-        // Threads' stacks are megabytes apart, so the stack address picks a
-        // shard that is stable for the thread and rarely shared.
-        let probe = 0u8;
-        let shard = ((core::ptr::addr_of!(probe).addr() >> 20).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            >> 61)
-            % SHARDS;
-        loop {
-            let e = self.epoch.load(Ordering::SeqCst);
-            let cell = &self.active[shard][(e & 1) as usize];
-            cell.fetch_add(1, Ordering::SeqCst);
-            // Re-check: if the epoch moved between the load and the
-            // increment, the advancer may have missed us; retry.
-            if self.epoch.load(Ordering::SeqCst) == e {
-                return Pin { cell };
-            }
-            cell.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-
-    /// Advances the epoch if nobody is pinned in the previous one. Called
-    /// only with the table's slot lock held (one advancer at a time).
-    fn try_advance(&self) -> bool {
-        let e = self.epoch.load(Ordering::SeqCst);
-        // The previous epoch, e - 1, has the parity of e + 1.
-        let prev = ((e + 1) & 1) as usize;
-        if self
-            .active
-            .iter()
-            .any(|a| a[prev].load(Ordering::SeqCst) != 0)
-        {
-            return false;
-        }
-        self.epoch.store(e + 1, Ordering::SeqCst);
-        true
-    }
-}
-
 /// Scratch space for counting duplicates in a touch batch.
 #[derive(Debug, Default)]
 struct TouchScratch {
@@ -330,7 +252,7 @@ pub struct MetaTable {
     /// The [`BatchBackend`] code the scans use.
     backend: AtomicUsize,
     grace: Grace,
-    slots: Mutex<Slots>,
+    slots: Mutex<Limbo>,
     scratch: Mutex<Vec<TouchScratch>>,
     decay_lock: Mutex<()>,
 }
@@ -386,7 +308,7 @@ impl MetaTable {
             usage: UsageCounters::new(),
             backend: AtomicUsize::new(BatchBackend::detected().to_code()),
             grace: Grace::new(),
-            slots: Mutex::new(Slots::default()),
+            slots: Mutex::new(Limbo::default()),
             scratch: Mutex::new(Vec::new()),
             decay_lock: Mutex::new(()),
         }
@@ -474,18 +396,8 @@ impl MetaTable {
     /// A slot for a new tensor. Slot lock held. [`AllocError::TableFull`]
     /// when every slot is live or in limbo, [`AllocError::OutOfMemory`] if
     /// a new chunk cannot be allocated; nothing changes on error.
-    fn take_slot(&self, st: &mut Slots, device: Device) -> Result<u32, AllocError> {
-        // Up to two epoch advances move the oldest limbo slots to `free`.
-        for _ in 0..2 {
-            if let Some(s) = st.free.pop() {
-                return Ok(s);
-            }
-            if self.grace.try_advance() {
-                st.free.append(&mut st.limbo_prev);
-                core::mem::swap(&mut st.limbo_prev, &mut st.limbo_cur);
-            }
-        }
-        if let Some(s) = st.free.pop() {
+    fn take_slot(&self, st: &mut Limbo, device: Device) -> Result<u32, AllocError> {
+        if let Some(s) = st.take(&self.grace) {
             return Ok(s);
         }
         let s = self.hw.load(Ordering::Relaxed);
@@ -562,7 +474,7 @@ impl MetaTable {
         let size = c.size[i].load(Ordering::Relaxed);
         c.ids[i].store(0, Ordering::Relaxed);
         c.tag[i].store(0, Ordering::Release);
-        st.limbo_cur.push(key.slot);
+        st.retire(key.slot);
         self.live.fetch_sub(1, Ordering::Relaxed);
         self.usage.update(
             batch::tag_category(tag),
@@ -900,7 +812,7 @@ impl MetaTable {
             "device overflow == scan of devices without an entry"
         );
         assert_eq!(self.usage_by_device(), scan, "device counters == scan");
-        let waiting = st.free.len() + st.limbo_cur.len() + st.limbo_prev.len();
+        let waiting = st.waiting();
         assert_eq!(hw, live + waiting, "hw == live + free + limbo");
     }
 }

@@ -11,6 +11,7 @@
 //! - [`meta`]: tensor ids, 64-byte metadata records and the metadata table.
 //! - [`Limited`]: a byte limit around any backend.
 //! - [`TensorGlobalAlloc`]: the process-wide pool as a `#[global_allocator]`.
+//! - `testkit` (feature `testkit`): the conformance kit every backend passes.
 //!
 //! See `DESIGN.md` in the repository for the layering; each layer calls only
 //! down.
@@ -39,6 +40,8 @@ pub mod meta;
 pub(crate) mod os;
 #[cfg(not(tensorpool_loom))]
 pub mod stats;
+#[cfg(all(feature = "testkit", not(tensorpool_loom)))]
+pub mod testkit;
 
 /// Resident set size of this process in bytes (Linux; `None` elsewhere).
 /// Reads `/proc/self/statm` with raw syscalls: it never allocates.

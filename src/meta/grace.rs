@@ -138,12 +138,14 @@ pub struct Limbo {
 
 impl Limbo {
     /// Retires a slot whose tenant was just removed.
+    #[inline]
     pub fn retire(&mut self, slot: u32) {
         self.limbo_cur.push(slot);
     }
 
     /// A slot that no pinned reader can still hold, trying up to two epoch
     /// advances; `None` if there is none (the table then takes a fresh one).
+    #[inline]
     pub fn take(&mut self, grace: &Grace) -> Option<u32> {
         for _ in 0..2 {
             if let Some(s) = self.free.pop() {

@@ -67,40 +67,28 @@ impl AddrKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TensorInfo {
     meta: TensorMeta,
-    addr: u64,
-    addr_kind: AddrKind,
-    align: u64,
-    shape: Option<Shape>,
+    /// The cold words as stored; dimensions past the rank are 0.
+    cold: [u64; COLD_WORDS],
 }
 
 impl TensorInfo {
-    /// Cold words for a new tensor (see the module docs).
-    pub(crate) fn cold_words(
-        addr: u64,
-        kind: AddrKind,
-        align: u64,
-        shape: Option<&Shape>,
-    ) -> [u64; COLD_WORDS] {
-        let mut w = [0u64; COLD_WORDS];
-        w[0] = addr;
+    /// The second cold word: log2 of the alignment and the address kind.
+    #[inline]
+    pub(crate) fn cold_align_kind(align: u64, kind: AddrKind) -> u64 {
         // Alignments are powers of two (the backends check), so the log fits a byte.
-        w[1] = u64::from(align.trailing_zeros()) | u64::from(kind as u8) << 8;
-        if let Some(s) = shape {
-            w[2..2 + s.rank()].copy_from_slice(s.dims());
-        }
-        w
+        u64::from(align.trailing_zeros()) | u64::from(kind as u8) << 8
     }
 
-    /// Rebuilds the info from a record and its cold words.
-    pub(crate) fn from_parts(meta: TensorMeta, w: &[u64; COLD_WORDS]) -> Self {
-        let shape = meta.rank().and_then(|r| Shape::from_u64(&w[2..2 + r]));
-        TensorInfo {
-            meta,
-            addr: w[0],
-            addr_kind: AddrKind::from_code((w[1] >> 8) as u8),
-            align: 1u64 << (w[1] & 63),
-            shape,
-        }
+    /// The info from a record and its cold words (dimensions past the
+    /// record's rank must be 0).
+    pub(crate) fn from_parts(meta: TensorMeta, cold: [u64; COLD_WORDS]) -> Self {
+        TensorInfo { meta, cold }
+    }
+
+    /// How many cold words a record of this rank uses.
+    #[inline]
+    pub(crate) fn cold_len(meta: &TensorMeta) -> usize {
+        2 + meta.rank().unwrap_or(0).min(Shape::MAX_RANK)
     }
 
     /// The 64-byte hot record (with its current access counters).
@@ -117,7 +105,7 @@ impl TensorInfo {
     }
     /// Alignment in bytes.
     pub fn align(&self) -> u64 {
-        self.align
+        1u64 << (self.cold[1] & 63)
     }
     /// The device.
     pub fn device(&self) -> Device {
@@ -126,15 +114,18 @@ impl TensorInfo {
     /// The raw address recorded (a host pointer's address, a device
     /// address, a remote id; 0 with no bytes).
     pub fn address(&self) -> u64 {
-        self.addr
+        self.cold[0]
     }
     /// What kind of address was recorded.
     pub fn addr_kind(&self) -> AddrKind {
-        self.addr_kind
+        AddrKind::from_code((self.cold[1] >> 8) as u8)
     }
     /// The whole shape, if one was given (every dimension, exactly).
     pub fn shape(&self) -> Option<Shape> {
-        self.shape
+        let n = Self::cold_len(&self.meta);
+        self.meta
+            .rank()
+            .and_then(|_| Shape::from_u64(&self.cold[2..n]))
     }
     /// Element type, if one was given.
     pub fn dtype(&self) -> Option<DType> {
@@ -143,7 +134,7 @@ impl TensorInfo {
     /// Row-major strides in elements, one per dimension (tensors are
     /// allocated contiguous), if a shape was given.
     pub fn strides(&self) -> Option<Vec<u64>> {
-        self.shape
+        self.shape()
             .map(|s| s.contiguous_strides()[..s.rank()].to_vec())
     }
     /// The flags given at allocation.

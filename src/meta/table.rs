@@ -426,8 +426,7 @@ impl MetaTable {
     /// table holds [`capacity`](Self::capacity) slots already.
     pub fn insert(&self, id: TensorId, t: &NewTensor) -> Result<TensorKey, AllocError> {
         let words = TensorMeta::new(id, t).to_words();
-        let cold = TensorInfo::cold_words(t.addr, t.addr_kind, t.align, t.shape.as_ref());
-        let rank = t.shape.map_or(0, |s| s.rank());
+        let align_kind = TensorInfo::cold_align_kind(t.align, t.addr_kind);
         let cat = Category::of_size(usize::try_from(t.size).unwrap_or(usize::MAX));
         let tag = batch::live_tag(t.flags.0, cat, t.device.code());
         let mut st = self.slots.lock();
@@ -442,9 +441,14 @@ impl MetaTable {
         for (cell, w) in c.records[i].0.iter().zip(words) {
             cell.store(w, Ordering::Relaxed);
         }
-        // Only the dimensions up to the rank are ever read back.
-        for (cell, w) in c.cold[i].0.iter().zip(cold).take(2 + rank) {
-            cell.store(w, Ordering::Relaxed);
+        // The cold words (only the dimensions up to the rank are ever read).
+        let cold = &c.cold[i].0;
+        cold[0].store(t.addr, Ordering::Relaxed);
+        cold[1].store(align_kind, Ordering::Relaxed);
+        if let Some(shape) = &t.shape {
+            for (cell, &d) in cold[2..].iter().zip(shape.dims()) {
+                cell.store(d, Ordering::Relaxed);
+            }
         }
         c.count[i].store(0, Ordering::Relaxed);
         c.last[i].store(0, Ordering::Relaxed);
@@ -499,14 +503,16 @@ impl MetaTable {
     pub fn info(&self, key: TensorKey) -> Option<TensorInfo> {
         let (c, i) = self.live_slot(key)?;
         let m = Self::read_record(c, i);
-        let mut w: [u64; COLD_WORDS] =
-            core::array::from_fn(|j| c.cold[i].0[j].load(Ordering::Relaxed));
-        // Words past the rank may hold an earlier tenant's dimensions.
-        let rank = m.rank().unwrap_or(0);
-        w[2 + rank..].fill(0);
+        // Only the rank's dimensions: words past it may hold an earlier
+        // tenant's (and are left 0 here).
+        let mut w = [0u64; COLD_WORDS];
+        let n = TensorInfo::cold_len(&m);
+        for (v, cell) in w[..n].iter_mut().zip(&c.cold[i].0) {
+            *v = cell.load(Ordering::Relaxed);
+        }
         // As in `get`.
         fence(Ordering::Acquire);
-        (c.ids[i].load(Ordering::Relaxed) == key.id.get()).then(|| TensorInfo::from_parts(m, &w))
+        (c.ids[i].load(Ordering::Relaxed) == key.id.get()).then(|| TensorInfo::from_parts(m, w))
     }
 
     /// The record of a live tensor, with its current counters; `None` if

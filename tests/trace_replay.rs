@@ -261,7 +261,7 @@ fn replay_invariants_on_a_recorded_trace() {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        if live.len() < 200 && x % 3 != 0 {
+        if live.len() < 200 && !x.is_multiple_of(3) {
             let size = [24, 1000, 4096, 70_000, 300_000, 3 << 20][(x >> 8) as usize % 6];
             live.push(t.allocate(&AllocRequest::bytes(size)).unwrap());
         } else if !live.is_empty() {

@@ -76,14 +76,14 @@ impl CudaConfig {
                 rule: "must be 0 (off) or in (0, 1)",
             });
         }
-        if let Some(f) = self.memory_fraction {
-            if !(0.0..=1.0).contains(&f) {
-                return Err(CudaConfigError {
-                    field: "memory_fraction",
-                    value: f.to_string(),
-                    rule: "must be in [0, 1]",
-                });
-            }
+        if let Some(f) = self.memory_fraction
+            && !(0.0..=1.0).contains(&f)
+        {
+            return Err(CudaConfigError {
+                field: "memory_fraction",
+                value: f.to_string(),
+                rule: "must be in [0, 1]",
+            });
         }
         Ok(())
     }

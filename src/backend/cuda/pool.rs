@@ -161,10 +161,10 @@ impl State {
         if retry {
             self.stats.num_alloc_retries += 1;
         }
-        if let Some(max) = self.allowed_max {
-            if self.reserved.saturating_add(alloc_size) > max {
-                return Ok(None);
-            }
+        if let Some(max) = self.allowed_max
+            && self.reserved.saturating_add(alloc_size) > max
+        {
+            return Ok(None);
         }
         let ptr = match d.malloc(alloc_size) {
             Ok(p) => p,
@@ -238,11 +238,11 @@ impl State {
             return Ok(false);
         }
         let key = size.max(msp);
-        if let Some((_, i)) = self.set(kind).lower_bound(stream, key) {
-            if !self.blocks.get(i).is_split() {
-                self.release_block(d, i)?;
-                return Ok(true);
-            }
+        if let Some((_, i)) = self.set(kind).lower_bound(stream, key)
+            && !self.blocks.get(i).is_split()
+        {
+            self.release_block(d, i)?;
+            return Ok(true);
         }
         let mut released = 0usize;
         for (_, i) in self.set(kind).largest_first(stream, msp) {

@@ -206,51 +206,90 @@ impl Arena {
 }
 
 /// Free blocks of one pool ordered by `(stream, size, ptr)`.
+///
+/// Stored as one ordered map per stream, in stream order, keyed by
+/// `size << 64 | ptr` as one `u128`: the order is PyTorch's
+/// `(stream, size, ptr)` exactly, but a search compares one integer instead
+/// of a three-field tuple, and the hot path finds its stream's map with
+/// one compare (streams are few; the last one used is tried first).
 #[derive(Debug, Default)]
 pub struct FreeSet {
-    map: BTreeMap<(StreamId, usize, DevPtr), BlockIdx>,
+    /// `(stream, blocks by size << 64 | ptr)`, sorted by stream. A stream's
+    /// map stays (possibly empty) once created.
+    streams: Vec<(StreamId, BTreeMap<u128, BlockIdx>)>,
+    /// Index into `streams` of the last stream looked up.
+    last: usize,
     /// Searches so far (`get_free_blocks_call_count`, the GC clock).
     pub searches: u64,
 }
 
+fn key(size: usize, ptr: DevPtr) -> u128 {
+    ((size as u128) << 64) | u128::from(ptr)
+}
+
+fn size_of_key(k: u128) -> usize {
+    (k >> 64) as usize
+}
+
 impl FreeSet {
+    fn find(&self, stream: StreamId) -> Result<usize, usize> {
+        match self.streams.get(self.last) {
+            Some((s, _)) if *s == stream => Ok(self.last),
+            _ => self.streams.binary_search_by_key(&stream, |(s, _)| *s),
+        }
+    }
+    fn map(&self, stream: StreamId) -> Option<&BTreeMap<u128, BlockIdx>> {
+        self.find(stream).ok().map(|i| &self.streams[i].1)
+    }
     /// Adds a free block.
     pub fn insert(&mut self, b: &Block, i: BlockIdx) {
-        let old = self.map.insert((b.stream, b.size, b.ptr), i);
+        let at = match self.find(b.stream) {
+            Ok(at) => at,
+            Err(at) => {
+                self.streams.insert(at, (b.stream, BTreeMap::new()));
+                at
+            }
+        };
+        self.last = at;
+        let old = self.streams[at].1.insert(key(b.size, b.ptr), i);
         debug_assert!(old.is_none(), "block in a free set twice");
     }
     /// Removes a free block; whether it was there.
     pub fn remove(&mut self, b: &Block) -> bool {
-        self.map.remove(&(b.stream, b.size, b.ptr)).is_some()
+        let Ok(at) = self.find(b.stream) else {
+            return false;
+        };
+        self.last = at;
+        self.streams[at].1.remove(&key(b.size, b.ptr)).is_some()
     }
     /// The smallest free block on `stream` of at least `size` bytes.
     pub fn lower_bound(&self, stream: StreamId, size: usize) -> Option<(usize, BlockIdx)> {
-        self.map
-            .range((stream, size, 0)..)
+        self.map(stream)?
+            .range(key(size, 0)..)
             .next()
-            .filter(|((s, _, _), _)| *s == stream)
-            .map(|(&(_, sz, _), &i)| (sz, i))
+            .map(|(&k, &i)| (size_of_key(k), i))
     }
     /// Free blocks on `stream`, largest first, with sizes ≥ `min`.
     pub fn largest_first(&self, stream: StreamId, min: usize) -> Vec<(usize, BlockIdx)> {
-        self.map
-            .range((stream, min, 0)..=(stream, usize::MAX, DevPtr::MAX))
-            .rev()
-            .map(|(&(_, sz, _), &i)| (sz, i))
-            .collect()
+        self.map(stream).map_or_else(Vec::new, |m| {
+            m.range(key(min, 0)..)
+                .rev()
+                .map(|(&k, &i)| (size_of_key(k), i))
+                .collect()
+        })
     }
-    /// Every free block, in key order.
+    /// Every free block, in `(stream, size, ptr)` order.
     pub fn all(&self) -> impl Iterator<Item = BlockIdx> + '_ {
-        self.map.values().copied()
+        self.streams.iter().flat_map(|(_, m)| m.values().copied())
     }
     /// Number of free blocks.
     #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.streams.iter().map(|(_, m)| m.len()).sum()
     }
     /// Whether block `i` (as `b`) is in the set.
     pub fn contains(&self, b: &Block, i: BlockIdx) -> bool {
-        self.map.get(&(b.stream, b.size, b.ptr)) == Some(&i)
+        self.map(b.stream).and_then(|m| m.get(&key(b.size, b.ptr))) == Some(&i)
     }
 }
 

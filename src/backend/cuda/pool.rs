@@ -776,14 +776,15 @@ fn verify(
             found: a.device(),
         });
     }
-    let unknown = AllocError::UnknownId { id, device };
+    // Built only on failure: this runs on every free.
+    let unknown = || AllocError::UnknownId { id, device };
     let (live, idx) = match a.tag() {
-        0 => (*st.zero.get(&id).ok_or(unknown)?, None),
+        0 => (*st.zero.get(&id).ok_or_else(unknown)?, None),
         t => {
-            let i = BlockIdx::try_from(t - 1).map_err(|_| unknown.clone())?;
-            let b = st.blocks.try_get(i).ok_or(unknown.clone())?;
+            let i = BlockIdx::try_from(t - 1).map_err(|_| unknown())?;
+            let b = st.blocks.try_get(i).ok_or_else(unknown)?;
             if !b.allocated || b.owner != id {
-                return Err(unknown);
+                return Err(unknown());
             }
             let live = Live {
                 ptr: b.ptr,

@@ -278,6 +278,18 @@ impl FreeSet {
                 .collect()
         })
     }
+    /// Free blocks on every stream but `not`, each stream's of at least
+    /// `size` bytes, smallest first: `(stream, iterator of (size, index))`.
+    pub fn other_streams(
+        &self,
+        not: StreamId,
+        size: usize,
+    ) -> impl Iterator<Item = impl Iterator<Item = (usize, BlockIdx)> + '_> + '_ {
+        self.streams
+            .iter()
+            .filter(move |(s, _)| *s != not)
+            .map(move |(_, m)| m.range(key(size, 0)..).map(|(&k, &i)| (size_of_key(k), i)))
+    }
     /// Every free block, in `(stream, size, ptr)` order.
     pub fn all(&self) -> impl Iterator<Item = BlockIdx> + '_ {
         self.streams.iter().flat_map(|(_, m)| m.values().copied())

@@ -306,7 +306,6 @@ fn replay_invariants_on_the_candle_trace() {
 /// `Traced` is a backend like any other: the conformance kit passes through
 /// it (it forwards everything), and what it recorded replays cleanly.
 #[test]
-#[ignore = "the host backend fails the kit's forged-allocation check (a stats underflow) until the hardening branch lands; run with --ignored after"]
 fn traced_passes_the_conformance_kit() {
     let path = tmp("kit.tpt");
     let t = Traced::create(HostBackend::new(), &path).unwrap();

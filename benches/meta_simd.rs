@@ -23,7 +23,8 @@
 // `criterion_group!` generates an undocumented `pub fn`.
 #![allow(missing_docs)]
 
-use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tensorpool::meta::{BatchBackend, IdIssuer, MetaTable, NewTensor, TensorKey};
@@ -61,13 +62,15 @@ fn table(n: usize) -> (MetaTable, Vec<TensorKey>) {
         } else {
             Device::Host
         };
-        let k = t.insert(
-            ids.issue().unwrap(),
-            &NewTensor {
-                flags: TensorFlags(flags),
-                ..NewTensor::bytes(size, dev)
-            },
-        );
+        let k = t
+            .insert(
+                ids.issue().unwrap(),
+                &NewTensor {
+                    flags: TensorFlags(flags),
+                    ..NewTensor::bytes(size, dev)
+                },
+            )
+            .unwrap();
         t.touch(&[k], rng.next() % n as u64 + 1);
         keys.push(k);
     }

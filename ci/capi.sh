@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds libtensorpool.so (release) and runs real programs with and without
-# LD_PRELOAD; their outputs must be identical. Also proves the library was
+# LD_PRELOAD; their outputs must be identical. Checks that invalid frees of
+# pool memory abort and that malloc_trim and the TENSORPOOL_RETAIN_LIMIT /
+# TENSORPOOL_RETURN_ABOVE settings give memory back. Also proves the library was
 # really used (the pool's statistics line, and malloc_usable_size answering
 # with the pool's class size), and reports malloc+free cost.
 #
@@ -96,6 +98,45 @@ usable=$(LD_PRELOAD="$lib" python3 -c 'import ctypes; c = ctypes.CDLL(None); c.m
 plain=$(python3 -c 'import ctypes; c = ctypes.CDLL(None); c.malloc.restype = ctypes.c_void_p; c.malloc_usable_size.argtypes = [ctypes.c_void_p]; print(c.malloc_usable_size(c.malloc(1000)))')
 echo "     malloc_usable_size(malloc(1000)): $usable preloaded, $plain with glibc"
 if [[ $usable != 1024 ]]; then echo "FAIL malloc is not the pool's"; fail=1; fi
+
+# 6. A pointer inside pool memory that starts no live block never reaches the
+# C library: SIGABRT with tensorpool's message, as glibc would abort.
+gcc -O2 -Wno-free-nonheap-object -o "$work/invalid_free" "$root/ci/capi/invalid_free.c"
+expect_abort() {
+    local mode=$1 msg=$2 rc=0
+    # An inner shell reports the abort (to /dev/null), not this one.
+    bash -c 'LD_PRELOAD="$1" "$2" "$3" >/dev/null 2>"$4"; exit $?' _ \
+        "$lib" "$work/invalid_free" "$mode" "$work/if.err" 2>/dev/null || rc=$?
+    if [[ $rc -eq 134 ]] && grep -q "^tensorpool: $msg" "$work/if.err"; then
+        echo "ok   $mode: SIGABRT, \"$(head -1 "$work/if.err")\""
+    else
+        echo "FAIL $mode: exit $rc, stderr: $(head -c 300 "$work/if.err")"; fail=1
+    fi
+}
+LD_PRELOAD="$lib" "$work/invalid_free" ok >/dev/null || { echo "FAIL invalid_free ok"; fail=1; }
+expect_abort interior 'free(): invalid pointer'
+expect_abort interior-big 'free(): invalid pointer'
+expect_abort interior-realloc 'realloc(): invalid pointer'
+expect_abort interior-usable 'malloc_usable_size(): invalid pointer'
+# Double-free detection is the pool's (AllocError::DoubleFree); once the
+# pool has it, a C double free must abort with its message.
+if grep -q 'DoubleFree' "$root/src/error.rs"; then
+    expect_abort double 'free(): double free detected'
+fi
+
+# 7. Memory comes back: eight freed buffers of 70-300 MiB and malloc_trim(0),
+# or the environment policies without it (RSS measured in the child).
+gcc -O2 -o "$work/trim" "$root/ci/capi/trim.c"
+run trim "$work/trim"
+for env in TENSORPOOL_RETURN_ABOVE=64M TENSORPOOL_RETAIN_LIMIT=32M; do
+    if out=$(env "$env" LD_PRELOAD="$lib" "$work/trim" no-trim); then
+        echo "ok   trim, $env, no malloc_trim: $out"
+    else
+        echo "FAIL $env: $out"; fail=1
+    fi
+done
+bad=$(TENSORPOOL_RETAIN_LIMIT=lots LD_PRELOAD="$lib" /bin/true 2>&1)
+if [[ $bad != *"ignoring TENSORPOOL_RETAIN_LIMIT=lots"* ]]; then echo "FAIL bad setting not reported: $bad"; fail=1; fi
 
 # malloc+free cost (information only, never a failure).
 gcc -O2 -o "$work/bench" "$root/ci/capi/bench.c"

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --features cuda --lib backend::cuda
-cargo test --features cuda --test cuda_sim --test cuda_props --test cuda_gpu
+cargo test --features cuda --test cuda_sim --test cuda_props --test cuda_gpu --test trace_replay
 cargo clippy --all-targets --features cuda -- -D warnings
 cargo build --features cuda --example cuda_bench --example cuda_memset
 bash ci/gpu.sh --dry-run --out target/gpu-dry

@@ -7,7 +7,11 @@
 #   bash ci/gpu.sh --bin DIR [--out OUT]   # on the GPU machine
 #   bash ci/gpu.sh --dry-run [--bin DIR]   # anywhere: the non-GPU parts
 #
-# DIR holds cuda_gpu (the #[ignore]d GPU tests), cuda_memset and cuda_bench.
+# DIR holds cuda_gpu (the #[ignore]d GPU tests), cuda_memset and cuda_bench,
+# and traces/: the committed traces (tests/data/*.tpt.gz) exported to the
+# text format both replayers read (`a ID SIZE` / `f ID`, documented in
+# examples/cuda_bench.rs). Every *.trace there is replayed beside the
+# synthetic ones, on the pool and on PyTorch's caching allocator.
 # Every GPU step has a timeout; together they bound the run at 8 minutes
 # (120 + 30 + 200 + 30 + 100 s).
 # OUT (default gpu-results/) gets info.json, tests.log, memset.log,
@@ -16,6 +20,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 mode=run bin="" out="gpu-results"
+# The committed traces replayed on the GPU (about 470,000 ops in all).
+committed="tests/data/candle.tpt.gz tests/data/python.tpt.gz tests/data/python-malloc.tpt.gz"
 while [ $# -gt 0 ]; do
   case "$1" in
     --build) mode=build; bin="${2:?--build DIR}"; shift 2 ;;
@@ -38,6 +44,7 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda_gpu" and m.get("executable"):
         print(m["executable"])')
   cp "$test_bin" "$bin/cuda_gpu"
+  "$bin/cuda_bench" export "$bin/traces" $committed
   echo "built into $bin: $(ls "$bin" | tr '\n' ' ')"
   exit 0
 fi
@@ -65,6 +72,17 @@ printf '{"gpu": "%s", "driver": "%s", "date": "%s"}\n' "${gpu:-none}" "${driver:
 bench="${bin:+$bin/cuda_bench}"
 if [ -z "$bench" ] && [ -x target/release/examples/cuda_bench ]; then bench=target/release/examples/cuda_bench; fi
 if [ -z "$bench" ] && [ -x target/debug/examples/cuda_bench ]; then bench=target/debug/examples/cuda_bench; fi
+
+# The committed traces: carried in DIR/traces, or exported here.
+mkdir -p "$out/traces"
+if [ -n "$bin" ] && ls "$bin"/traces/*.trace >/dev/null 2>&1; then
+  cp "$bin"/traces/*.trace "$out/traces/"
+elif [ -n "$bench" ] && [ -f tests/data/candle.tpt.gz ]; then
+  # shellcheck disable=SC2086 # a list of paths without spaces
+  timeout 60 "$bench" export "$out/traces" $committed || echo "trace export failed" >&2
+else
+  echo "no committed traces to replay (build with: bash ci/gpu.sh --build DIR)" >&2
+fi
 
 if [ "$mode" = dry ] || [ -z "$gpu" ]; then
   echo "no GPU: running the non-GPU parts only"

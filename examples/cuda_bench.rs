@@ -2,19 +2,31 @@
 //! `cargo build --release --features cuda --example cuda_bench` and carry
 //! the binary; the GPU machine needs no Rust.
 //!
-//! - `cuda_bench traces DIR` writes the replay traces (no GPU needed):
-//!   `transformer.trace` (a synthetic transformer training run: weights,
-//!   saved activations, temporaries, gradients) and `churn.trace` (random
-//!   sizes 512 B … 256 MiB with random lifetimes). One op a line:
-//!   `a ID SIZE` allocates, `f ID` frees.
-//! - `cuda_bench predict DIR` replays them on the pool's meta model (the
-//!   simulated driver) and prints the predicted peaks as JSON (no GPU).
+//! **Text traces** (`DIR/NAME.trace`, the one format the GPU run reads, here
+//! and in `ci/cuda/torch_replay.py`): one op a line, `a ID SIZE` allocates
+//! SIZE bytes as block ID, `f ID` frees block ID; an ID may be reused after
+//! its free. Blocks still live at the end are freed after the measurement.
+//! Exported from the binary trace format (spec: `src/adapt/format.rs`),
+//! these lines keep op, id and size; alignment (at most 512 on the pool and
+//! in PyTorch alike), stream, thread and time are dropped.
+//!
+//! - `cuda_bench traces DIR` writes the synthetic replay traces (no GPU
+//!   needed): `transformer.trace` (a synthetic transformer training run:
+//!   weights, saved activations, temporaries, gradients) and `churn.trace`
+//!   (random sizes 512 B … 256 MiB with random lifetimes).
+//! - `cuda_bench export DIR FILE…` converts binary traces (`.tpt`, or
+//!   gzip-compressed `.tpt.gz`, e.g. the committed `tests/data/*.tpt.gz`)
+//!   to `DIR/NAME.trace` after checking them (no GPU needed).
+//! - `cuda_bench predict DIR` writes the synthetic traces to DIR, replays
+//!   every `DIR/*.trace` on the pool's meta model (the simulated driver)
+//!   and prints the predicted peaks as JSON (no GPU).
 //! - `cuda_bench gpu DIR OUT.json` measures on GPU 0: host-side cost per
 //!   alloc+free for 512 B … 1 GiB (median, p99 in ns) of the pool's cache
 //!   hit, the pool's miss, `cuMemAlloc`+`cuMemFree`, `cuMemAllocAsync`+
 //!   `cuMemFreeAsync` on the default pool with release threshold 0 and
-//!   `u64::MAX`, and cudarc's `stream.alloc` + drop; then replays the traces
-//!   on the pool (time per op, peak reserved, peak allocated).
+//!   `u64::MAX`, and cudarc's `stream.alloc` + drop; then writes the
+//!   synthetic traces to DIR and replays every `DIR/*.trace` on the pool
+//!   (time per op, peak reserved, peak allocated).
 //!
 //! Stream synchronization (for the async allocators) and `empty_cache`
 //! (for the pool's miss) happen between timed pairs, outside the timing.
@@ -43,10 +55,11 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let r = match args.get(1).map(String::as_str) {
         Some("traces") if args.len() == 3 => write_traces(Path::new(&args[2])),
+        Some("export") if args.len() >= 4 => export(Path::new(&args[2]), &args[3..]),
         Some("predict") if args.len() == 3 => predict(Path::new(&args[2])),
         Some("gpu") if args.len() == 4 => gpu(Path::new(&args[2]), Path::new(&args[3])),
         Some("sim") => sim_hits(),
-        _ => Err("usage: cuda_bench traces DIR | predict DIR | gpu DIR OUT.json | sim".into()),
+        _ => Err("usage: cuda_bench traces DIR | export DIR FILE... | predict DIR | gpu DIR OUT.json | sim".into()),
     };
     if let Err(e) = r {
         eprintln!("cuda_bench: {e}");
@@ -175,18 +188,86 @@ fn traces() -> [(&'static str, Trace); 2] {
 fn write_traces(dir: &Path) -> Res<()> {
     std::fs::create_dir_all(dir)?;
     for (name, tr) in traces() {
-        let mut s = String::new();
-        for (a, id, n) in &tr {
-            if *a {
-                writeln!(s, "a {id} {n}")?;
-            } else {
-                writeln!(s, "f {id}")?;
-            }
-        }
-        std::fs::write(dir.join(format!("{name}.trace")), s)?;
-        println!("wrote {}/{name}.trace ({} ops)", dir.display(), tr.len());
+        write_text(&dir.join(format!("{name}.trace")), &tr)?;
     }
     Ok(())
+}
+
+/// Writes `tr` as a text trace (see the module docs).
+fn write_text(path: &Path, tr: &Trace) -> Res<()> {
+    let mut s = String::with_capacity(tr.len() * 16);
+    for (a, id, n) in tr {
+        if *a {
+            writeln!(s, "a {id} {n}")?;
+        } else {
+            writeln!(s, "f {id}")?;
+        }
+    }
+    std::fs::write(path, s)?;
+    println!("wrote {} ({} ops)", path.display(), tr.len());
+    Ok(())
+}
+
+/// Binary traces (`.tpt`, `.tpt.gz`) to `dir/NAME.trace`.
+fn export(dir: &Path, files: &[String]) -> Res<()> {
+    use std::io::Read as _;
+    use tensorpool::adapt::{ReplayPlan, TraceOp};
+    std::fs::create_dir_all(dir)?;
+    for f in files {
+        let path = Path::new(f);
+        let raw = std::fs::read(path).map_err(|e| format!("{f}: {e}"))?;
+        let bytes = if f.ends_with(".gz") {
+            let mut v = Vec::new();
+            flate2::read::GzDecoder::new(&raw[..])
+                .read_to_end(&mut v)
+                .map_err(|e| format!("{f}: {e}"))?;
+            v
+        } else {
+            raw
+        };
+        let trace = tensorpool::adapt::Trace::from_bytes(&bytes, path)?;
+        ReplayPlan::new(&trace).map_err(|e| format!("{f}: {e}"))?;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(|n| n.trim_end_matches(".gz").trim_end_matches(".tpt"))
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| format!("{f}: no file name"))?;
+        let tr: Trace = trace
+            .records
+            .iter()
+            .map(|r| (r.op == TraceOp::Alloc, r.id, r.size as usize))
+            .collect();
+        write_text(&dir.join(format!("{name}.trace")), &tr)?;
+    }
+    Ok(())
+}
+
+/// Every `dir/*.trace`, by name.
+fn load_traces(dir: &Path) -> Res<Vec<(String, Trace)>> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|n| n.strip_suffix(".trace").map(str::to_owned))
+        .collect();
+    names.sort();
+    let mut out = Vec::new();
+    for name in names {
+        let path = dir.join(format!("{name}.trace"));
+        let text = std::fs::read_to_string(&path)?;
+        let mut tr = Trace::new();
+        for (n, line) in text.lines().enumerate() {
+            let bad = || format!("{}:{}: bad line {line:?}", path.display(), n + 1);
+            let p: Vec<&str> = line.split_whitespace().collect();
+            let num = |s: &str| s.parse::<u64>().map_err(|_| bad());
+            match p[..] {
+                ["a", id, size] => tr.push((true, num(id)?, num(size)? as usize)),
+                ["f", id] => tr.push((false, num(id)?, 0)),
+                _ => return Err(bad().into()),
+            }
+        }
+        out.push((name, tr));
+    }
+    Ok(out)
 }
 
 /// Replays `tr`; (ns per op, peak reserved, peak allocated (rounded)).
@@ -209,7 +290,7 @@ fn replay(b: &dyn TensorAllocator, tr: &Trace) -> Res<(f64, u64, u64)> {
 fn predict(dir: &Path) -> Res<()> {
     write_traces(dir)?;
     let mut out = String::from("{");
-    for (i, (name, tr)) in traces().iter().enumerate() {
+    for (i, (name, tr)) in load_traces(dir)?.iter().enumerate() {
         let m = MetaBackend::cuda_policy(141 << 30, CudaConfig::default())?;
         let (_, reserved, allocated) = replay(&m, tr)?;
         let sep = if i > 0 { "," } else { "" };
@@ -396,7 +477,7 @@ fn gpu(dir: &Path, out: &Path) -> Res<()> {
     pool.empty_cache()?;
     write_traces(dir)?;
     let mut reps_json = Vec::new();
-    for (name, tr) in traces() {
+    for (name, tr) in load_traces(dir)? {
         let b = CudaBackend::new(0)?;
         let (ns, reserved, allocated) = replay(&b, &tr)?;
         let m = MetaBackend::cuda_policy(info.total_memory, CudaConfig::default())?;

@@ -111,6 +111,15 @@ impl Shape {
 
     /// A shape from its dimensions; `None` if the rank is above [`Shape::MAX_RANK`].
     pub fn new(dims: &[usize]) -> Option<Shape> {
+        let mut wide = [0u64; Self::MAX_RANK];
+        for (d, &v) in wide.iter_mut().zip(dims) {
+            *d = v as u64;
+        }
+        Self::from_u64(wide.get(..dims.len())?)
+    }
+    /// A shape from dimensions given as `u64` (lossless on every target);
+    /// `None` if the rank is above [`Shape::MAX_RANK`].
+    pub fn from_u64(dims: &[u64]) -> Option<Shape> {
         if dims.len() > Self::MAX_RANK {
             return None;
         }
@@ -118,9 +127,7 @@ impl Shape {
             dims: [0; Self::MAX_RANK],
             rank: dims.len() as u8,
         };
-        for (d, &v) in s.dims.iter_mut().zip(dims) {
-            *d = v as u64;
-        }
+        s.dims[..dims.len()].copy_from_slice(dims);
         Some(s)
     }
     /// The dimensions.
@@ -421,6 +428,16 @@ pub unsafe trait TensorAllocator: Send + Sync {
     /// return `Ok(())`.
     fn synchronize(&self) -> Result<(), AllocError> {
         Ok(())
+    }
+
+    /// The bytes this backend would count for `req` after its rounding
+    /// (what its `active_bytes` grows by), or the layout error `allocate`
+    /// would return; changes nothing. Adaptors that count bytes (such as
+    /// [`Limited`](crate::Limited)) use it. The default checks the
+    /// alignment and does not round.
+    fn rounded_size(&self, req: &AllocRequest) -> Result<usize, AllocError> {
+        req.check_align()?;
+        Ok(req.size)
     }
 }
 

@@ -243,6 +243,19 @@ pub enum AllocError {
         /// The budget.
         budget: usize,
     },
+    /// The metadata table has no slot for another tensor: `capacity`
+    /// tensors are live or waiting out their grace period. Freeing tensors
+    /// makes room (retryable). None of the other variants fits: no bytes
+    /// are short, and the limit is a count of tensors, not of bytes.
+    #[error(
+        "metadata table full: {live} live tensors, capacity {capacity} slots (free tensors to make room)"
+    )]
+    TableFull {
+        /// Live tensors at the time.
+        live: usize,
+        /// The most slots the table holds.
+        capacity: usize,
+    },
     /// A wait did not finish in time.
     #[error("timed out after {waited_ms} ms waiting for {what}")]
     Timeout {
@@ -353,6 +366,7 @@ impl AllocError {
             AllocError::OutOfMemory { .. }
                 | AllocError::LimitExceeded { .. }
                 | AllocError::Timeout { .. }
+                | AllocError::TableFull { .. }
                 | AllocError::Backend { .. }
                 | AllocError::BudgetExceeded { .. }
         ) || matches!(self, AllocError::DeviceOutOfMemory(o) if !o.never_fits)

@@ -222,6 +222,21 @@ impl<A: GlobalAlloc> TensorGlobalAlloc<A> {
         with_global_cache(|tc| unsafe { pool().free_unsized(tc, p) })
     }
 
+    /// Sets (or clears) the process-wide pool's retained-bytes limit (see
+    /// [`HostPoolConfig::retain_limit`](crate::host::HostPoolConfig)).
+    pub fn set_retain_limit(&self, limit: Option<usize>) {
+        pool()
+            .retain_limit
+            .store(limit.unwrap_or(usize::MAX), Ordering::Relaxed);
+    }
+
+    /// Unmaps every huge block (above 64 MiB) the process-wide pool keeps
+    /// cached, and nothing else; returns the bytes given back. Cheaper than
+    /// [`trim`](Self::trim): one lock and the `munmap`s.
+    pub fn trim_huge(&self) -> usize {
+        pool().huge.trim(pool())
+    }
+
     /// Resizes a pool block without its layout (C `realloc`): in place when
     /// `new_size` at `align` falls in the block's class (or fits its huge
     /// mapping), else a new pool block at `align` with the common prefix
@@ -529,4 +544,71 @@ extern "C" fn fork_child() {
     fork_release();
     // SAFETY: the child handler runs in the child, which has one thread.
     unsafe { trace::after_fork_in_child() };
+}
+
+/// A byte count as written in an environment variable: decimal digits,
+/// optionally followed by `K`, `M`, `G` or `T` (powers of 1024, either
+/// case, optionally followed by `iB` or `B`). `None` for anything else or
+/// on overflow. Allocation-free, so the C ABI can read its settings with it
+/// before `main` (`TENSORPOOL_RETAIN_LIMIT`, `TENSORPOOL_RETURN_ABOVE`).
+pub fn parse_size(s: &[u8]) -> Option<usize> {
+    let digits = s.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 {
+        return None;
+    }
+    let mut n: usize = 0;
+    for &b in &s[..digits] {
+        n = n.checked_mul(10)?.checked_add(usize::from(b - b'0'))?;
+    }
+    let (shift, rest) = match s[digits..].split_first() {
+        None => return Some(n),
+        Some((u, rest)) => match u.to_ascii_uppercase() {
+            b'K' => (10, rest),
+            b'M' => (20, rest),
+            b'G' => (30, rest),
+            b'T' => (40, rest),
+            b'B' if rest.is_empty() => return Some(n),
+            _ => return None,
+        },
+    };
+    if !matches!(rest, b"" | b"B" | b"b" | b"iB" | b"ib") {
+        return None;
+    }
+    n.checked_mul(1usize.checked_shl(shift)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_with_suffixes_and_garbage() {
+        let ok: [(&[u8], usize); 9] = [
+            (b"0", 0),
+            (b"4096", 4096),
+            (b"64K", 64 << 10),
+            (b"64k", 64 << 10),
+            (b"512M", 512 << 20),
+            (b"512MiB", 512 << 20),
+            (b"2G", 2 << 30),
+            (b"1TB", 1 << 40),
+            (b"100B", 100),
+        ];
+        for (s, n) in ok {
+            assert_eq!(parse_size(s), Some(n), "{}", String::from_utf8_lossy(s));
+        }
+        for s in [
+            &b""[..],
+            b"M",
+            b"-1",
+            b"1.5G",
+            b"12Q",
+            b"4 K",
+            b"1KK",
+            b"99999999999999999999",
+            b"20000000000T",
+        ] {
+            assert_eq!(parse_size(s), None, "{}", String::from_utf8_lossy(s));
+        }
+    }
 }

@@ -69,6 +69,7 @@ pub use crate::{
 pub mod loom_exports {
     pub use crate::host::central_list::{CentralList, Locked};
     pub use crate::host::transfer::TransferStack;
+    pub use crate::meta::grace::{Grace, Limbo};
     pub use crate::meta::id::IdIssuer;
     pub use crate::sync::RawLock;
 }

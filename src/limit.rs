@@ -1,7 +1,10 @@
 //! [`Limited`]: a byte limit around any backend.
 //!
-//! Counts requested bytes of live allocations made through it. A request
-//! that would take the total over the limit is refused with
+//! Counts the bytes of live allocations made through it, as the inner
+//! backend rounds them ([`TensorAllocator::rounded_size`]: what its
+//! `active_bytes` grows by). A request whose layout is invalid gets the
+//! inner backend's [`AllocError::InvalidLayout`]; one that would take the
+//! total over the limit is refused with
 //! [`AllocError::LimitExceeded`] (retryable: free something) or, if it is
 //! larger than the limit itself, [`AllocError::NeverFits`]. The check and the
 //! reservation are one atomic step, so concurrent callers cannot overshoot.
@@ -43,6 +46,12 @@ impl<A: TensorAllocator> Limited<A> {
         &self.inner
     }
 
+    /// The bytes `allocate` counted for `a` (the inner backend's rounding).
+    fn counted(&self, a: &Allocation) -> usize {
+        let req = AllocRequest::new(a.size(), a.align());
+        self.inner.rounded_size(&req).unwrap_or(a.size())
+    }
+
     fn refuse(&self, e: AllocError) -> AllocError {
         self.refused.fetch_add(1, Ordering::Relaxed);
         e
@@ -57,8 +66,10 @@ unsafe impl<A: TensorAllocator> TensorAllocator for Limited<A> {
     }
 
     fn allocate(&self, req: &AllocRequest) -> Result<Allocation, AllocError> {
-        let size = req.size;
         let device = self.device();
+        // The layout first: a size that cannot be rounded is invalid, not
+        // too large for the limit.
+        let size = self.inner.rounded_size(req)?;
         if size > self.limit {
             return Err(self.refuse(AllocError::NeverFits {
                 device,
@@ -68,7 +79,7 @@ unsafe impl<A: TensorAllocator> TensorAllocator for Limited<A> {
         }
         let mut cur = self.used.load(Ordering::Relaxed);
         loop {
-            if cur + size > self.limit {
+            let Some(new) = cur.checked_add(size).filter(|&n| n <= self.limit) else {
                 let reserved = self.inner.stats().reserved_bytes.current as usize;
                 return Err(self.refuse(AllocError::LimitExceeded {
                     device,
@@ -77,13 +88,11 @@ unsafe impl<A: TensorAllocator> TensorAllocator for Limited<A> {
                     reserved,
                     limit: self.limit,
                 }));
-            }
-            match self.used.compare_exchange_weak(
-                cur,
-                cur + size,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
+            };
+            match self
+                .used
+                .compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed)
+            {
                 Ok(_) => break,
                 Err(a) => cur = a,
             }
@@ -96,7 +105,9 @@ unsafe impl<A: TensorAllocator> TensorAllocator for Limited<A> {
     unsafe fn deallocate(&self, a: &Allocation) -> Result<(), AllocError> {
         // SAFETY: forwarded from the caller.
         unsafe { self.inner.deallocate(a) }?;
-        self.used.fetch_sub(a.size(), Ordering::AcqRel);
+        // The inner backend verified `a`'s size and alignment against its
+        // record, so this is the amount `allocate` counted.
+        self.used.fetch_sub(self.counted(a), Ordering::AcqRel);
         Ok(())
     }
 
@@ -120,5 +131,9 @@ unsafe impl<A: TensorAllocator> TensorAllocator for Limited<A> {
 
     fn synchronize(&self) -> Result<(), AllocError> {
         self.inner.synchronize()
+    }
+
+    fn rounded_size(&self, req: &AllocRequest) -> Result<usize, AllocError> {
+        self.inner.rounded_size(req)
     }
 }

@@ -36,7 +36,7 @@ fn mmap_anon(len: usize, populate: bool) -> Option<*mut libc::c_void> {
 }
 
 pub(crate) fn map_aligned(len: usize, align: usize, populate: bool) -> Option<NonNull<u8>> {
-    debug_assert!(align.is_power_of_two() && align >= PAGE && len % PAGE == 0);
+    debug_assert!(align.is_power_of_two() && align >= PAGE && len.is_multiple_of(PAGE));
     let over = len.checked_add(align - PAGE)?;
     if align > PAGE && !populate {
         // Exact size first: the kernel tends to place a mapping right below
@@ -44,7 +44,7 @@ pub(crate) fn map_aligned(len: usize, align: usize, populate: bool) -> Option<No
         // most come out aligned and one syscall suffices (mimalloc does the
         // same). Otherwise fall back to over-mapping and trimming.
         let raw = mmap_anon(len, false)?;
-        if raw as usize % align == 0 {
+        if (raw as usize).is_multiple_of(align) {
             return NonNull::new(raw.cast());
         }
         // SAFETY: the misaligned mapping we just made; nobody knows of it.
@@ -337,7 +337,7 @@ mod tests {
     fn page_size_matches() {
         // SAFETY: sysconf has no preconditions.
         let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-        assert!(p >= PAGE && p % PAGE == 0, "page size {p}");
+        assert!(p >= PAGE && p.is_multiple_of(PAGE), "page size {p}");
     }
 
     #[test]

@@ -14,10 +14,28 @@ pub(crate) use std::sync::atomic::{
 
 #[cfg(tensorpool_loom)]
 #[allow(unused_imports)]
-// AtomicU32 and fence serve only the metadata table, which loom builds leave out.
+// AtomicU32 serves only the metadata table, which loom builds leave out.
 pub(crate) use loom::sync::atomic::{
     AtomicBool, AtomicPtr, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
 };
+
+/// Orders the `SeqCst` accesses on either side of it for loom.
+///
+/// Store-load patterns made only of `SeqCst` accesses (count a pin, then
+/// re-read the epoch) are ordered by the C++/Rust memory model itself, but
+/// loom models `SeqCst` loads and stores as acquire/release only
+/// (tokio-rs/loom#180) and would report executions the model forbids. Under
+/// loom this is `fence(SeqCst)`, which loom does model, so a model checks
+/// the same argument; elsewhere only a compiler fence (an `mfence` would
+/// cost a metadata-table pin a third more for nothing). Use it only between
+/// `SeqCst` accesses.
+#[inline(always)]
+pub(crate) fn seqcst_fence_for_loom() {
+    #[cfg(tensorpool_loom)]
+    fence(Ordering::SeqCst);
+    #[cfg(not(tensorpool_loom))]
+    core::sync::atomic::compiler_fence(Ordering::SeqCst);
+}
 
 /// Tells the CPU (or loom) that we are spinning.
 #[inline]
@@ -151,29 +169,10 @@ impl RawLock {
 }
 
 /// Pads and aligns a value to the destructive-interference size, so that two
-/// of them never share a cache line (crossbeam-utils `CachePadded`, trimmed).
-///
-/// 128 B on x86-64 (the adjacent-line prefetcher pulls pairs of 64 B lines)
-/// and aarch64 (big cores have 128 B lines); 64 B elsewhere.
-#[cfg_attr(
-    any(target_arch = "x86_64", target_arch = "aarch64"),
-    repr(C, align(128))
-)]
-#[cfg_attr(
-    not(any(target_arch = "x86_64", target_arch = "aarch64")),
-    repr(C, align(64))
-)]
-#[derive(Debug, Default)]
-#[cfg_attr(tensorpool_loom, allow(dead_code))]
-pub(crate) struct CachePadded<T>(pub(crate) T);
-
-impl<T> core::ops::Deref for CachePadded<T> {
-    type Target = T;
-    #[inline]
-    fn deref(&self) -> &T {
-        &self.0
-    }
-}
+/// of them never share a cache line: crossbeam-utils' (128 B on x86-64 and
+/// aarch64, 64 B or less elsewhere; `new` is `const`).
+#[cfg_attr(tensorpool_loom, allow(unused_imports))]
+pub(crate) use crossbeam_utils::CachePadded;
 
 /// This thread's number: 1, 2, … in the order threads first ask (trace
 /// records carry it). A const-initialised thread-local `Cell` without a
@@ -203,7 +202,7 @@ mod tests {
 
     #[test]
     fn cache_padded_spacing() {
-        let a = [CachePadded(0u8), CachePadded(1u8)];
+        let a = [CachePadded::new(0u8), CachePadded::new(1u8)];
         let d = (&a[1] as *const _ as usize) - (&a[0] as *const _ as usize);
         assert!(d >= 64 && d.is_power_of_two(), "spacing {d}");
         assert_eq!(core::mem::align_of::<CachePadded<u8>>(), d);

@@ -20,7 +20,7 @@
 //! | `threads` | `threads` × `ops_per_thread` alloc/write/read/free with cross-thread frees keep every pattern intact |
 //! | `trim` | after freeing everything, `trim()` leaves reserved bytes ≤ `reserved_after_trim` |
 //!
-//! ```no_run
+//! ```
 //! use tensorpool::backend::HostBackend;
 //! use tensorpool::testkit::{check, Caps};
 //!
@@ -598,9 +598,10 @@ fn threads(b: &dyn TensorAllocator, caps: &Caps) {
     let shared: Mutex<Vec<(Allocation, u64)>> = Mutex::new(Vec::new());
     let base = b.stats();
     std::thread::scope(|s| {
+        let mut handles = Vec::with_capacity(caps.threads);
         for t in 0..caps.threads {
             let shared = &shared;
-            s.spawn(move || {
+            handles.push(s.spawn(move || {
                 let mut rng = Rng::new(caps.seed ^ ((t as u64 + 1) * 0x1000_0001));
                 let mut mine: Vec<(Allocation, u64)> = Vec::new();
                 for i in 0..caps.ops_per_thread {
@@ -646,7 +647,16 @@ fn threads(b: &dyn TensorAllocator, caps: &Caps) {
                     }
                     free(b, &a, c);
                 }
-            });
+            }));
+        }
+        // Joined one by one, not left to the scope: the scope's own wait
+        // ends when each closure returns, before the thread's exit handlers
+        // (thread-local destructors, a pool's thread-cache flush) have run,
+        // and `trim` below must see what those hand back.
+        for h in handles {
+            if let Err(p) = h.join() {
+                std::panic::resume_unwind(p);
+            }
         }
     });
     for (a, seed) in shared.into_inner().unwrap_or_else(|e| e.into_inner()) {

@@ -51,12 +51,14 @@ fn config() -> impl Strategy<Value = CudaConfig> {
         prop_oneof![Just(0usize), Just(4)],
         prop_oneof![Just(None), Just(Some(0.6))],
         prop_oneof![Just(0.0f64), Just(0.5)],
+        any::<bool>(),
     )
-        .prop_map(|(msp, div, frac, gc)| CudaConfig {
+        .prop_map(|(msp, div, frac, gc, reuse)| CudaConfig {
             max_split_size: msp,
             roundup_power2_divisions: div,
             memory_fraction: frac,
             garbage_collection_threshold: gc,
+            reuse_other_streams: reuse,
             ..CudaConfig::default()
         })
 }

@@ -836,3 +836,114 @@ fn record_stream_waits_per_stream_and_for_every_stream() {
     consistent(&b);
     assert_eq!(b.memory_stats().active[0].current, 0);
 }
+
+/// Host-side synchronizations the driver was asked for so far.
+fn host_syncs(d: &SimDriver) -> u64 {
+    [
+        Call::EventSynchronize,
+        Call::StreamSynchronize,
+        Call::DeviceSynchronize,
+    ]
+    .map(|c| d.calls(c))
+    .iter()
+    .sum()
+}
+
+/// A pool with `reuse_other_streams` set to `on`, and two new streams.
+fn reuse_sim(on: bool) -> (CudaBackend<SimDriver>, u64, u64) {
+    let cfg = CudaConfig {
+        reuse_other_streams: on,
+        ..CudaConfig::default()
+    };
+    let b = sim_cfg(GIB, cfg);
+    let (old, new) = (b.driver().create_stream(), b.driver().create_stream());
+    (b, old, new)
+}
+
+/// `reuse_other_streams` (RMM's stream-ordered reuse): with no free block
+/// on its own stream, a request takes another stream's cached segment
+/// instead of a new one, ordered on the GPU: the new stream's work cannot
+/// complete before the work queued on the old stream before the reuse, and
+/// the host never waits. Off (the default), a new segment is allocated and
+/// the streams stay independent.
+#[test]
+fn reuse_other_streams_orders_on_the_gpu_without_a_host_wait() {
+    use tensorpool::backend::cuda::CudaDriver;
+    for on in [true, false] {
+        let (b, old, new) = reuse_sim(on);
+        let d = b.driver();
+        let x = b
+            .allocate(&AllocRequest::bytes(4 * MIB).stream(old))
+            .unwrap();
+        let p = ptr(&x);
+        d.enqueue(old, 1); // a kernel using x, still running
+        free(&b, &x); // cached on `old` at once (stream-ordered)
+        let syncs = host_syncs(d);
+        let y = b
+            .allocate(&AllocRequest::bytes(4 * MIB).stream(new))
+            .unwrap();
+        assert_eq!(host_syncs(d), syncs, "on={on}: no host wait");
+        assert!(d.busy(old), "on={on}: the old stream's work is not done");
+        assert_eq!(ptr(&y) == p, on, "on={on}: reuse of the old stream's block");
+        assert_eq!(d.calls(Call::Malloc), if on { 1 } else { 2 }, "on={on}");
+        assert_eq!(d.calls(Call::StreamWaitEvent), u64::from(on), "on={on}");
+        // Work on the new stream after the reuse, and an event after it.
+        d.enqueue(new, 1);
+        let e = d.event_create().unwrap();
+        d.event_record(e, new).unwrap();
+        assert!(!d.event_query(e).unwrap(), "on={on}");
+        d.advance(new);
+        assert!(d.event_query(e).unwrap(), "on={on}");
+        // Completing the new stream's work completed the old stream's work
+        // queued before the reuse (the GPU-side wait); without reuse the
+        // streams are independent.
+        assert_eq!(!d.busy(old), on, "on={on}: ordering on the GPU");
+        d.event_destroy(e).unwrap();
+        let snap = b.snapshot();
+        let seg = snap.segments.iter().find(|s| s.address == p).unwrap();
+        assert_eq!(seg.stream, if on { new } else { old }, "on={on}");
+        free(&b, &y);
+        consistent(&b);
+        // The event went back to the pool.
+        assert_eq!(d.live_events(), usize::from(on), "on={on}");
+    }
+}
+
+/// Only whole cached segments change stream (a segment's blocks share one
+/// stream), and a driver error while ordering the reuse moves nothing.
+#[test]
+fn reuse_other_streams_takes_whole_segments_and_survives_driver_errors() {
+    let (b, old, new) = reuse_sim(true);
+    let d = b.driver();
+    // A split small segment on `old`: one block live, the rest cached.
+    let keep = b.allocate(&AllocRequest::bytes(512).stream(old)).unwrap();
+    let y = b.allocate(&AllocRequest::bytes(512).stream(new)).unwrap();
+    assert_eq!(d.calls(Call::Malloc), 2, "a split segment is not taken");
+    assert_eq!(d.calls(Call::StreamWaitEvent), 0);
+    free(&b, &y);
+    free(&b, &keep);
+    // A whole large segment on `old`; the wait fails: error, nothing moved.
+    let x = b
+        .allocate(&AllocRequest::bytes(4 * MIB).stream(old))
+        .unwrap();
+    let p = ptr(&x);
+    free(&b, &x);
+    d.fail_nth(Call::StreamWaitEvent, 1, Fault::Error);
+    let e = b
+        .allocate(&AllocRequest::bytes(4 * MIB).stream(new))
+        .unwrap_err();
+    assert!(matches!(e, AllocError::Backend { .. }), "{e}");
+    consistent(&b);
+    let again = b
+        .allocate(&AllocRequest::bytes(4 * MIB).stream(old))
+        .unwrap();
+    assert_eq!(ptr(&again), p, "still cached on the old stream");
+    free(&b, &again);
+    // And the reuse works once the driver does.
+    let z = b
+        .allocate(&AllocRequest::bytes(4 * MIB).stream(new))
+        .unwrap();
+    assert_eq!(ptr(&z), p);
+    free(&b, &z);
+    consistent(&b);
+}

@@ -22,6 +22,16 @@ use tensorpool::host::size_class::{MAX_ALIGN, MAX_CLASS_SIZE};
 #[global_allocator]
 static A: TensorGlobalAlloc = TensorGlobalAlloc::new();
 
+/// Held by every test of this binary: they share the process-wide pool, and
+/// one test's frees, trims and huge-cache evictions would otherwise move the
+/// reserved bytes another is watching (the huge-growth test asserts that
+/// reserved follows its own mapping).
+static WHOLE_POOL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn whole_pool() -> std::sync::MutexGuard<'static, ()> {
+    WHOLE_POOL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 const SIZES: [usize; 9] = [
     1,
     7,
@@ -59,6 +69,7 @@ fn check(p: *const u8, n: usize, seed: u8) {
 
 #[test]
 fn every_alignment_up_to_and_past_max_align() {
+    let _whole = whole_pool();
     for shift in 0..=20 {
         let align = 1usize << shift;
         for &size in &SIZES {
@@ -85,6 +96,7 @@ fn every_alignment_up_to_and_past_max_align() {
 
 #[test]
 fn usable_size_is_the_class_size() {
+    let _whole = whole_pool();
     for &size in &SIZES {
         for align in [8, 64, 4096, MAX_ALIGN] {
             let l = Layout::from_size_align(size, align).unwrap();
@@ -116,6 +128,7 @@ fn usable_size_is_the_class_size() {
 
 #[test]
 fn realloc_in_place_within_a_class_and_moves_across() {
+    let _whole = whole_pool();
     let l = Layout::from_size_align(100, 8).unwrap();
     // SAFETY: non-zero sizes; every block is passed on or freed once.
     unsafe {
@@ -137,6 +150,7 @@ fn realloc_in_place_within_a_class_and_moves_across() {
 
 #[test]
 fn realloc_huge_in_place_shrinks_the_mapping() {
+    let _whole = whole_pool();
     let mib = 1usize << 20;
     let l = Layout::from_size_align(200 * mib, 4096).unwrap();
     // SAFETY: non-zero sizes; every block is passed on or freed once.
@@ -178,6 +192,7 @@ fn realloc_huge_in_place_shrinks_the_mapping() {
 
 #[test]
 fn realloc_huge_growth_remaps_without_copying() {
+    let _whole = whole_pool();
     let mib = 1usize << 20;
     // A Vec-like doubling from 80 MiB to 1.25 GiB: each step keeps the data
     // and the pool's accounting follows the mapping.
@@ -215,6 +230,7 @@ fn realloc_huge_growth_remaps_without_copying() {
 
 #[test]
 fn realloc_huge_growth_in_place_when_the_range_above_is_free() {
+    let _whole = whole_pool();
     let mib = 1usize << 20;
     let (la, lb) = (
         Layout::from_size_align(200 * mib, 64).unwrap(),
@@ -245,6 +261,7 @@ fn realloc_huge_growth_in_place_when_the_range_above_is_free() {
 
 #[test]
 fn alloc_zeroed_after_reuse_reads_zero() {
+    let _whole = whole_pool();
     for &size in &SIZES {
         let l = Layout::from_size_align(size, 8).unwrap();
         // SAFETY: non-zero size; each block freed once with `l`.
@@ -265,6 +282,7 @@ fn alloc_zeroed_after_reuse_reads_zero() {
 
 #[test]
 fn alloc_zeroed_skips_the_memset_on_fresh_mappings() {
+    let _whole = whole_pool();
     // A size no other test uses, so the huge cache cannot hold one: the
     // block is freshly mapped and the memset would fault in 512 MiB.
     let size = (512 << 20) + 12_345;
@@ -308,6 +326,7 @@ fn alloc_zeroed_skips_the_memset_on_fresh_mappings() {
 
 #[test]
 fn stats_readable_while_another_thread_allocates() {
+    let _whole = whole_pool();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let s2 = stop.clone();
     let h = std::thread::spawn(move || {
@@ -332,6 +351,7 @@ fn stats_readable_while_another_thread_allocates() {
 /// changes nothing; `manages` covers interior pointers, `owns` only starts.
 #[test]
 fn size_less_double_free_is_reported_and_manages_covers_interiors() {
+    let _whole = whole_pool();
     use tensorpool::AllocError;
     let l = Layout::from_size_align(4096, 16).unwrap();
     // SAFETY: a non-zero layout.
@@ -365,6 +385,7 @@ fn size_less_double_free_is_reported_and_manages_covers_interiors() {
 /// (run in a child process: the abort is the point).
 #[test]
 fn double_dealloc_aborts_with_a_message() {
+    let _whole = whole_pool();
     use std::os::unix::process::ExitStatusExt;
     const CHILD: &str = "TENSORPOOL_DOUBLE_FREE_CHILD";
     const NAME: &str = "double_dealloc_aborts_with_a_message";

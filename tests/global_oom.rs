@@ -64,7 +64,7 @@ fn inner_failures() {
     // SAFETY: non-zero size; the block is freed with its layout below.
     let p = unsafe { A.alloc(l) };
     check(
-        !p.is_null() && p as usize % l.align() == 0 && !A.owns(p),
+        !p.is_null() && (p as usize).is_multiple_of(l.align()) && !A.owns(p),
         "over-aligned alloc works again, from the inner allocator",
     );
     FAIL.store(true, Ordering::Relaxed);

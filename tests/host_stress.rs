@@ -62,14 +62,14 @@ fn eight_threads_cross_thread_frees() {
                         (t * 31 + r) as u8,
                     );
                     fill(&b);
-                    if x % 3 == 0 {
+                    if x.is_multiple_of(3) {
                         txs[(t + 1 + (x as usize >> 4) % (THREADS - 1)) % THREADS]
                             .send(b)
                             .unwrap();
                     } else {
                         mine.push(b);
                     }
-                    if mine.len() > 64 || x % 7 == 0 {
+                    if mine.len() > 64 || x.is_multiple_of(7) {
                         for b in mine.drain(..mine.len() / 2) {
                             check(&b);
                             // SAFETY: live block of this pool, allocated with `b.1`.

@@ -1,15 +1,16 @@
 //! Loom models of every lock-free structure: the cross-thread free list
 //! (`TransferStack`), the central list protocol built on it (`CentralList`:
-//! give back, refill, drain and the byte counter), the id issuer, and the
-//! spin lock guarding slow paths.
+//! give back, refill, drain and the byte counter), the id issuer, the spin
+//! lock guarding slow paths, and the metadata table's epoch grace periods
+//! for slot reuse (`Grace`, `Limbo`).
 //! Run by `ci/loom.sh` (`RUSTFLAGS="--cfg tensorpool_loom"`); empty otherwise.
 #![cfg(tensorpool_loom)]
 
 use loom::sync::Arc;
-use loom::sync::atomic::{AtomicUsize, Ordering};
+use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use loom::thread;
 use tensorpool::host::transfer::FreeBlock;
-use tensorpool::loom_exports::{CentralList, IdIssuer, RawLock, TransferStack};
+use tensorpool::loom_exports::{CentralList, Grace, IdIssuer, Limbo, RawLock, TransferStack};
 
 /// A block as the pool sees it (link word first) plus a payload that loom
 /// tracks: the pusher writes it before publishing, the taker reads it after
@@ -237,5 +238,59 @@ fn central_list_give_back_refill_drain() {
         // Every block taken was counted in the locked state.
         assert!(list.locked(|st| st.free.is_null() && st.free_len == 0 && st.x == 3));
         assert_eq!(list.incoming_len(), 0);
+    });
+}
+
+/// The metadata table's slot reuse, as `MetaTable` runs it: a toucher pins,
+/// checks that slot 0 still holds tensor 1 and adds to its access count
+/// (`touch_one`); meanwhile the slot-lock holder removes tensor 1 (id store,
+/// retire into limbo) and inserts tensor 2, which takes slot 0 only if the
+/// grace period let it go (`Limbo::take`), resetting the count and
+/// publishing the new id. Whatever the interleaving, tensor 2 must start
+/// with a count of 0: no touch of tensor 1 lands on it. A second toucher
+/// pins and unpins meanwhile, to move the shard counts under the advancer.
+#[test]
+fn grace_period_keeps_touches_off_the_next_tenant() {
+    loom::model(|| {
+        let g = Arc::new(Grace::new());
+        // Slot 0: id column and access count column.
+        let slot = Arc::new((AtomicU64::new(1), AtomicU64::new(0)));
+        let toucher = {
+            let (g, slot) = (g.clone(), slot.clone());
+            thread::spawn(move || {
+                let _pin = g.pin();
+                if slot.0.load(Ordering::Acquire) == 1 {
+                    slot.1.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let other = {
+            let g = g.clone();
+            thread::spawn(move || drop(g.pin()))
+        };
+        // The slot-lock holder: remove tensor 1, then insert tensor 2.
+        let mut limbo = Limbo::default();
+        slot.0.store(0, Ordering::Relaxed);
+        limbo.retire(0);
+        let reused = match limbo.take(&g) {
+            Some(s) => {
+                assert_eq!(s, 0);
+                slot.1.store(0, Ordering::Relaxed);
+                slot.0.store(2, Ordering::Release);
+                true
+            }
+            None => false,
+        };
+        toucher.join().unwrap();
+        other.join().unwrap();
+        if reused {
+            assert_eq!(
+                slot.1.load(Ordering::Relaxed),
+                0,
+                "a touch of tensor 1 landed on tensor 2"
+            );
+        }
+        // With every reader gone the slot is always reusable.
+        assert_eq!(limbo.take(&g).is_some(), !reused);
     });
 }

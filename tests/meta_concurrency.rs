@@ -33,7 +33,7 @@ fn four_threads_overlapping_batches_exact_totals() {
     let ids = IdIssuer::new();
     let keys: Arc<Vec<TensorKey>> = Arc::new(
         (0..1024)
-            .map(|_| t.insert(ids.issue().unwrap(), &nt(64)))
+            .map(|_| t.insert(ids.issue().unwrap(), &nt(64)).unwrap())
             .collect(),
     );
     let hs: Vec<_> = (0..4u64)
@@ -86,7 +86,7 @@ fn four_threads_overlapping_batches_exact_totals() {
 #[test]
 fn batch_of_eight_copies_counts_eight() {
     let t = MetaTable::new();
-    let k = t.insert(next_id().unwrap(), &nt(1));
+    let k = t.insert(next_id().unwrap(), &nt(1)).unwrap();
     t.touch(&[k; 8], 42);
     let m = t.get(k).unwrap();
     assert_eq!((m.access_count(), m.last_access()), (8, 42));
@@ -100,7 +100,7 @@ fn eight_threads_ten_thousand_inserts_distinct() {
             let t = t.clone();
             std::thread::spawn(move || {
                 (0..10_000)
-                    .map(|i| t.insert(next_id().unwrap(), &nt(i)))
+                    .map(|i| t.insert(next_id().unwrap(), &nt(i)).unwrap())
                     .collect::<Vec<_>>()
             })
         })
@@ -128,14 +128,17 @@ fn churn(t: &MetaTable, seed: u64, cycles: usize) -> Vec<TensorKey> {
     let mut live: Vec<TensorKey> = Vec::new();
     for _ in 0..cycles {
         if live.is_empty() || rng.below(2) == 0 {
-            live.push(t.insert(next_id().unwrap(), &nt(rng.below(1 << 20))));
+            live.push(
+                t.insert(next_id().unwrap(), &nt(rng.below(1 << 20)))
+                    .unwrap(),
+            );
         }
         let i = rng.below(live.len() as u64) as usize;
         let k = live.swap_remove(i);
         assert!(t.remove(k).is_some());
         assert!(t.remove(k).is_none(), "double remove is an error");
         if rng.below(3) == 0 {
-            live.push(t.insert(next_id().unwrap(), &nt(8)));
+            live.push(t.insert(next_id().unwrap(), &nt(8)).unwrap());
         }
     }
     live
@@ -186,7 +189,8 @@ fn touch_racing_removal_never_reaches_the_next_tenant() {
     let t = Arc::new(MetaTable::new());
     let public: Arc<Mutex<Vec<TensorKey>>> = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
-    let touches = Arc::new(AtomicU64::new(0));
+    // Touch batches done, per toucher.
+    let touches: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
     let touchers: Vec<_> = (0..2)
         .map(|th| {
             let (t, public, stop, touches) =
@@ -205,21 +209,45 @@ fn touch_racing_removal_never_reaches_the_next_tenant() {
                         .collect();
                     now += 1;
                     t.touch(&b, now);
-                    touches.fetch_add(1, Ordering::Relaxed);
+                    touches[th].fetch_add(1, Ordering::Relaxed);
                 }
             })
         })
         .collect();
+    // Waits until both touchers have run a few more batches, so that the
+    // removals below really race with touches however loaded the machine
+    // is (a liveness wait on progress, not on time; the deadline only turns
+    // a hang into a failure).
+    let wait_for_touches = || {
+        let start: Vec<u64> = touches.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while touches
+            .iter()
+            .zip(&start)
+            .any(|(c, &s)| c.load(Ordering::Relaxed) < s + 3)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a toucher made no progress in 120 s"
+            );
+            std::thread::yield_now();
+        }
+    };
     let mut private_checked = 0;
     for i in 0..20_000u64 {
+        if i % 1000 == 0 {
+            wait_for_touches();
+        }
         let pinned = if i % 7 == 0 { TensorFlags::PINNED } else { 0 };
-        let k = t.insert(
-            next_id().unwrap(),
-            &NewTensor {
-                flags: TensorFlags(pinned),
-                ..nt(i)
-            },
-        );
+        let k = t
+            .insert(
+                next_id().unwrap(),
+                &NewTensor {
+                    flags: TensorFlags(pinned),
+                    ..nt(i)
+                },
+            )
+            .unwrap();
         if i % 2 == 0 {
             let mut p = public.lock().unwrap();
             p.push(k);
@@ -241,12 +269,14 @@ fn touch_racing_removal_never_reaches_the_next_tenant() {
             private_checked += 1;
         }
     }
+    wait_for_touches();
     stop.store(true, Ordering::Relaxed);
     for h in touchers {
         h.join().unwrap();
     }
     assert_eq!(private_checked, 10_000);
-    assert!(touches.load(Ordering::Relaxed) > 0);
+    // 21 waits of 3 batches each, per toucher.
+    assert!(touches.iter().all(|c| c.load(Ordering::Relaxed) >= 63));
     t.check_invariants();
 }
 
@@ -290,7 +320,9 @@ fn usage_counters_equal_the_scan_after_four_threads_churn() {
                     if live.len() < 32 || rng.below(2) == 0 {
                         let size = CAT_SIZES[rng.below(5) as usize];
                         let dev = devices[rng.below(3) as usize];
-                        let k = t.insert(next_id().unwrap(), &NewTensor::bytes(size, dev));
+                        let k = t
+                            .insert(next_id().unwrap(), &NewTensor::bytes(size, dev))
+                            .unwrap();
                         live.push((k, size, dev));
                     } else {
                         let (k, _, _) = live.swap_remove(rng.below(live.len() as u64) as usize);

@@ -106,7 +106,7 @@ fn new_tensor(size: u64, device: Device, flags: u8) -> NewTensor {
         shape: None,
         dtype: None,
         flags: TensorFlags(flags),
-        addr: 0,
+        ..NewTensor::bytes(size, device)
     }
 }
 
@@ -117,7 +117,10 @@ fn build(es: &[Entry], backend: BatchBackend) -> (MetaTable, Vec<TensorKey>) {
     let ids = IdIssuer::new();
     let keys: Vec<TensorKey> = es
         .iter()
-        .map(|e| t.insert(ids.issue().unwrap(), &new_tensor(e.size, e.device, e.flags)))
+        .map(|e| {
+            t.insert(ids.issue().unwrap(), &new_tensor(e.size, e.device, e.flags))
+                .unwrap()
+        })
         .collect();
     for (k, e) in keys.iter().zip(es) {
         if e.touches > 0 {
@@ -336,7 +339,7 @@ proptest! {
             let op_name = format!("{op:?}");
             match op {
                 Op::Insert { size, device, flags } => {
-                    let key = t.insert(ids.issue().unwrap(), &new_tensor(size, device, flags));
+                    let key = t.insert(ids.issue().unwrap(), &new_tensor(size, device, flags)).unwrap();
                     prop_assert!(!oracle.contains_key(&key));
                     oracle.insert(key, Model { size, device, flags, count: 0, last: 0 });
                     issued.push(key);

@@ -3,8 +3,8 @@
 //! program on it.
 //!
 //! Exports `malloc`, `free`, `calloc`, `realloc`, `reallocarray`,
-//! `posix_memalign`, `aligned_alloc`, `memalign`, `valloc`, `pvalloc` and
-//! `malloc_usable_size`. All of them go through one
+//! `posix_memalign`, `aligned_alloc`, `memalign`, `valloc`, `pvalloc`,
+//! `malloc_usable_size` and `malloc_trim`. All of them go through one
 //! [`TensorGlobalAlloc`], which is also this library's own
 //! `#[global_allocator]`.
 //!
@@ -16,8 +16,15 @@
 //!
 //! # Pointers the pool does not own
 //! `free`, `realloc` and `malloc_usable_size` look a pointer up in the pool's
-//! pagemap. A pointer the pool does not own (over-aligned blocks the C
-//! library served, or memory allocated before this library was loaded) is
+//! pagemap. A pointer **inside** memory the pool manages that does not start
+//! a live block (an interior pointer such as `block + 16`, or one into a
+//! free block) never reaches the C library: the call writes
+//! `tensorpool: free(): invalid pointer` (`realloc(): …`,
+//! `malloc_usable_size(): …`) to stderr with `write(2)` and aborts, as glibc
+//! does for a pointer it did not hand out. Any other error the pool reports
+//! for a free (a detected double free) aborts the same way with the error's
+//! own message. A pointer outside the pool's memory (over-aligned blocks the
+//! C library served, or memory allocated before this library was loaded) is
 //! **forwarded** to the next definition of the same function, found with
 //! `dlsym(RTLD_NEXT, …)` (glibc's), which treats it exactly as it would
 //! without this library: a glibc block is freed, garbage makes glibc abort
@@ -31,6 +38,22 @@
 //! On failure `malloc`, `calloc`, `realloc`, `reallocarray`, `aligned_alloc`,
 //! `memalign`, `valloc` and `pvalloc` return null with `errno = ENOMEM`
 //! (`EINVAL` for an invalid alignment); `posix_memalign` returns the code.
+//!
+//! # Giving memory back
+//! `malloc_trim(pad)` trims the pool (this thread's cache is flushed, free
+//! spans and cached huge blocks are unmapped, pages of other free blocks of
+//! 8 KiB and up discarded) and then calls the C library's `malloc_trim`;
+//! it returns 1 if either released memory. Two settings are read from the
+//! environment once, before `main` (with `getenv`, no allocation), as a
+//! byte count with an optional `K`/`M`/`G`/`T` suffix (powers of 1024):
+//! - `TENSORPOOL_RETAIN_LIMIT`: the pool's retained-bytes limit (free
+//!   memory kept cached; above it, frees of blocks of 1 MiB and up and of
+//!   huge blocks unmap instead of caching).
+//! - `TENSORPOOL_RETURN_ABOVE`: freeing a block of at least this many bytes
+//!   that is a huge block (above 64 MiB) unmaps the pool's cached huge
+//!   blocks, that one included, right away.
+//!
+//! A value that is not a byte count is ignored with a line on stderr.
 //!
 //! # Statistics
 //! With `TENSORPOOL_CAPI_STATS=1` in the environment, the library writes one
@@ -53,8 +76,8 @@ use core::alloc::{GlobalAlloc, Layout};
 use core::ffi::{CStr, c_int, c_void};
 use core::ptr::null_mut;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use tp::TensorGlobalAlloc;
-use tp::host::size_class::MAX_ALIGN;
+use tp::host::size_class::{MAX_ALIGN, MAX_CLASS_SIZE};
+use tp::{AllocError, TensorGlobalAlloc};
 
 /// The C library's allocator, reached through `dlsym(RTLD_NEXT, …)`: the
 /// inner allocator for alignments above `MAX_ALIGN`.
@@ -89,11 +112,15 @@ type FreeFn = unsafe extern "C" fn(*mut c_void);
 type ReallocFn = unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void;
 type PosixMemalignFn = unsafe extern "C" fn(*mut *mut c_void, usize, usize) -> c_int;
 type UsableFn = unsafe extern "C" fn(*mut c_void) -> usize;
+type TrimFn = unsafe extern "C" fn(usize) -> c_int;
 
 static NEXT_FREE: AtomicUsize = AtomicUsize::new(0);
 static NEXT_REALLOC: AtomicUsize = AtomicUsize::new(0);
 static NEXT_POSIX_MEMALIGN: AtomicUsize = AtomicUsize::new(0);
 static NEXT_USABLE: AtomicUsize = AtomicUsize::new(0);
+static NEXT_TRIM: AtomicUsize = AtomicUsize::new(0);
+/// `TENSORPOOL_RETURN_ABOVE`, or `usize::MAX` when unset.
+static RETURN_ABOVE: AtomicUsize = AtomicUsize::new(usize::MAX);
 /// Set while `dlsym` runs, so that a re-entrant call does not recurse.
 static RESOLVING: AtomicBool = AtomicBool::new(false);
 
@@ -149,12 +176,72 @@ extern "C" fn init() {
     let _ = next::<ReallocFn>(&NEXT_REALLOC, c"realloc");
     let _ = next::<PosixMemalignFn>(&NEXT_POSIX_MEMALIGN, c"posix_memalign");
     let _ = next::<UsableFn>(&NEXT_USABLE, c"malloc_usable_size");
-    // SAFETY: a NUL-terminated name; the result is only tested for null and
-    // read before any other thread can run `setenv`.
-    let v = unsafe { libc::getenv(c"TENSORPOOL_CAPI_STATS".as_ptr()) };
-    // SAFETY: a non-null `getenv` result is a NUL-terminated string.
-    if !v.is_null() && unsafe { *v } == b'1' as libc::c_char {
+    let _ = next::<TrimFn>(&NEXT_TRIM, c"malloc_trim");
+    if env(c"TENSORPOOL_CAPI_STATS").is_some_and(|v| v == b"1") {
         STATS.store(true, Ordering::Relaxed);
+    }
+    if let Some(n) = env_size(c"TENSORPOOL_RETAIN_LIMIT") {
+        A.set_retain_limit(Some(n));
+    }
+    if let Some(n) = env_size(c"TENSORPOOL_RETURN_ABOVE") {
+        RETURN_ABOVE.store(n, Ordering::Relaxed);
+    }
+}
+
+/// The value of the environment variable `name`, if set. Called only from
+/// the constructor, before any other thread can run `setenv`.
+fn env(name: &CStr) -> Option<&'static [u8]> {
+    // SAFETY: a NUL-terminated name.
+    let v = unsafe { libc::getenv(name.as_ptr()) };
+    if v.is_null() {
+        return None;
+    }
+    // SAFETY: a non-null `getenv` result is a NUL-terminated string that
+    // stays valid while the environment is not changed (see above).
+    Some(unsafe { CStr::from_ptr(v) }.to_bytes())
+}
+
+/// The byte count in `name` (see the crate docs); a line on stderr and
+/// `None` for a value that is not one.
+fn env_size(name: &CStr) -> Option<usize> {
+    let v = env(name)?;
+    let n = tp::global::parse_size(v);
+    if n.is_none() {
+        let mut line = Line::new();
+        line.push(b"tensorpool: ignoring ");
+        line.push(name.to_bytes());
+        line.push(b"=");
+        line.push(v);
+        line.push(b": not a byte count (digits, optionally K, M, G or T)\n");
+        line.write_to_stderr();
+    }
+    n
+}
+
+/// Writes `tensorpool: {what}: {why}` to stderr (no allocation) and aborts
+/// with `SIGABRT`, as glibc does when a program frees what it must not.
+#[cold]
+#[inline(never)]
+fn die(what: &[u8], why: &dyn core::fmt::Display) -> ! {
+    let mut line = Line::new();
+    line.push(b"tensorpool: ");
+    line.push(what);
+    line.push(b": ");
+    // `Line` never fails and never allocates; an error's `Display` writes
+    // its fields into it.
+    let _ = core::fmt::write(&mut line, format_args!("{why}"));
+    line.push(b"\n");
+    line.write_to_stderr();
+    // SAFETY: no preconditions; never returns.
+    unsafe { libc::abort() }
+}
+
+/// The message for a pointer inside the pool's memory that starts no live block.
+struct InvalidPointer;
+
+impl core::fmt::Display for InvalidPointer {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("invalid pointer")
     }
 }
 
@@ -164,10 +251,7 @@ extern "C" fn fini() {
         return;
     }
     let s = A.stats();
-    let mut line = Line {
-        buf: [0; 256],
-        len: 0,
-    };
+    let mut line = Line::new();
     line.push(b"tensorpool: reserved_bytes=");
     line.num(s.reserved_bytes);
     line.push(b" segments=");
@@ -177,9 +261,7 @@ extern "C" fn fini() {
     line.push(b" forwarded=");
     line.num(FORWARDED.load(Ordering::Relaxed));
     line.push(b"\n");
-    // SAFETY: `line.buf[..line.len]` is initialised; fd 2 may be closed,
-    // then `write` fails harmlessly.
-    let _ = unsafe { libc::write(2, line.buf.as_ptr().cast(), line.len) };
+    line.write_to_stderr();
 }
 
 /// A fixed buffer for one line of text: no allocation, no formatting machinery.
@@ -189,6 +271,19 @@ struct Line {
 }
 
 impl Line {
+    fn new() -> Self {
+        Line {
+            buf: [0; 256],
+            len: 0,
+        }
+    }
+
+    fn write_to_stderr(&self) {
+        // SAFETY: `buf[..len]` is initialised; fd 2 may be closed, then
+        // `write` fails harmlessly.
+        let _ = unsafe { libc::write(2, self.buf.as_ptr().cast(), self.len) };
+    }
+
     fn push(&mut self, s: &[u8]) {
         let n = s.len().min(self.buf.len() - self.len);
         self.buf[self.len..self.len + n].copy_from_slice(&s[..n]);
@@ -207,6 +302,13 @@ impl Line {
             }
         }
         self.push(&digits[i..]);
+    }
+}
+
+impl core::fmt::Write for Line {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        self.push(s.as_bytes());
+        Ok(())
     }
 }
 
@@ -264,8 +366,9 @@ pub unsafe extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
     alloc_aligned(bytes, malloc_align(bytes), true)
 }
 
-/// C `free`: the pool's blocks go back to the pool, any other non-null
-/// pointer to the next `free` (see the crate docs).
+/// C `free`: the pool's blocks go back to the pool; a pointer inside the
+/// pool's memory that starts no live block aborts; any other non-null
+/// pointer goes to the next `free` (see the crate docs).
 ///
 /// # Safety
 /// - `p` is null or a live block from this library or the C library, not
@@ -275,11 +378,43 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
     if p.is_null() {
         return;
     }
+    // One relaxed load when `TENSORPOOL_RETURN_ABOVE` is unset.
+    let above = RETURN_ABOVE.load(Ordering::Relaxed);
+    let give_back = above != usize::MAX
+        && A.usable_size(p.cast())
+            .is_some_and(|n| n > MAX_CLASS_SIZE && n >= above);
     // SAFETY: forwarded from the caller.
-    if !unsafe { A.free_unsized(p.cast()) } {
-        // SAFETY: not the pool's, so the C library's (caller).
-        unsafe { next_free(p) }
+    match unsafe { A.try_free_unsized(p.cast()) } {
+        Ok(()) => {
+            if give_back {
+                A.trim_huge();
+            }
+        }
+        Err(AllocError::ForeignPointer { .. }) => {
+            if A.manages(p.cast()) {
+                die(b"free()", &InvalidPointer);
+            }
+            // SAFETY: outside the pool's memory, so the C library's (caller).
+            unsafe { next_free(p) }
+        }
+        Err(e) => die(b"free()", &e),
     }
+}
+
+/// `malloc_trim` (glibc): trims the pool, then the C library; 1 if either
+/// gave memory back, else 0. `pad` is passed on to the C library.
+///
+/// # Safety
+/// - None beyond C's.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn malloc_trim(pad: usize) -> c_int {
+    let ours = A.trim() > 0;
+    let theirs = match next::<TrimFn>(&NEXT_TRIM, c"malloc_trim") {
+        // SAFETY: glibc's `malloc_trim`, which takes any `pad`.
+        Some(f) => (unsafe { f(pad) }) != 0,
+        None => false,
+    };
+    c_int::from(ours || theirs)
 }
 
 /// C `realloc`: null `p` is `malloc`, size 0 frees and returns null (as
@@ -300,6 +435,9 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
         return null_mut();
     }
     if !A.owns(p.cast()) {
+        if A.manages(p.cast()) {
+            die(b"realloc()", &InvalidPointer);
+        }
         FORWARDED.fetch_add(1, Ordering::Relaxed);
         let Some(f) = next::<ReallocFn>(&NEXT_REALLOC, c"realloc") else {
             set_errno(libc::ENOMEM);
@@ -343,7 +481,7 @@ pub unsafe extern "C" fn reallocarray(p: *mut c_void, n: usize, size: usize) -> 
 /// - `out` is valid for a pointer write.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> c_int {
-    if !align.is_power_of_two() || align % size_of::<*mut c_void>() != 0 {
+    if !align.is_power_of_two() || !align.is_multiple_of(size_of::<*mut c_void>()) {
         return libc::EINVAL;
     }
     let saved = errno();
@@ -419,8 +557,9 @@ fn page_size() -> usize {
     if p > 0 { p as usize } else { 4096 }
 }
 
-/// `malloc_usable_size`: the pool block's class size, 0 for null, and the
-/// next definition's answer for a block the pool does not own.
+/// `malloc_usable_size`: the pool block's class size, 0 for null, an abort
+/// for a pointer inside the pool's memory that starts no block, and the
+/// next definition's answer for any other pointer.
 ///
 /// # Safety
 /// - `p` is null or a live block from this library or the C library.
@@ -431,6 +570,9 @@ pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
     }
     if let Some(n) = A.usable_size(p.cast()) {
         return n;
+    }
+    if A.manages(p.cast()) {
+        die(b"malloc_usable_size()", &InvalidPointer);
     }
     FORWARDED.fetch_add(1, Ordering::Relaxed);
     match next::<UsableFn>(&NEXT_USABLE, c"malloc_usable_size") {

@@ -5,7 +5,9 @@
     torch_replay.py --check TRACE_DIR      # parse the traces only (no torch)
 
 Replays every `*.trace` in TRACE_DIR (`a ID SIZE` allocates with
-torch.empty(SIZE, dtype=torch.uint8, device="cuda"), `f ID` deletes) and
+torch.empty(SIZE, dtype=torch.uint8, device="cuda"), `f ID` deletes; the
+text format is documented in examples/cuda_bench.rs, which also exports the
+committed binary traces to it) and
 reads torch.cuda.memory_stats(); then times torch.empty + del per size
 (Python overhead included: this is what a PyTorch user pays per tensor).
 """

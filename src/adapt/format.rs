@@ -285,7 +285,7 @@ impl Trace {
         }
         let body = &bytes[HEADER_LEN..];
         let whole = body.len() / RECORD_LEN;
-        if body.len() % RECORD_LEN != 0 {
+        if !body.len().is_multiple_of(RECORD_LEN) {
             return Err(TraceError::Truncated {
                 path: path(),
                 offset: (HEADER_LEN + whole * RECORD_LEN) as u64,

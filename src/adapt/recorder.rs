@@ -167,7 +167,7 @@ impl<S: AsRef<[Slot]>> Recorder<S> {
         loop {
             let i = self.reserved.fetch_add(1, Ordering::Acquire);
             if let Some(slot) = slots.get(i) {
-                let t = if i % TIME_SAMPLE == 0 {
+                let t = if i.is_multiple_of(TIME_SAMPLE) {
                     let t = monotonic_ns().wrapping_sub(self.base.load(Ordering::Relaxed));
                     self.time.store(t, Ordering::Relaxed);
                     t

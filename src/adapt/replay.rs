@@ -447,7 +447,10 @@ unsafe impl<A: GlobalAlloc + Send + Sync> TensorAllocator for GlobalAllocBackend
         let id = crate::meta::id::next_id().ok_or_else(oom)?;
         self.live.fetch_add(req.size as u64, Ordering::Relaxed);
         if self.sample_every != 0
-            && self.count.fetch_add(1, Ordering::Relaxed) % self.sample_every == 0
+            && self
+                .count
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(self.sample_every)
         {
             self.sample();
         }

@@ -4,7 +4,7 @@ use super::ledger::{self, Ledger};
 use crate::allocator::{Addr, AllocRequest, Allocation, Device, TensorAllocator};
 use crate::error::AllocError;
 use crate::host::{HostPool, Prewarm};
-use crate::meta::MetaTable;
+use crate::meta::{MetaTable, TensorInfo};
 use crate::stats::MemoryStats;
 use core::alloc::Layout;
 
@@ -42,6 +42,13 @@ impl HostBackend {
     /// The metadata table.
     pub fn table(&self) -> &MetaTable {
         &self.ledger.table
+    }
+    /// What the table recorded for `a`: size, alignment, address, device,
+    /// the whole shape, dtype and strides, flags and access counters. `a`
+    /// is verified first, as for a free: a stale, freed, forged or foreign
+    /// allocation is an error.
+    pub fn meta(&self, a: &Allocation) -> Result<TensorInfo, AllocError> {
+        self.ledger.info(a)
     }
     /// Maps and faults in the blocks of `plan`.
     pub fn prewarm(&self, plan: &Prewarm) -> Result<usize, AllocError> {
@@ -88,8 +95,9 @@ unsafe impl TensorAllocator for HostBackend {
                     device: Device::Host,
                 }
             })?;
-            // SAFETY: the ledger confirmed `a` was live here with this size;
-            // it was allocated with this layout, and the caller stops using it.
+            // SAFETY: the ledger confirmed that `a` is live here with this
+            // address, size and alignment, as recorded when it was allocated
+            // with this layout; the caller stops using it.
             unsafe { self.pool.deallocate(p, l) };
         }
         Ok(())
@@ -103,6 +111,10 @@ unsafe impl TensorAllocator for HostBackend {
         s.segment = p.segment;
         (s.cache_hits, s.cache_misses) = (p.cache_hits, p.cache_misses);
         s
+    }
+
+    fn rounded_size(&self, req: &AllocRequest) -> Result<usize, AllocError> {
+        ledger::check(req).map(|c| c.rounded)
     }
 
     fn trim(&self) -> usize {

@@ -4,7 +4,7 @@
 use crate::allocator::{Addr, AllocRequest, Allocation, Device};
 use crate::error::{AllocError, LayoutProblem};
 use crate::host::size_class::{MAX_ALIGN, usable_size_for};
-use crate::meta::{MetaTable, NewTensor, TensorKey, TensorMeta, next_id};
+use crate::meta::{AddrKind, MetaTable, NewTensor, TensorInfo, TensorKey, TensorMeta, next_id};
 use crate::stats::{AtomicStat, MemoryStats};
 use core::alloc::Layout;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -99,11 +99,7 @@ impl Ledger {
         let id = next_id().ok_or(AllocError::Unsupported {
             what: "tensor id space exhausted (2^64 ids issued)",
         })?;
-        let raw = match addr {
-            Addr::Host(p) => p.as_ptr() as u64,
-            Addr::Device(a) | Addr::Remote(a) => a,
-            Addr::None => 0,
-        };
+        let (addr_kind, raw) = AddrKind::split(addr);
         let t = NewTensor {
             size: req.size as u64,
             align: req.align as u64,
@@ -112,8 +108,9 @@ impl Ledger {
             dtype: req.dtype,
             flags: req.flags,
             addr: raw,
+            addr_kind,
         };
-        let key = self.table.insert(id, &t);
+        let key = self.table.insert(id, &t)?;
         self.allocated.add(req.size as u64);
         self.active.add(c.rounded as u64);
         self.count.add(1);
@@ -127,33 +124,62 @@ impl Ledger {
         ))
     }
 
-    /// Checks that `a` is a live allocation of this ledger, as recorded.
-    /// Changes nothing.
-    pub fn verify(&self, a: &Allocation) -> Result<(TensorKey, TensorMeta), AllocError> {
+    /// Checks that `a` is a live allocation of this ledger exactly as
+    /// recorded: device, id and slot, size and alignment
+    /// ([`AllocError::LayoutMismatch`]), address kind and address
+    /// ([`AllocError::Mismatch`]). Changes nothing.
+    pub fn verify(&self, a: &Allocation) -> Result<(TensorKey, TensorInfo), AllocError> {
+        let id = a.id().get();
         if a.device() != self.device {
             return Err(AllocError::WrongDevice {
-                id: a.id().get(),
+                id,
                 expected: self.device,
                 found: a.device(),
             });
         }
-        let unknown = AllocError::UnknownId {
-            id: a.id().get(),
+        let unknown = || AllocError::UnknownId {
+            id,
             device: self.device,
         };
-        let slot = u32::try_from(a.tag()).map_err(|_| unknown.clone())?;
-        let key = TensorKey { id: a.id(), slot };
-        let m = self.table.get(key).ok_or(unknown.clone())?;
-        if m.size() != a.size() as u64 {
+        let key = TensorKey::of(a).ok_or_else(unknown)?;
+        let info = self.table.info(key).ok_or_else(unknown)?;
+        if info.size() != a.size() as u64 || info.align() != a.align() as u64 {
             return Err(AllocError::LayoutMismatch {
-                id: a.id().get(),
+                id,
                 size: a.size(),
                 align: a.align(),
-                recorded_size: m.size() as usize,
-                recorded_align: a.align(),
+                recorded_size: info.size() as usize,
+                recorded_align: info.align() as usize,
             });
         }
-        Ok((key, m))
+        let mismatch = |field, given, recorded| {
+            Err(AllocError::Mismatch {
+                id,
+                field,
+                given,
+                recorded,
+            })
+        };
+        if info.device() != a.device() {
+            return mismatch(
+                "device",
+                u64::from(a.device().code()),
+                u64::from(info.device().code()),
+            );
+        }
+        let (kind, raw) = AddrKind::split(a.addr());
+        if kind != info.addr_kind() {
+            return mismatch("address kind", kind as u64, info.addr_kind() as u64);
+        }
+        if raw != info.address() {
+            return mismatch("address", raw, info.address());
+        }
+        Ok((key, info))
+    }
+
+    /// The recorded metadata of `a`, after [`verify`](Self::verify).
+    pub fn info(&self, a: &Allocation) -> Result<TensorInfo, AllocError> {
+        self.verify(a).map(|(_, info)| info)
     }
 
     /// Checks that `a` is a live allocation of this ledger and removes it.

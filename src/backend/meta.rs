@@ -12,7 +12,7 @@ use crate::allocator::{Addr, AllocRequest, Allocation, Device, TensorAllocator};
 use crate::error::AllocError;
 use crate::host::Prewarm;
 use crate::host::model::PoolModel;
-use crate::meta::{MetaTable, TensorId};
+use crate::meta::{MetaTable, TensorId, TensorInfo};
 use crate::stats::MemoryStats;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -65,6 +65,13 @@ impl MetaBackend {
         cfg: super::cuda::CudaConfig,
     ) -> Result<super::cuda::CudaModel, super::cuda::CudaConfigError> {
         super::cuda::CudaModel::new(capacity, cfg)
+    }
+    /// What the table recorded for `a`: size, alignment, address, device,
+    /// the whole shape, dtype and strides, flags and access counters. `a`
+    /// is verified first, as for a free: a stale, freed, forged or foreign
+    /// allocation is an error.
+    pub fn meta(&self, a: &Allocation) -> Result<TensorInfo, AllocError> {
+        self.ledger.info(a)
     }
     /// Models `HostPool::prewarm(plan)`.
     pub fn prewarm(&self, plan: &Prewarm) {
@@ -120,6 +127,10 @@ unsafe impl TensorAllocator for MetaBackend {
             .total_allocations()
             .saturating_sub(st.cache_misses);
         st
+    }
+
+    fn rounded_size(&self, req: &AllocRequest) -> Result<usize, AllocError> {
+        ledger::check(req).map(|c| c.rounded)
     }
 
     fn trim(&self) -> usize {

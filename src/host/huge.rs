@@ -157,7 +157,7 @@ impl HugeCache {
     /// - `p` is a huge block of `pool`, in use by the caller, and nothing
     ///   refers to its bytes from `new_len` on.
     pub(crate) unsafe fn shrink(&self, pool: &PoolShared, p: NonNull<u8>, new_len: usize) {
-        debug_assert!(new_len > 0 && new_len % GRANULE == 0);
+        debug_assert!(new_len > 0 && new_len.is_multiple_of(GRANULE));
         let rec = pagemap::lookup(p.as_ptr() as usize);
         debug_assert!(!rec.is_null());
         // SAFETY: the block is the caller's, so its record is live and only
@@ -192,7 +192,7 @@ impl HugeCache {
         new_len: usize,
     ) -> Option<NonNull<u8>> {
         let rec = pagemap::lookup(p.as_ptr() as usize);
-        debug_assert!(!rec.is_null() && new_len % GRANULE == 0);
+        debug_assert!(!rec.is_null() && new_len.is_multiple_of(GRANULE));
         // SAFETY: the block is the caller's, so its record is live and only
         // the caller's thread touches it; every range is registered before
         // the block can be found through it and unregistered only once its

@@ -73,7 +73,7 @@ fn leaf_for(i1: usize) -> Option<&'static Leaf> {
 /// could not be mapped or the range is above the 47-bit address space (the
 /// caller then gives the span back).
 pub(crate) fn register(base: usize, len: usize, span: *mut SpanMeta) -> bool {
-    debug_assert!(base % GRANULE == 0 && len % GRANULE == 0 && len > 0);
+    debug_assert!(base.is_multiple_of(GRANULE) && len.is_multiple_of(GRANULE) && len > 0);
     let mut a = base;
     while a < base + len {
         let Some((i1, i2)) = split(a) else {

@@ -82,7 +82,7 @@ impl PoolShared {
             // `rekey` for the global pool); any nonzero value is correct.
             key: AtomicUsize::new(0x9E37_79B9_7F4A_7C15_u64 as usize),
             handles: AtomicUsize::new(1),
-            centrals: [const { CachePadded(Central::new()) }; NUM_CLASSES],
+            centrals: [const { CachePadded::new(Central::new()) }; NUM_CLASSES],
             huge: HugeCache::new(),
             large_free: FreeHint::new(),
             reserved: AtomicStat::new(),
@@ -212,7 +212,7 @@ impl PoolShared {
 
     #[inline(always)]
     pub(crate) fn central(&self, c: usize) -> &Central {
-        &self.centrals[c].0
+        &self.centrals[c]
     }
 
     /// A block for `layout` (size > 0), or null; [`alloc_error`](Self::alloc_error)

@@ -143,7 +143,7 @@ mod divisibility_tests {
                     let n = k * d + delta;
                     assert_eq!(
                         is_multiple_of_class(n, c),
-                        n % d == 0,
+                        n.is_multiple_of(d),
                         "n {n} class size {d}"
                     );
                 }

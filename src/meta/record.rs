@@ -245,6 +245,7 @@ mod tests {
             dtype,
             flags: TensorFlags(flags),
             addr: 0x1000,
+            addr_kind: crate::meta::AddrKind::Host,
         }
     }
 

@@ -15,7 +15,9 @@
 //!
 //! # Layout
 //! Each chunk holds, per slot, a 64-byte record cell (eight atomic words,
-//! `TensorMeta::to_words`) and beside it structure-of-arrays hot columns:
+//! `TensorMeta::to_words`), a cold side cell (address, alignment and the
+//! whole shape: [`crate::meta::info`], read only by [`MetaTable::info`]
+//! and never by a scan) and beside them structure-of-arrays hot columns:
 //! `ids` (u64), `last` (last access, u64), `count` (access count, u64),
 //! `size` (u64) and `tag` (u32: live, pinned, size category, flags, device;
 //! see [`crate::meta::batch`]). The counters live only in the columns; a
@@ -81,20 +83,26 @@
 //!   [`SHARDS`] cache-padded cells, picked by the thread's stack address);
 //!   insert advances the epoch only when nobody is pinned in the previous
 //!   one, and reuses a slot only two epochs after its removal. Insert never
-//!   waits: with no reusable slot it takes a fresh one.
+//!   waits: with no reusable slot it takes a fresh one. The protocol lives
+//!   in `meta/grace.rs` and is model-checked by loom (`tests/loom.rs`,
+//!   `grace_period_keeps_touches_off_the_next_tenant`).
 //! - **Scans** (lru, touched_before, the usage scans, decay) pin too, read the
 //!   columns through the chosen [`BatchBackend`], and under concurrent
 //!   insert/remove report each tensor as it was at some moment of the scan
 //!   (they are not snapshots). Decay calls are serialized with each other.
 
+use crate::allocator::Allocation;
 use crate::allocator::{DType, Device, Shape, TensorFlags};
+use crate::error::AllocError;
 use crate::host::size_class::Category;
 use crate::meta::batch::{self, BatchBackend, LIVE, PINNED, UnsupportedBackend};
+use crate::meta::grace::{Grace, Limbo};
 use crate::meta::id::TensorId;
+use crate::meta::info::{AddrKind, COLD_WORDS, TensorInfo};
 use crate::meta::record::TensorMeta;
 use crate::meta::usage::UsageCounters;
 use crate::stats::CategoryUsage;
-use crate::sync::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, CachePadded, Ordering, fence};
+use crate::sync::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
 use parking_lot::Mutex;
 use std::collections::BinaryHeap;
 
@@ -107,7 +115,7 @@ pub const DIR_LEN: usize = 1 << 14;
 /// The most slots a table can hold (64 Mi).
 pub const MAX_SLOTS: usize = CHUNK * DIR_LEN;
 /// Epoch counter shards (threads pin one each, by stack address).
-pub const SHARDS: usize = 8;
+pub use crate::meta::grace::SHARDS;
 /// Devices the usage counters keep an entry for at once (see
 /// [`MetaTable::usage_by_device`]).
 pub const DEVICE_SLOTS: usize = 16;
@@ -130,6 +138,19 @@ pub struct TensorKey {
     pub slot: u32,
 }
 
+impl TensorKey {
+    /// The key of an allocation made by a backend that records its tensors
+    /// in a table (the host and meta backends keep the slot in
+    /// [`Allocation::tag`]); `None` if the tag cannot be a slot. Whether the
+    /// key is live is the table's to say ([`MetaTable::info`]).
+    pub fn of(a: &Allocation) -> Option<TensorKey> {
+        Some(TensorKey {
+            id: a.id(),
+            slot: u32::try_from(a.tag()).ok()?,
+        })
+    }
+}
+
 /// What [`MetaTable::insert`] records about a new tensor.
 #[derive(Clone, Copy, Debug)]
 pub struct NewTensor {
@@ -145,8 +166,11 @@ pub struct NewTensor {
     pub dtype: Option<DType>,
     /// Flags (pinned, weight, temporary).
     pub flags: TensorFlags,
-    /// The address (or offset) of the bytes; hashed into the record.
+    /// The address (or offset) of the bytes; hashed into the record and
+    /// kept in the cold side table.
     pub addr: u64,
+    /// What kind of address `addr` is.
+    pub addr_kind: AddrKind,
 }
 
 impl NewTensor {
@@ -160,6 +184,7 @@ impl NewTensor {
             dtype: None,
             flags: TensorFlags::default(),
             addr: 0,
+            addr_kind: AddrKind::None,
         }
     }
 }
@@ -168,6 +193,11 @@ impl NewTensor {
 /// while insert rewrites a reused slot (the seqlock in [`MetaTable::get`]).
 #[repr(C, align(64))]
 struct RecordCell([AtomicU64; 8]);
+
+/// One slot's cold words ([`crate::meta::info`]), atomic for the same
+/// reason as [`RecordCell`].
+#[repr(C)]
+struct ColdCell([AtomicU64; COLD_WORDS]);
 
 /// [`CHUNK`] slots: hot columns and record cells. Zeroed memory is a valid
 /// chunk of vacant slots.
@@ -179,87 +209,8 @@ struct Chunk {
     size: [AtomicU64; CHUNK],
     tag: [AtomicU32; CHUNK],
     records: [RecordCell; CHUNK],
-}
-
-/// Free-slot bookkeeping, under [`MetaTable::slots`].
-#[derive(Debug, Default)]
-struct Slots {
-    /// Reusable now.
-    free: Vec<u32>,
-    /// Removed during the current epoch.
-    limbo_cur: Vec<u32>,
-    /// Removed during the previous epoch.
-    limbo_prev: Vec<u32>,
-}
-
-/// Epoch-based grace periods for slot reuse (see the module docs).
-struct Grace {
-    epoch: AtomicU64,
-    /// `active[shard][epoch & 1]`: threads pinned in that epoch parity.
-    active: [CachePadded<[AtomicUsize; 2]>; SHARDS],
-}
-
-/// A pinned epoch; unpins on drop.
-struct Pin<'a> {
-    cell: &'a AtomicUsize,
-}
-
-impl Drop for Pin<'_> {
-    #[inline]
-    fn drop(&mut self) {
-        self.cell.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-impl Grace {
-    fn new() -> Self {
-        Grace {
-            epoch: AtomicU64::new(0),
-            active: core::array::from_fn(|_| {
-                CachePadded([AtomicUsize::new(0), AtomicUsize::new(0)])
-            }),
-        }
-    }
-
-    /// Pins the current epoch: until the guard drops, no slot removed while
-    /// (or after) it is held is handed out again.
-    #[inline]
-    fn pin(&self) -> Pin<'_> {
-        // Threads' stacks are megabytes apart, so the stack address picks a
-        // shard that is stable for the thread and rarely shared.
-        let probe = 0u8;
-        let shard = ((core::ptr::addr_of!(probe).addr() >> 20).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            >> 61)
-            % SHARDS;
-        loop {
-            let e = self.epoch.load(Ordering::SeqCst);
-            let cell = &self.active[shard][(e & 1) as usize];
-            cell.fetch_add(1, Ordering::SeqCst);
-            // Re-check: if the epoch moved between the load and the
-            // increment, the advancer may have missed us; retry.
-            if self.epoch.load(Ordering::SeqCst) == e {
-                return Pin { cell };
-            }
-            cell.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-
-    /// Advances the epoch if nobody is pinned in the previous one. Called
-    /// only with the table's slot lock held (one advancer at a time).
-    fn try_advance(&self) -> bool {
-        let e = self.epoch.load(Ordering::SeqCst);
-        // The previous epoch, e - 1, has the parity of e + 1.
-        let prev = ((e + 1) & 1) as usize;
-        if self
-            .active
-            .iter()
-            .any(|a| a[prev].load(Ordering::SeqCst) != 0)
-        {
-            return false;
-        }
-        self.epoch.store(e + 1, Ordering::SeqCst);
-        true
-    }
+    /// The cold side table: written by insert, read by `info`, never scanned.
+    cold: [ColdCell; CHUNK],
 }
 
 /// Scratch space for counting duplicates in a touch batch.
@@ -292,6 +243,8 @@ pub struct MetaTable {
     dir: Box<[AtomicPtr<Chunk>]>,
     /// Slots ever handed out (the high-water mark); slots `>= hw` are vacant.
     hw: AtomicUsize,
+    /// The most slots this table hands out (at most [`MAX_SLOTS`]).
+    max_slots: usize,
     /// Live tensors.
     live: AtomicUsize,
     /// Live count and bytes per category and device (written under `slots`).
@@ -299,7 +252,7 @@ pub struct MetaTable {
     /// The [`BatchBackend`] code the scans use.
     backend: AtomicUsize,
     grace: Grace,
-    slots: Mutex<Slots>,
+    slots: Mutex<Limbo>,
     scratch: Mutex<Vec<TouchScratch>>,
     decay_lock: Mutex<()>,
 }
@@ -337,16 +290,25 @@ impl MetaTable {
     /// An empty table. Reserves only the chunk directory (128 KiB); chunks
     /// (about 400 KiB per 4096 slots) are allocated as slots are first used.
     pub fn new() -> Self {
+        Self::with_max_slots(MAX_SLOTS)
+    }
+
+    /// An empty table that holds at most `max_slots` tensors (live or
+    /// waiting out a grace period; capped at [`MAX_SLOTS`]). Past that,
+    /// [`insert`](Self::insert) returns [`AllocError::TableFull`].
+    pub fn with_max_slots(max_slots: usize) -> Self {
+        let max_slots = max_slots.min(MAX_SLOTS);
         MetaTable {
-            dir: (0..DIR_LEN)
+            dir: (0..max_slots.div_ceil(CHUNK))
                 .map(|_| AtomicPtr::new(core::ptr::null_mut()))
                 .collect(),
             hw: AtomicUsize::new(0),
+            max_slots,
             live: AtomicUsize::new(0),
             usage: UsageCounters::new(),
             backend: AtomicUsize::new(BatchBackend::detected().to_code()),
             grace: Grace::new(),
-            slots: Mutex::new(Slots::default()),
+            slots: Mutex::new(Limbo::default()),
             scratch: Mutex::new(Vec::new()),
             decay_lock: Mutex::new(()),
         }
@@ -409,59 +371,84 @@ impl MetaTable {
         }
     }
 
-    /// Allocates chunk `ci` if it is not yet. Slot lock held.
-    fn alloc_chunk(&self, ci: usize) {
+    /// The most slots this table hands out.
+    pub fn capacity(&self) -> usize {
+        self.max_slots
+    }
+
+    /// Allocates chunk `ci` if it is not yet; `false` if the allocator
+    /// refused. Slot lock held.
+    fn alloc_chunk(&self, ci: usize) -> bool {
         let entry = &self.dir[ci];
         if !entry.load(Ordering::Relaxed).is_null() {
-            return;
+            return true;
         }
         let layout = std::alloc::Layout::new::<Chunk>();
         // SAFETY: 1. `Chunk` has non-zero size.
         let p = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<Chunk>();
         if p.is_null() {
-            std::alloc::handle_alloc_error(layout);
+            return false;
         }
         entry.store(p, Ordering::Release);
+        true
     }
 
-    /// A slot for a new tensor. Slot lock held.
-    fn take_slot(&self, st: &mut Slots) -> u32 {
-        // Up to two epoch advances move the oldest limbo slots to `free`.
-        for _ in 0..2 {
-            if let Some(s) = st.free.pop() {
-                return s;
-            }
-            if self.grace.try_advance() {
-                st.free.append(&mut st.limbo_prev);
-                core::mem::swap(&mut st.limbo_prev, &mut st.limbo_cur);
-            }
-        }
-        if let Some(s) = st.free.pop() {
-            return s;
+    /// A slot for a new tensor. Slot lock held. [`AllocError::TableFull`]
+    /// when every slot is live or in limbo, [`AllocError::OutOfMemory`] if
+    /// a new chunk cannot be allocated; nothing changes on error.
+    fn take_slot(&self, st: &mut Limbo, device: Device) -> Result<u32, AllocError> {
+        if let Some(s) = st.take(&self.grace) {
+            return Ok(s);
         }
         let s = self.hw.load(Ordering::Relaxed);
-        assert!(s < MAX_SLOTS, "MetaTable full: {MAX_SLOTS} slots");
-        self.alloc_chunk(s >> CHUNK_BITS);
+        if s >= self.max_slots {
+            return Err(AllocError::TableFull {
+                live: self.live(),
+                capacity: self.max_slots,
+            });
+        }
+        if !self.alloc_chunk(s >> CHUNK_BITS) {
+            return Err(AllocError::OutOfMemory {
+                device,
+                requested: core::mem::size_of::<Chunk>(),
+                allocated: 0,
+                reserved: 0,
+                hint: Some("the metadata table could not allocate a chunk of slots"),
+            });
+        }
         // Release: a scan that reads the new high-water mark sees the chunk.
         self.hw.store(s + 1, Ordering::Release);
-        s as u32
+        Ok(s as u32)
     }
 
     /// Records a new tensor; reuses freed slots once no reader can still
-    /// hold them. Panics only if the table is full ([`MAX_SLOTS`]).
-    pub fn insert(&self, id: TensorId, t: &NewTensor) -> TensorKey {
+    /// hold them. [`AllocError::TableFull`] (nothing changes) when the
+    /// table holds [`capacity`](Self::capacity) slots already.
+    pub fn insert(&self, id: TensorId, t: &NewTensor) -> Result<TensorKey, AllocError> {
         let words = TensorMeta::new(id, t).to_words();
+        let align_kind = TensorInfo::cold_align_kind(t.align, t.addr_kind);
         let cat = Category::of_size(usize::try_from(t.size).unwrap_or(usize::MAX));
         let tag = batch::live_tag(t.flags.0, cat, t.device.code());
         let mut st = self.slots.lock();
-        let slot = self.take_slot(&mut st);
+        let slot = self.take_slot(&mut st, t.device)?;
         let (ci, i) = split(slot);
-        let c = self.chunk(ci).expect("take_slot allocates the chunk");
+        let Some(c) = self.chunk(ci) else {
+            unreachable!("take_slot allocates the chunk")
+        };
         // The seqlock's writer side: the removal's id store (before the lock
         // we hold) is ordered before every word written below.
         fence(Ordering::Release);
         for (cell, w) in c.records[i].0.iter().zip(words) {
             cell.store(w, Ordering::Relaxed);
+        }
+        // The cold words (only the dimensions up to the rank are ever read).
+        let cold = &c.cold[i].0;
+        cold[0].store(t.addr, Ordering::Relaxed);
+        cold[1].store(align_kind, Ordering::Relaxed);
+        if let Some(shape) = &t.shape {
+            for (cell, &d) in cold[2..].iter().zip(shape.dims()) {
+                cell.store(d, Ordering::Relaxed);
+            }
         }
         c.count[i].store(0, Ordering::Relaxed);
         c.last[i].store(0, Ordering::Relaxed);
@@ -473,7 +460,7 @@ impl MetaTable {
         self.usage
             .update(cat.index(), t.device.code(), t.size, true);
         drop(st);
-        TensorKey { id, slot }
+        Ok(TensorKey { id, slot })
     }
 
     /// Removes a tensor and returns its last record; `None` (and nothing
@@ -491,7 +478,7 @@ impl MetaTable {
         let size = c.size[i].load(Ordering::Relaxed);
         c.ids[i].store(0, Ordering::Relaxed);
         c.tag[i].store(0, Ordering::Release);
-        st.limbo_cur.push(key.slot);
+        st.retire(key.slot);
         self.live.fetch_sub(1, Ordering::Relaxed);
         self.usage.update(
             batch::tag_category(tag),
@@ -508,6 +495,24 @@ impl MetaTable {
             c.count[i].load(Ordering::Relaxed),
             c.last[i].load(Ordering::Relaxed),
         )
+    }
+
+    /// The record and the cold words (address, alignment, whole shape) of
+    /// a live tensor; `None` if the key is stale. Lock-free: the same
+    /// seqlock read as [`get`](Self::get), over both.
+    pub fn info(&self, key: TensorKey) -> Option<TensorInfo> {
+        let (c, i) = self.live_slot(key)?;
+        let m = Self::read_record(c, i);
+        // Only the rank's dimensions: words past it may hold an earlier
+        // tenant's (and are left 0 here).
+        let mut w = [0u64; COLD_WORDS];
+        let n = TensorInfo::cold_len(&m);
+        for (v, cell) in w[..n].iter_mut().zip(&c.cold[i].0) {
+            *v = cell.load(Ordering::Relaxed);
+        }
+        // As in `get`.
+        fence(Ordering::Acquire);
+        (c.ids[i].load(Ordering::Relaxed) == key.id.get()).then(|| TensorInfo::from_parts(m, w))
     }
 
     /// The record of a live tensor, with its current counters; `None` if
@@ -813,7 +818,7 @@ impl MetaTable {
             "device overflow == scan of devices without an entry"
         );
         assert_eq!(self.usage_by_device(), scan, "device counters == scan");
-        let waiting = st.free.len() + st.limbo_cur.len() + st.limbo_prev.len();
+        let waiting = st.waiting();
         assert_eq!(hw, live + waiting, "hw == live + free + limbo");
     }
 }
@@ -851,15 +856,19 @@ mod tests {
     #[test]
     fn insert_get_remove_and_stale_keys() {
         let t = MetaTable::new();
-        let a = t.insert(id(1), &NewTensor::bytes(100, Device::Host));
-        let b = t.insert(id(2), &NewTensor::bytes(5000, Device::Cuda(1)));
+        let a = t
+            .insert(id(1), &NewTensor::bytes(100, Device::Host))
+            .unwrap();
+        let b = t
+            .insert(id(2), &NewTensor::bytes(5000, Device::Cuda(1)))
+            .unwrap();
         assert_eq!(t.live(), 2);
         assert_eq!(t.get(a).unwrap().size(), 100);
         assert_eq!(t.get(b).unwrap().device(), Device::Cuda(1));
         assert_eq!(t.remove(a).unwrap().id(), id(1));
         assert!(t.remove(a).is_none() && t.get(a).is_none());
         // The slot is reused for a new id; the old key stays stale.
-        let c = t.insert(id(3), &NewTensor::bytes(7, Device::Host));
+        let c = t.insert(id(3), &NewTensor::bytes(7, Device::Host)).unwrap();
         assert_eq!(c.slot, a.slot);
         assert!(t.get(a).is_none() && t.remove(a).is_none());
         assert_eq!(t.get(c).unwrap().size(), 7);
@@ -876,7 +885,9 @@ mod tests {
     #[test]
     fn touch_counts_duplicates_and_keeps_max_time() {
         let t = MetaTable::new();
-        let a = t.insert(id(10), &NewTensor::bytes(1, Device::Host));
+        let a = t
+            .insert(id(10), &NewTensor::bytes(1, Device::Host))
+            .unwrap();
         t.touch(&[a; 8], 5);
         t.touch(&[a], 3);
         let m = t.get(a).unwrap();
@@ -894,9 +905,9 @@ mod tests {
     #[test]
     fn long_batch_with_stale_and_live_key_of_one_slot() {
         let t = MetaTable::new();
-        let a = t.insert(id(1), &NewTensor::bytes(1, Device::Host));
+        let a = t.insert(id(1), &NewTensor::bytes(1, Device::Host)).unwrap();
         t.remove(a).unwrap();
-        let b = t.insert(id(2), &NewTensor::bytes(1, Device::Host));
+        let b = t.insert(id(2), &NewTensor::bytes(1, Device::Host)).unwrap();
         assert_eq!(a.slot, b.slot);
         // Stale first, so the tally sees the stale id first and `b` goes the odd way.
         let batch: Vec<TensorKey> = (0..AGGREGATE_FROM * 2)
@@ -933,6 +944,7 @@ mod tests {
                     id(u64::from(d) + 1),
                     &NewTensor::bytes(size, Device::Cuda(d)),
                 )
+                .unwrap()
             })
             .collect();
         t.check_invariants();
@@ -940,7 +952,9 @@ mod tests {
         assert_eq!(t.usage_by_device().len(), n as usize);
         // A freed entry is not claimed while tensors sit in overflow.
         t.remove(keys[0]).unwrap();
-        let x = t.insert(id(100), &NewTensor::bytes(7, Device::Remote(9)));
+        let x = t
+            .insert(id(100), &NewTensor::bytes(7, Device::Remote(9)))
+            .unwrap();
         t.check_invariants();
         assert_eq!(t.usage.by_device().overflow, 5);
         for k in &keys[DEVICE_SLOTS..] {
@@ -950,7 +964,8 @@ mod tests {
         t.check_invariants();
         assert_eq!(t.usage.by_device().overflow, 0);
         // Now a new device claims the free entry.
-        t.insert(id(101), &NewTensor::bytes(9, Device::Disk));
+        t.insert(id(101), &NewTensor::bytes(9, Device::Disk))
+            .unwrap();
         t.check_invariants();
         let d = t.usage.by_device();
         assert_eq!((d.overflow, d.len), (0, DEVICE_SLOTS));
@@ -963,10 +978,10 @@ mod tests {
     #[test]
     fn reuse_waits_for_pinned_readers() {
         let t = MetaTable::new();
-        let a = t.insert(id(1), &NewTensor::bytes(1, Device::Host));
+        let a = t.insert(id(1), &NewTensor::bytes(1, Device::Host)).unwrap();
         let pin = t.grace.pin();
         t.remove(a).unwrap();
-        let b = t.insert(id(2), &NewTensor::bytes(1, Device::Host));
+        let b = t.insert(id(2), &NewTensor::bytes(1, Device::Host)).unwrap();
         assert_ne!(
             b.slot, a.slot,
             "a pinned reader may still hold slot {}",
@@ -974,7 +989,7 @@ mod tests {
         );
         drop(pin);
         t.remove(b).unwrap();
-        let c = t.insert(id(3), &NewTensor::bytes(1, Device::Host));
+        let c = t.insert(id(3), &NewTensor::bytes(1, Device::Host)).unwrap();
         assert!(c.slot == a.slot || c.slot == b.slot);
         t.check_invariants();
     }

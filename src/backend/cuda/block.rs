@@ -205,58 +205,232 @@ impl Arena {
     }
 }
 
+/// A stream's free blocks below this count are a sorted vector (a search
+/// is a binary search, an insert or remove a short `memmove`, no node
+/// allocation); at it they move to a `BTreeMap`, and back below a quarter of
+/// it, so the cost stays `O(log n)` for pools with many free blocks.
+const VEC_MAX: usize = 256;
+
+/// One stream's free blocks, keyed by `size << 64 | ptr`, in key order.
+#[derive(Debug)]
+enum OrdMap {
+    Vec(Vec<(u128, BlockIdx)>),
+    Tree(BTreeMap<u128, BlockIdx>),
+}
+
+impl OrdMap {
+    fn insert(&mut self, k: u128, i: BlockIdx) -> bool {
+        match self {
+            OrdMap::Vec(v) => match v.binary_search_by_key(&k, |e| e.0) {
+                Ok(_) => false,
+                Err(at) => {
+                    v.insert(at, (k, i));
+                    if v.len() >= VEC_MAX {
+                        *self = OrdMap::Tree(v.drain(..).collect());
+                    }
+                    true
+                }
+            },
+            OrdMap::Tree(m) => m.insert(k, i).is_none(),
+        }
+    }
+    fn remove(&mut self, k: u128) -> bool {
+        match self {
+            OrdMap::Vec(v) => match v.binary_search_by_key(&k, |e| e.0) {
+                Ok(at) => {
+                    v.remove(at);
+                    true
+                }
+                Err(_) => false,
+            },
+            OrdMap::Tree(m) => {
+                let there = m.remove(&k).is_some();
+                if m.len() < VEC_MAX / 4 {
+                    *self = OrdMap::Vec(std::mem::take(m).into_iter().collect());
+                }
+                there
+            }
+        }
+    }
+    fn get(&self, k: u128) -> Option<BlockIdx> {
+        match self {
+            OrdMap::Vec(v) => v.binary_search_by_key(&k, |e| e.0).ok().map(|at| v[at].1),
+            OrdMap::Tree(m) => m.get(&k).copied(),
+        }
+    }
+    /// The first entry with a key of at least `k`.
+    fn first_at_least(&self, k: u128) -> Option<(u128, BlockIdx)> {
+        match self {
+            OrdMap::Vec(v) => v.get(v.partition_point(|e| e.0 < k)).copied(),
+            OrdMap::Tree(m) => m.range(k..).next().map(|(&k, &i)| (k, i)),
+        }
+    }
+    /// Entries with keys of at least `k`, in key order (slow paths only).
+    fn from(&self, k: u128) -> Box<dyn DoubleEndedIterator<Item = (u128, BlockIdx)> + '_> {
+        match self {
+            OrdMap::Vec(v) => Box::new(v[v.partition_point(|e| e.0 < k)..].iter().copied()),
+            OrdMap::Tree(m) => Box::new(m.range(k..).map(|(&k, &i)| (k, i))),
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            OrdMap::Vec(v) => v.len(),
+            OrdMap::Tree(m) => m.len(),
+        }
+    }
+}
+
 /// Free blocks of one pool ordered by `(stream, size, ptr)`.
+///
+/// Stored as one ordered map per stream, in stream order, keyed by
+/// `size << 64 | ptr` as one `u128`: the order is PyTorch's
+/// `(stream, size, ptr)` exactly, but a search compares one integer instead
+/// of a three-field tuple, and the hot path finds its stream's map with
+/// one compare (streams are few; the last one used is tried first). Each
+/// map is a sorted vector while small, a `BTreeMap` once large.
 #[derive(Debug, Default)]
 pub struct FreeSet {
-    map: BTreeMap<(StreamId, usize, DevPtr), BlockIdx>,
+    /// `(stream, blocks by size << 64 | ptr)`, sorted by stream. A stream's
+    /// map stays (possibly empty) once created.
+    streams: Vec<(StreamId, OrdMap)>,
+    /// Index into `streams` of the last stream looked up.
+    last: usize,
     /// Searches so far (`get_free_blocks_call_count`, the GC clock).
     pub searches: u64,
 }
 
+fn key(size: usize, ptr: DevPtr) -> u128 {
+    ((size as u128) << 64) | u128::from(ptr)
+}
+
+fn size_of_key(k: u128) -> usize {
+    (k >> 64) as usize
+}
+
 impl FreeSet {
+    fn find(&self, stream: StreamId) -> Result<usize, usize> {
+        match self.streams.get(self.last) {
+            Some((s, _)) if *s == stream => Ok(self.last),
+            _ => self.streams.binary_search_by_key(&stream, |(s, _)| *s),
+        }
+    }
+    fn map(&self, stream: StreamId) -> Option<&OrdMap> {
+        self.find(stream).ok().map(|i| &self.streams[i].1)
+    }
     /// Adds a free block.
     pub fn insert(&mut self, b: &Block, i: BlockIdx) {
-        let old = self.map.insert((b.stream, b.size, b.ptr), i);
-        debug_assert!(old.is_none(), "block in a free set twice");
+        let at = match self.find(b.stream) {
+            Ok(at) => at,
+            Err(at) => {
+                self.streams.insert(at, (b.stream, OrdMap::Vec(Vec::new())));
+                at
+            }
+        };
+        self.last = at;
+        let new = self.streams[at].1.insert(key(b.size, b.ptr), i);
+        debug_assert!(new, "block in a free set twice");
     }
     /// Removes a free block; whether it was there.
     pub fn remove(&mut self, b: &Block) -> bool {
-        self.map.remove(&(b.stream, b.size, b.ptr)).is_some()
+        let Ok(at) = self.find(b.stream) else {
+            return false;
+        };
+        self.last = at;
+        self.streams[at].1.remove(key(b.size, b.ptr))
     }
     /// The smallest free block on `stream` of at least `size` bytes.
     pub fn lower_bound(&self, stream: StreamId, size: usize) -> Option<(usize, BlockIdx)> {
-        self.map
-            .range((stream, size, 0)..)
-            .next()
-            .filter(|((s, _, _), _)| *s == stream)
-            .map(|(&(_, sz, _), &i)| (sz, i))
+        self.map(stream)?
+            .first_at_least(key(size, 0))
+            .map(|(k, i)| (size_of_key(k), i))
     }
     /// Free blocks on `stream`, largest first, with sizes ≥ `min`.
     pub fn largest_first(&self, stream: StreamId, min: usize) -> Vec<(usize, BlockIdx)> {
-        self.map
-            .range((stream, min, 0)..=(stream, usize::MAX, DevPtr::MAX))
-            .rev()
-            .map(|(&(_, sz, _), &i)| (sz, i))
-            .collect()
+        self.map(stream).map_or_else(Vec::new, |m| {
+            m.from(key(min, 0))
+                .rev()
+                .map(|(k, i)| (size_of_key(k), i))
+                .collect()
+        })
     }
-    /// Every free block, in key order.
+    /// Free blocks on every stream but `not`, each stream's of at least
+    /// `size` bytes, smallest first: `(stream, iterator of (size, index))`.
+    pub fn other_streams(
+        &self,
+        not: StreamId,
+        size: usize,
+    ) -> impl Iterator<Item = impl Iterator<Item = (usize, BlockIdx)> + '_> + '_ {
+        self.streams
+            .iter()
+            .filter(move |(s, _)| *s != not)
+            .map(move |(_, m)| m.from(key(size, 0)).map(|(k, i)| (size_of_key(k), i)))
+    }
+    /// Every free block, in `(stream, size, ptr)` order.
     pub fn all(&self) -> impl Iterator<Item = BlockIdx> + '_ {
-        self.map.values().copied()
+        self.streams
+            .iter()
+            .flat_map(|(_, m)| m.from(0).map(|(_, i)| i))
     }
     /// Number of free blocks.
     #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.streams.iter().map(|(_, m)| m.len()).sum()
     }
     /// Whether block `i` (as `b`) is in the set.
     pub fn contains(&self, b: &Block, i: BlockIdx) -> bool {
-        self.map.get(&(b.stream, b.size, b.ptr)) == Some(&i)
+        self.map(b.stream).and_then(|m| m.get(key(b.size, b.ptr))) == Some(i)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The free-block map against a `BTreeMap` oracle across the switch
+    /// from vector to tree and back (hysteresis included).
+    #[test]
+    fn ord_map_matches_a_btreemap_across_representations() {
+        let mut m = OrdMap::Vec(Vec::new());
+        let mut oracle = BTreeMap::new();
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let (mut promoted, mut demoted, mut was_tree) = (0, 0, false);
+        for step in 0..5000u32 {
+            // Grow for 1,000 steps, shrink for 1,500, twice.
+            let grow = step % 2500 < 1000;
+            let k = key((rnd() % 64) as usize * 512, rnd() % 4096 * 512);
+            if grow || rnd() % 8 == 0 {
+                assert_eq!(m.insert(k, step), oracle.insert(k, step).is_none());
+            } else if let Some((&k, _)) = oracle.range(k..).next().or(oracle.iter().next()) {
+                assert_eq!(m.remove(k), oracle.remove(&k).is_some());
+            }
+            assert_eq!(m.len(), oracle.len());
+            let probe = key((rnd() % 64) as usize * 512, 0);
+            let want = oracle.range(probe..).next().map(|(&k, &i)| (k, i));
+            assert_eq!(m.first_at_least(probe), want);
+            assert_eq!(m.get(k), oracle.get(&k).copied());
+            let is_tree = matches!(m, OrdMap::Tree(_));
+            promoted += u32::from(is_tree && !was_tree);
+            demoted += u32::from(!is_tree && was_tree);
+            was_tree = is_tree;
+        }
+        assert_eq!((promoted, demoted), (2, 2), "both switches, both ways");
+        let got: Vec<_> = m.from(0).collect();
+        let want: Vec<_> = oracle.iter().map(|(&k, &i)| (k, i)).collect();
+        assert_eq!(got, want);
+        let got: Vec<_> = m.from(key(4096, 0)).rev().collect();
+        let want: Vec<_> = oracle
+            .range(key(4096, 0)..)
+            .rev()
+            .map(|(&k, &i)| (k, i))
+            .collect();
+        assert_eq!(got, want);
+    }
 
     #[test]
     fn pytorch_rounding_and_segment_sizes() {

@@ -23,6 +23,12 @@ pub struct CudaConfig {
     pub byte_limit: Option<usize>,
     /// Entries kept in the history ring (0 keeps none).
     pub history_capacity: usize,
+    /// RMM-style reuse across streams (off by default, PyTorch's behaviour):
+    /// when a request finds no free block on its own stream, it takes the
+    /// best-fitting unsplit cached segment of another stream before asking
+    /// the driver for memory, ordering it on the GPU — an event recorded on
+    /// the old stream, `stream_wait_event` on the new one, no host wait.
+    pub reuse_other_streams: bool,
 }
 
 impl Default for CudaConfig {
@@ -34,6 +40,7 @@ impl Default for CudaConfig {
             memory_fraction: None,
             byte_limit: None,
             history_capacity: 0,
+            reuse_other_streams: false,
         }
     }
 }
@@ -76,14 +83,14 @@ impl CudaConfig {
                 rule: "must be 0 (off) or in (0, 1)",
             });
         }
-        if let Some(f) = self.memory_fraction {
-            if !(0.0..=1.0).contains(&f) {
-                return Err(CudaConfigError {
-                    field: "memory_fraction",
-                    value: f.to_string(),
-                    rule: "must be in [0, 1]",
-                });
-            }
+        if let Some(f) = self.memory_fraction
+            && !(0.0..=1.0).contains(&f)
+        {
+            return Err(CudaConfigError {
+                field: "memory_fraction",
+                value: f.to_string(),
+                rule: "must be in [0, 1]",
+            });
         }
         Ok(())
     }

@@ -18,6 +18,8 @@ use std::collections::{BTreeMap, VecDeque};
 pub struct Events {
     free: Vec<EventId>,
     queues: BTreeMap<StreamId, VecDeque<(EventId, BlockIdx)>>,
+    /// Σ queue lengths, so the hot path's "anything outstanding?" is one load.
+    outstanding: usize,
 }
 
 impl Events {
@@ -35,10 +37,15 @@ impl Events {
     /// Queues a recorded event guarding block `b` on `stream`.
     pub fn push(&mut self, stream: StreamId, e: EventId, b: BlockIdx) {
         self.queues.entry(stream).or_default().push_back((e, b));
+        self.outstanding += 1;
     }
     /// Outstanding events.
     pub fn outstanding(&self) -> usize {
-        self.queues.values().map(VecDeque::len).sum()
+        debug_assert_eq!(
+            self.outstanding,
+            self.queues.values().map(VecDeque::len).sum::<usize>()
+        );
+        self.outstanding
     }
     /// Pops completed events from the front of every queue, calling
     /// `done(block)` for each. Stops a queue at its first pending event;
@@ -54,6 +61,7 @@ impl Events {
                 match d.event_query(e) {
                     Ok(true) => {
                         q.pop_front();
+                        self.outstanding -= 1;
                         self.free.push(e);
                         done(b);
                     }
@@ -88,6 +96,7 @@ impl Events {
                     break;
                 }
                 q.pop_front();
+                self.outstanding -= 1;
                 self.free.push(e);
                 done(b);
             }
@@ -101,6 +110,7 @@ impl Events {
 
     /// Destroys every event, free or queued (on drop of the pool).
     pub fn destroy_all<D: CudaDriver>(&mut self, d: &D) {
+        self.outstanding = 0;
         let queued = self
             .queues
             .values_mut()

@@ -140,6 +140,61 @@ impl State {
         Some(i)
     }
 
+    /// RMM-style reuse (`reuse_other_streams`): the best-fitting unsplit
+    /// free block of another stream, under the same `max_split_size`
+    /// rules, moved to `stream` after `stream` is made to wait on the GPU for
+    /// the work queued so far on the block's old stream (an event recorded
+    /// there now, which covers every use before the free; the event goes
+    /// straight back to the pool: a wait captures the event as recorded).
+    /// Only whole segments move, so a segment's blocks keep one stream. On a
+    /// driver error nothing moves.
+    fn reuse_other_stream<D: CudaDriver>(
+        &mut self,
+        d: &D,
+        kind: PoolKind,
+        stream: StreamId,
+        size: usize,
+    ) -> Result<Option<BlockIdx>, AllocError> {
+        let msp = self.cfg.max_split_size;
+        let set = match kind {
+            PoolKind::Small => &self.small,
+            PoolKind::Large => &self.large,
+        };
+        let mut best: Option<(usize, BlockIdx)> = None;
+        for candidates in set.other_streams(stream, size) {
+            for (bsize, i) in candidates {
+                let too_big = (size < msp && bsize >= msp)
+                    || (size >= msp && bsize >= size.saturating_add(super::block::LARGE_BUFFER))
+                    || best.is_some_and(|(b, _)| b <= bsize);
+                if too_big {
+                    break;
+                }
+                if !self.blocks.get(i).is_split() {
+                    best = Some((bsize, i));
+                    break;
+                }
+            }
+        }
+        let Some((_, i)) = best else {
+            return Ok(None);
+        };
+        let old = self.blocks.get(i).stream;
+        let e = self.events.get(d).map_err(driver_error)?;
+        let r = d
+            .event_record(e, old)
+            .and_then(|()| d.stream_wait_event(stream, e));
+        self.events.put(e);
+        r.map_err(driver_error)?;
+        let b = self.blocks.get(i);
+        let removed = match kind {
+            PoolKind::Small => self.small.remove(b),
+            PoolKind::Large => self.large.remove(b),
+        };
+        debug_assert!(removed);
+        self.blocks.get_mut(i).stream = stream;
+        Ok(Some(i))
+    }
+
     fn should_split(&self, b: &Block, size: usize) -> bool {
         let remaining = b.size - size;
         match b.pool {
@@ -161,10 +216,10 @@ impl State {
         if retry {
             self.stats.num_alloc_retries += 1;
         }
-        if let Some(max) = self.allowed_max {
-            if self.reserved.saturating_add(alloc_size) > max {
-                return Ok(None);
-            }
+        if let Some(max) = self.allowed_max
+            && self.reserved.saturating_add(alloc_size) > max
+        {
+            return Ok(None);
         }
         let ptr = match d.malloc(alloc_size) {
             Ok(p) => p,
@@ -238,11 +293,11 @@ impl State {
             return Ok(false);
         }
         let key = size.max(msp);
-        if let Some((_, i)) = self.set(kind).lower_bound(stream, key) {
-            if !self.blocks.get(i).is_split() {
-                self.release_block(d, i)?;
-                return Ok(true);
-            }
+        if let Some((_, i)) = self.set(kind).lower_bound(stream, key)
+            && !self.blocks.get(i).is_split()
+        {
+            self.release_block(d, i)?;
+            return Ok(true);
         }
         let mut released = 0usize;
         for (_, i) in self.set(kind).largest_first(stream, msp) {
@@ -569,6 +624,9 @@ impl<D: CudaDriver> CachingPool<D> {
         let kind = PoolKind::for_size(rounded);
         let d = &self.driver;
         let mut found = st.get_free_block(kind, stream, rounded);
+        if found.is_none() && st.cfg.reuse_other_streams {
+            found = st.reuse_other_stream(d, kind, stream, rounded)?;
+        }
         if found.is_none() {
             if st.gc_enabled() {
                 st.garbage_collect(d)?;
@@ -776,14 +834,15 @@ fn verify(
             found: a.device(),
         });
     }
-    let unknown = AllocError::UnknownId { id, device };
+    // Built only on failure: this runs on every free.
+    let unknown = || AllocError::UnknownId { id, device };
     let (live, idx) = match a.tag() {
-        0 => (*st.zero.get(&id).ok_or(unknown)?, None),
+        0 => (*st.zero.get(&id).ok_or_else(unknown)?, None),
         t => {
-            let i = BlockIdx::try_from(t - 1).map_err(|_| unknown.clone())?;
-            let b = st.blocks.try_get(i).ok_or(unknown.clone())?;
+            let i = BlockIdx::try_from(t - 1).map_err(|_| unknown())?;
+            let b = st.blocks.try_get(i).ok_or_else(unknown)?;
             if !b.allocated || b.owner != id {
-                return Err(unknown);
+                return Err(unknown());
             }
             let live = Live {
                 ptr: b.ptr,

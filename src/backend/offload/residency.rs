@@ -39,6 +39,7 @@ use crate::allocator::{
     Addr, AllocRequest, Allocation, DType, Device, Shape, TensorAllocator, TensorFlags,
 };
 use crate::error::AllocError;
+use crate::meta::info::AddrKind;
 use crate::meta::{MetaTable, NewTensor, TensorKey};
 use crate::stats::AtomicStat;
 use parking_lot::{Condvar, Mutex, MutexGuard};
@@ -488,6 +489,7 @@ impl<B: TensorAllocator> Shared<B> {
             if !e.permanent {
                 flags.0 &= !TensorFlags::PINNED;
             }
+            let (addr_kind, addr) = AddrKind::split(inner.addr());
             let key = self.lru.insert(
                 tensor_id(id),
                 &NewTensor {
@@ -497,11 +499,17 @@ impl<B: TensorAllocator> Shared<B> {
                     shape: e.shape,
                     dtype: e.dtype,
                     flags,
-                    addr: inner.host_ptr().map_or(0, |p| p.as_ptr() as u64),
+                    addr,
+                    addr_kind,
                 },
             );
-            self.lru.touch(&[key], self.tick());
-            e.key = Some(key);
+            // A full LRU table (as many resident tensors as the table has
+            // slots) leaves this tensor out of the eviction order: it stays
+            // resident, counted against the budget, until freed.
+            if let Ok(key) = key {
+                self.lru.touch(&[key], self.tick());
+                e.key = Some(key);
+            }
         }
         self.changed.notify_all();
     }

@@ -644,7 +644,7 @@ fn churn<A: BenchAlloc + ?Sized>(
                     }
                     let old = slot.size.load(Ordering::Relaxed);
                     let l = layout(old, ALIGN);
-                    if rng.next_u64() % 2 == 0 {
+                    if rng.next_u64().is_multiple_of(2) {
                         // SAFETY: taken from the table (we own it), allocated
                         // with `l`; freed once.
                         unsafe { a.dealloc(p, l) };

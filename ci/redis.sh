@@ -54,3 +54,4 @@ export TENSORPOOL_REDIS_CLUSTER_URLS
 TENSORPOOL_REDIS_CLUSTER_URLS=$(printf 'redis://%s/,' "${NODES[@]}")
 TENSORPOOL_REDIS_CLUSTER_URLS=${TENSORPOOL_REDIS_CLUSTER_URLS%,}
 cargo test --features remote --test remote_ids --test remote_memory --test remote_redis --test remote_rss --test remote_conformance
+cargo clippy --features remote --all-targets -- -D warnings

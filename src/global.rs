@@ -546,6 +546,21 @@ extern "C" fn fork_child() {
     unsafe { trace::after_fork_in_child() };
 }
 
+/// `v` in decimal ASCII, written at the end of `buf`; the digits' slice.
+/// Allocation-free, for messages and file names built where nothing may
+/// allocate (the C ABI's abort messages, the trace file of a forked child).
+pub fn decimal(v: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let (mut v, mut i) = (v, buf.len());
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
 /// A byte count as written in an environment variable: decimal digits,
 /// optionally followed by `K`, `M`, `G` or `T` (powers of 1024, either
 /// case, optionally followed by `iB` or `B`). `None` for anything else or
@@ -580,6 +595,20 @@ pub fn parse_size(s: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::parse_size;
+
+    #[test]
+    fn decimal_digits() {
+        let mut buf = [0u8; 20];
+        for (v, s) in [
+            (0u64, "0"),
+            (7, "7"),
+            (10, "10"),
+            (4096, "4096"),
+            (u64::MAX, "18446744073709551615"),
+        ] {
+            assert_eq!(super::decimal(v, &mut buf), s.as_bytes());
+        }
+    }
 
     #[test]
     fn sizes_with_suffixes_and_garbage() {

@@ -581,14 +581,19 @@ fn stats_consistency(b: &dyn TensorAllocator, caps: &Caps) {
     for a in live.drain(..) {
         free(b, &a, c);
     }
+    back_to_base(b, &base, c);
+}
+
+/// Asserts that the live bytes and count are back where `base` had them.
+fn back_to_base(b: &dyn TensorAllocator, base: &MemoryStats, c: &str) {
     let s = b.stats();
     assert_eq!(
         s.allocated_bytes.current, base.allocated_bytes.current,
-        "{c}: bytes left after freeing all"
+        "{c}: bytes left after everything was freed"
     );
     assert_eq!(
         s.allocation.current, base.allocation.current,
-        "{c}: allocations left after freeing all"
+        "{c}: allocations left after everything was freed"
     );
 }
 
@@ -665,15 +670,7 @@ fn threads(b: &dyn TensorAllocator, caps: &Caps) {
         }
         free(b, &a, c);
     }
-    let s = b.stats();
-    assert_eq!(
-        s.allocated_bytes.current, base.allocated_bytes.current,
-        "{c}: bytes left after all threads freed"
-    );
-    assert_eq!(
-        s.allocation.current, base.allocation.current,
-        "{c}: allocations left after all threads freed"
-    );
+    back_to_base(b, &base, c);
 }
 
 fn trim(b: &dyn TensorAllocator, caps: &Caps) {

@@ -290,18 +290,9 @@ impl Line {
         self.len += n;
     }
 
-    fn num(&mut self, mut v: usize) {
-        let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (v % 10) as u8;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        self.push(&digits[i..]);
+    fn num(&mut self, v: usize) {
+        let mut buf = [0u8; 20];
+        self.push(tp::global::decimal(v as u64, &mut buf));
     }
 }
 

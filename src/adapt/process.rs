@@ -195,19 +195,10 @@ pub(crate) unsafe fn after_fork_in_child() {
     let mut end = len;
     path[end] = b'.';
     end += 1;
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut v = pid;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    path[end..end + digits.len() - i].copy_from_slice(&digits[i..]);
-    end += digits.len() - i;
+    let mut buf = [0u8; 20];
+    let digits = crate::global::decimal(pid, &mut buf);
+    path[end..end + digits.len()].copy_from_slice(digits);
+    end += digits.len();
     path[end] = 0;
     // The child's own path stays in `PATH` (a grandchild appends its pid).
     PATH_LEN.store(end, Ordering::Relaxed);

@@ -53,12 +53,35 @@ impl Events {
     pub fn process<D: CudaDriver>(
         &mut self,
         d: &D,
+        done: impl FnMut(BlockIdx),
+    ) -> Result<(), DriverError> {
+        self.drain(|e| d.event_query(e), done)
+    }
+
+    /// Synchronizes every outstanding event (`synchronize_and_free_events`),
+    /// calling `done(block)` for each; on a driver error the failed event and
+    /// those after it stay queued.
+    pub fn synchronize_all<D: CudaDriver>(
+        &mut self,
+        d: &D,
+        done: impl FnMut(BlockIdx),
+    ) -> Result<(), DriverError> {
+        self.drain(|e| d.event_synchronize(e).map(|()| true), done)
+    }
+
+    /// The walk both share: `complete(e)` says whether the event at a
+    /// queue's front has completed (`Ok(false)` stops that queue, an error
+    /// stops everything with the event still queued); a completed event is
+    /// popped, returned to the free list, and its block passed to `done`.
+    fn drain(
+        &mut self,
+        mut complete: impl FnMut(EventId) -> Result<bool, DriverError>,
         mut done: impl FnMut(BlockIdx),
     ) -> Result<(), DriverError> {
         let mut result = Ok(());
-        for q in self.queues.values_mut() {
+        'queues: for q in self.queues.values_mut() {
             while let Some(&(e, b)) = q.front() {
-                match d.event_query(e) {
+                match complete(e) {
                     Ok(true) => {
                         q.pop_front();
                         self.outstanding -= 1;
@@ -68,40 +91,9 @@ impl Events {
                     Ok(false) => break,
                     Err(err) => {
                         result = Err(err);
-                        break;
+                        break 'queues;
                     }
                 }
-            }
-            if result.is_err() {
-                break;
-            }
-        }
-        self.queues.retain(|_, q| !q.is_empty());
-        result
-    }
-
-    /// Synchronizes every outstanding event (`synchronize_and_free_events`),
-    /// calling `done(block)` for each; on a driver error the failed event and
-    /// those after it stay queued.
-    pub fn synchronize_all<D: CudaDriver>(
-        &mut self,
-        d: &D,
-        mut done: impl FnMut(BlockIdx),
-    ) -> Result<(), DriverError> {
-        let mut result = Ok(());
-        for q in self.queues.values_mut() {
-            while let Some(&(e, b)) = q.front() {
-                if let Err(err) = d.event_synchronize(e) {
-                    result = Err(err);
-                    break;
-                }
-                q.pop_front();
-                self.outstanding -= 1;
-                self.free.push(e);
-                done(b);
-            }
-            if result.is_err() {
-                break;
             }
         }
         self.queues.retain(|_, q| !q.is_empty());

@@ -185,7 +185,7 @@ fn main() {
         Err(e) => eprintln!("could not write {}: {e}", opts.csv),
     }
     println!("\n## Replay of the committed real traces (examples/replay)\n");
-    match replay_table::committed_table(opts.reps.min(11)) {
+    match replay_table::committed_table(opts.reps.min(11), opts.alloc.as_deref()) {
         Ok(t) => print!("{t}"),
         Err(e) => eprintln!("replay: {e}"),
     }

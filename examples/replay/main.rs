@@ -4,7 +4,7 @@
 //! interleaved repetitions) and peak reserved ÷ peak allocated.
 //!
 //! ```text
-//! cargo run --release --example replay --features peers -- [--reps N] [TRACE ...]
+//! cargo run --release --example replay --features peers -- [--reps N] [--alloc NAME] [TRACE ...]
 //! ```
 //!
 //! Without TRACE arguments it replays the committed real traces in
@@ -24,6 +24,7 @@ static A: tensorpool::TensorGlobalAlloc = tensorpool::TensorGlobalAlloc::new();
 fn main() {
     let mut reps = 11usize;
     let mut paths = Vec::new();
+    let mut only: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -36,18 +37,25 @@ fn main() {
                     }
                 }
             }
+            "--alloc" => match args.next() {
+                Some(s) => only = Some(s),
+                None => {
+                    eprintln!("--alloc needs a name (or part of one)");
+                    std::process::exit(2);
+                }
+            },
             "--bench" => {}
             "-h" | "--help" => {
-                eprintln!("usage: replay [--reps N] [TRACE ...]");
+                eprintln!("usage: replay [--reps N] [--alloc NAME-SUBSTRING] [TRACE ...]");
                 return;
             }
             p => paths.push((p.to_string(), PathBuf::from(p))),
         }
     }
     let result = if paths.is_empty() {
-        table::committed_table(reps)
+        table::committed_table(reps, only.as_deref())
     } else {
-        load_all(paths).and_then(|ts| table::table(&ts, reps))
+        load_all(paths).and_then(|ts| table::table(&ts, reps, only.as_deref()))
     };
     match result {
         Ok(t) => print!("{t}"),

@@ -220,12 +220,12 @@ pub fn committed() -> Vec<(&'static str, std::path::PathBuf)> {
 }
 
 /// The table of the committed traces.
-pub fn committed_table(reps: usize) -> Result<String, String> {
+pub fn committed_table(reps: usize, only: Option<&str>) -> Result<String, String> {
     let traces = committed()
         .into_iter()
         .map(|(n, p)| load(&p).map(|t| (n.to_string(), t)))
         .collect::<Result<Vec<_>, _>>()?;
-    table(&traces, reps)
+    table(&traces, reps, only)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -233,9 +233,17 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// Replays each trace on every contender and returns the markdown table.
-pub fn table(traces: &[(String, Trace)], reps: usize) -> Result<String, String> {
-    let cs = contenders();
+/// Replays each trace on every contender (whose name contains `only`, if
+/// given) and returns the markdown table.
+pub fn table(
+    traces: &[(String, Trace)],
+    reps: usize,
+    only: Option<&str>,
+) -> Result<String, String> {
+    let cs: Vec<Contender> = contenders()
+        .into_iter()
+        .filter(|c| only.is_none_or(|s| c.name.contains(s)))
+        .collect();
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let mut out = String::new();
     let _ = writeln!(

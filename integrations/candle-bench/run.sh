@@ -69,7 +69,8 @@ echo
 echo "candle 0.11.1 CPU, $THREADS threads (RAYON_NUM_THREADS=CANDLE_NUM_THREADS=$THREADS)," \
     "$ROUNDS interleaved rounds × $REPS timed reps; load average $load_before before, $load_after after"
 echo
-# Median over rounds of each process's median steps/s, and of its peak RSS.
+# Median over rounds of each process's median steps/s (and the range of those
+# medians), CPU ms per step, minor faults per step and peak RSS.
 awk -v workloads="$WORKLOADS" -v allocs="$ALLOCS" '
 function median(list,    v, k, i, j, t) {
     k = split(list, v, " ")
@@ -86,10 +87,14 @@ function median(list,    v, k, i, j, t) {
     key = f["workload"] SUBSEP f["alloc"]
     rate[key] = rate[key] " " f["steps_per_s"]
     rss[key] = rss[key] " " f["peak_rss_kib"]
+    cpu[key] = cpu[key] " " f["cpu_ms_per_step"]
+    flt[key] = flt[key] " " f["minflt_per_step"]
+    if (!(key in lo) || f["steps_per_s"] + 0 < lo[key]) lo[key] = f["steps_per_s"] + 0
+    if (!(key in hi) || f["steps_per_s"] + 0 > hi[key]) hi[key] = f["steps_per_s"] + 0
 }
 END {
-    print "| workload | allocator | median steps/s | ÷ glibc | peak RSS MiB |"
-    print "|---|---|---:|---:|---:|"
+    print "| workload | allocator | median steps/s | ÷ glibc | steps/s range | CPU ms/step | minor faults/step | peak RSS MiB |"
+    print "|---|---|---:|---:|---:|---:|---:|---:|"
     nw = split(workloads, W, " "); na = split(allocs, A, " ")
     for (i = 1; i <= nw; i++) {
         base = ((W[i] SUBSEP "glibc") in rate) ? median(rate[W[i], "glibc"]) : 0
@@ -98,7 +103,8 @@ END {
             if (!(key in rate)) continue
             m = median(rate[key])
             ratio = base > 0 ? sprintf("%.2f×", m / base) : "-"
-            printf "| %s | %s | %.2f | %s | %.1f |\n", W[i], A[j], m, ratio, median(rss[key]) / 1024
+            printf "| %s | %s | %.2f | %s | %.2f–%.2f | %.1f | %.0f | %.1f |\n", W[i], A[j], m, ratio,
+                lo[key], hi[key], median(cpu[key]), median(flt[key]), median(rss[key]) / 1024
         }
     }
 }' "$raw"

@@ -20,8 +20,11 @@
 //!
 //! After `--warmup` untimed repetitions it times `--reps` repetitions of
 //! `--steps` steps each and prints one `key=value` line: the median, minimum
-//! and maximum steps/s over the repetitions and the process's peak RSS
-//! (VmHWM from /proc/self/status) at the end.
+//! and maximum steps/s over the repetitions, the CPU time (user + system, all
+//! threads) and minor page faults per step over all timed steps (getrusage;
+//! less disturbed than wall time on a loaded machine, and the faults show
+//! memory handed back to the kernel and faulted in again), and the process's
+//! peak RSS (VmHWM from /proc/self/status) at the end.
 
 use std::hint::black_box;
 use std::process::ExitCode;
@@ -369,6 +372,23 @@ fn peak_rss_kib() -> Result<u64, Error> {
         .ok_or_else(|| "no VmHWM line in /proc/self/status".into())
 }
 
+/// CPU time (user + system, every thread) in seconds and minor page faults
+/// of this process so far.
+fn cpu_and_faults() -> Result<(f64, u64), Error> {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `ru` is a writable, properly aligned `rusage`; getrusage only
+    // writes into it and RUSAGE_SELF is a valid `who`.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(format!("getrusage: {}", std::io::Error::last_os_error()).into());
+    }
+    // SAFETY: getrusage returned 0, so it filled the struct (and it was
+    // zeroed before, a valid `rusage` in any case).
+    let ru = unsafe { ru.assume_init() };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    Ok((secs(ru.ru_utime) + secs(ru.ru_stime), ru.ru_minflt as u64))
+}
+
 fn median(sorted: &[f64]) -> f64 {
     let n = sorted.len();
     if n % 2 == 1 {
@@ -387,6 +407,7 @@ fn run() -> Result<(), Error> {
         w.step()?;
     }
     let mut rates = Vec::with_capacity(args.reps);
+    let (cpu0, faults0) = cpu_and_faults()?;
     for _ in 0..args.reps {
         let t = Instant::now();
         for _ in 0..steps {
@@ -394,18 +415,23 @@ fn run() -> Result<(), Error> {
         }
         rates.push(steps as f64 / t.elapsed().as_secs_f64());
     }
+    let (cpu1, faults1) = cpu_and_faults()?;
+    let timed_steps = (args.reps * steps) as f64;
     rates.sort_by(f64::total_cmp);
     let check = w.check()?;
     let peak = peak_rss_kib()?;
     println!(
         "workload={} alloc={ALLOC} threads={} reps={} steps_per_rep={steps} \
-         steps_per_s={:.3} min={:.3} max={:.3} peak_rss_kib={peak} {check}",
+         steps_per_s={:.3} min={:.3} max={:.3} cpu_ms_per_step={:.3} \
+         minflt_per_step={:.1} peak_rss_kib={peak} {check}",
         args.workload,
         candle_core::utils::get_num_threads(),
         args.reps,
         median(&rates),
         rates[0],
         rates[rates.len() - 1],
+        (cpu1 - cpu0) * 1e3 / timed_steps,
+        (faults1 - faults0) as f64 / timed_steps,
     );
     Ok(())
 }

@@ -18,6 +18,7 @@
 #   WORKLOADS ["mlp-infer transformer mlp-train"]
 #   SKIP_BUILD [0]  1: reuse the binaries under target/variants/
 #   JOBS [2]        cargo build -j
+#   REPORT_ONLY [0] 1: no build, no runs; print the table of the last run again
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -29,11 +30,18 @@ ALLOCS=${ALLOCS:-"glibc mimalloc jemalloc tensorpool"}
 WORKLOADS=${WORKLOADS:-"mlp-infer transformer mlp-train"}
 SKIP_BUILD=${SKIP_BUILD:-0}
 JOBS=${JOBS:-2}
+REPORT_ONLY=${REPORT_ONLY:-0}
 
 read -r -a allocs <<<"$ALLOCS"
 read -r -a workloads <<<"$WORKLOADS"
 variants=target/variants
 mkdir -p "$variants"
+
+raw=target/results.txt
+head=target/results.head
+if [ "$REPORT_ONLY" = 1 ]; then
+    SKIP_BUILD=1 ROUNDS=0
+fi
 
 if [ "$SKIP_BUILD" != 1 ]; then
     for a in "${allocs[@]}"; do
@@ -43,17 +51,16 @@ if [ "$SKIP_BUILD" != 1 ]; then
     done
 fi
 for a in "${allocs[@]}"; do
-    if [ ! -x "$variants/candle-bench-$a" ]; then
+    if [ "$REPORT_ONLY" != 1 ] && [ ! -x "$variants/candle-bench-$a" ]; then
         echo "run.sh: $variants/candle-bench-$a is missing (run without SKIP_BUILD=1)" >&2
         exit 1
     fi
 done
 
 export RAYON_NUM_THREADS=$THREADS CANDLE_NUM_THREADS=$THREADS
-raw=target/results.txt
-: >"$raw"
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 n=${#allocs[@]}
+[ "$REPORT_ONLY" = 1 ] || : >"$raw"
 for ((r = 0; r < ROUNDS; r++)); do
     for w in "${workloads[@]}"; do
         for ((i = 0; i < n; i++)); do
@@ -64,10 +71,18 @@ for ((r = 0; r < ROUNDS; r++)); do
     done
 done
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+if [ "$REPORT_ONLY" != 1 ]; then
+    echo "candle 0.11.1 CPU, $THREADS threads (RAYON_NUM_THREADS=CANDLE_NUM_THREADS=$THREADS)," \
+        "$ROUNDS interleaved rounds × $REPS timed reps; load average $load_before before," \
+        "$load_after after ($(nproc) CPUs)" >"$head"
+fi
+if [ ! -s "$raw" ] || [ ! -f "$head" ]; then
+    echo "run.sh: no results in $raw to report" >&2
+    exit 1
+fi
 
 echo
-echo "candle 0.11.1 CPU, $THREADS threads (RAYON_NUM_THREADS=CANDLE_NUM_THREADS=$THREADS)," \
-    "$ROUNDS interleaved rounds × $REPS timed reps; load average $load_before before, $load_after after"
+cat "$head"
 echo
 # Median over rounds of each process's median steps/s (and the range of those
 # medians), CPU ms per step, minor faults per step and peak RSS.
@@ -88,23 +103,27 @@ function median(list,    v, k, i, j, t) {
     rate[key] = rate[key] " " f["steps_per_s"]
     rss[key] = rss[key] " " f["peak_rss_kib"]
     cpu[key] = cpu[key] " " f["cpu_ms_per_step"]
+    if (f["cpu_ms_per_step"] == "") { print "run.sh: no cpu_ms_per_step in: " $0 > "/dev/stderr"; exit 1 }
     flt[key] = flt[key] " " f["minflt_per_step"]
     if (!(key in lo) || f["steps_per_s"] + 0 < lo[key]) lo[key] = f["steps_per_s"] + 0
     if (!(key in hi) || f["steps_per_s"] + 0 > hi[key]) hi[key] = f["steps_per_s"] + 0
 }
 END {
-    print "| workload | allocator | median steps/s | ÷ glibc | steps/s range | CPU ms/step | minor faults/step | peak RSS MiB |"
-    print "|---|---|---:|---:|---:|---:|---:|---:|"
+    print "| workload | allocator | median steps/s | ÷ glibc | steps/s range | CPU ms/step | ÷ glibc (CPU) | minor faults/step | peak RSS MiB |"
+    print "|---|---|---:|---:|---:|---:|---:|---:|---:|"
     nw = split(workloads, W, " "); na = split(allocs, A, " ")
     for (i = 1; i <= nw; i++) {
         base = ((W[i] SUBSEP "glibc") in rate) ? median(rate[W[i], "glibc"]) : 0
+        cbase = base > 0 ? median(cpu[W[i], "glibc"]) : 0
         for (j = 1; j <= na; j++) {
             key = W[i] SUBSEP A[j]
             if (!(key in rate)) continue
             m = median(rate[key])
             ratio = base > 0 ? sprintf("%.2f×", m / base) : "-"
-            printf "| %s | %s | %.2f | %s | %.2f–%.2f | %.1f | %.0f | %.1f |\n", W[i], A[j], m, ratio,
-                lo[key], hi[key], median(cpu[key]), median(flt[key]), median(rss[key]) / 1024
+            c = median(cpu[key])
+            cratio = cbase > 0 && c > 0 ? sprintf("%.2f×", cbase / c) : "-"
+            printf "| %s | %s | %.2f | %s | %.2f–%.2f | %.1f | %s | %.0f | %.1f |\n", W[i], A[j], m, ratio,
+                lo[key], hi[key], c, cratio, median(flt[key]), median(rss[key]) / 1024
         }
     }
 }' "$raw"

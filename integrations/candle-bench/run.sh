@@ -105,6 +105,12 @@ function median(list,    v, k, i, j, t) {
     cpu[key] = cpu[key] " " f["cpu_ms_per_step"]
     if (f["cpu_ms_per_step"] == "") { print "run.sh: no cpu_ms_per_step in: " $0 > "/dev/stderr"; exit 1 }
     flt[key] = flt[key] " " f["minflt_per_step"]
+    if (f["pool_unmapped_kib_per_step"] != "") {
+        pmaps[f["workload"]] = pmaps[f["workload"]] " " f["pool_maps_per_step"]
+        punmap[f["workload"]] = punmap[f["workload"]] " " f["pool_unmapped_kib_per_step"]
+        pmiss[f["workload"]] = pmiss[f["workload"]] " " f["pool_misses_per_step"]
+        pres[f["workload"]] = pres[f["workload"]] " " f["pool_reserved_kib"]
+    }
     if (!(key in lo) || f["steps_per_s"] + 0 < lo[key]) lo[key] = f["steps_per_s"] + 0
     if (!(key in hi) || f["steps_per_s"] + 0 > hi[key]) hi[key] = f["steps_per_s"] + 0
 }
@@ -125,5 +131,19 @@ END {
             printf "| %s | %s | %.2f | %s | %.2f–%.2f | %.1f | %s | %.0f | %.1f |\n", W[i], A[j], m, ratio,
                 lo[key], hi[key], c, cratio, median(flt[key]), median(rss[key]) / 1024
         }
+    }
+    header = 0
+    for (i = 1; i <= nw; i++) {
+        if (!(W[i] in punmap)) continue
+        if (!header) {
+            print ""
+            print "tensorpool counters during the timed steps (medians over rounds):"
+            print ""
+            print "| workload | maps/step | unmapped KiB/step | fresh blocks/step | reserved MiB at end |"
+            print "|---|---:|---:|---:|---:|"
+            header = 1
+        }
+        printf "| %s | %.2f | %.0f | %.1f | %.1f |\n", W[i], median(pmaps[W[i]]),
+            median(punmap[W[i]]), median(pmiss[W[i]]), median(pres[W[i]]) / 1024
     }
 }' "$raw"

@@ -389,6 +389,44 @@ fn cpu_and_faults() -> Result<(f64, u64), Error> {
     Ok((secs(ru.ru_utime) + secs(ru.ru_stime), ru.ru_minflt as u64))
 }
 
+/// The pool's own counters (tensorpool variant only): mappings made, bytes
+/// unmapped, fresh-block requests (cache misses), bytes reserved now.
+#[cfg(feature = "tensorpool")]
+fn pool_counters() -> [u64; 4] {
+    let s = A.stats();
+    [
+        s.os_maps as u64,
+        s.reserved.freed,
+        s.cache_misses,
+        s.reserved_bytes as u64,
+    ]
+}
+
+/// `key=value` fields on the pool's work during the timed steps (per step)
+/// and its reservation at the end; empty for the other allocators.
+#[cfg(feature = "tensorpool")]
+fn pool_fields(before: [u64; 4], steps: f64) -> String {
+    let after = pool_counters();
+    format!(
+        " pool_maps_per_step={:.2} pool_unmapped_kib_per_step={:.1} \
+         pool_misses_per_step={:.1} pool_reserved_kib={}",
+        (after[0] - before[0]) as f64 / steps,
+        (after[1] - before[1]) as f64 / 1024.0 / steps,
+        (after[2] - before[2]) as f64 / steps,
+        after[3] / 1024,
+    )
+}
+
+#[cfg(not(feature = "tensorpool"))]
+fn pool_counters() -> [u64; 4] {
+    [0; 4]
+}
+
+#[cfg(not(feature = "tensorpool"))]
+fn pool_fields(_before: [u64; 4], _steps: f64) -> String {
+    String::new()
+}
+
 fn median(sorted: &[f64]) -> f64 {
     let n = sorted.len();
     if n % 2 == 1 {
@@ -407,6 +445,7 @@ fn run() -> Result<(), Error> {
         w.step()?;
     }
     let mut rates = Vec::with_capacity(args.reps);
+    let pool0 = pool_counters();
     let (cpu0, faults0) = cpu_and_faults()?;
     for _ in 0..args.reps {
         let t = Instant::now();
@@ -417,13 +456,14 @@ fn run() -> Result<(), Error> {
     }
     let (cpu1, faults1) = cpu_and_faults()?;
     let timed_steps = (args.reps * steps) as f64;
+    let pool = pool_fields(pool0, timed_steps);
     rates.sort_by(f64::total_cmp);
     let check = w.check()?;
     let peak = peak_rss_kib()?;
     println!(
         "workload={} alloc={ALLOC} threads={} reps={} steps_per_rep={steps} \
          steps_per_s={:.3} min={:.3} max={:.3} cpu_ms_per_step={:.3} \
-         minflt_per_step={:.1} peak_rss_kib={peak} {check}",
+         minflt_per_step={:.1} peak_rss_kib={peak} {check}{pool}",
         args.workload,
         candle_core::utils::get_num_threads(),
         args.reps,

@@ -412,7 +412,10 @@ impl HugeCache {
     }
 }
 
-fn map_huge(pool: &PoolShared, len: usize, populate: bool) -> Option<NonNull<u8>> {
+/// Maps a span of `len` bytes (a granule multiple) with a fresh record
+/// (described as a huge block) registered for it, counted in the pool's
+/// statistics; on no list.
+pub(crate) fn map_huge(pool: &PoolShared, len: usize, populate: bool) -> Option<NonNull<u8>> {
     let p = crate::os::map_span(
         len,
         GRANULE,

@@ -93,14 +93,24 @@ pub fn keep_tail(tail: usize, retained: usize, reserved: usize) -> Option<usize>
 pub const TAIL_BOUND: usize = 32 << 20;
 
 /// The class whose free span gives its pages to a block still `gap` bytes
-/// short after growing: the biggest class whose span fits in the gap (moved
-/// whole), else the smallest bigger one (a prefix of it moves; the rest
-/// stays a free span of its [`fitting_class`], or is unmapped).
-pub fn gather_from(gap: usize, has_free: impl Fn(usize) -> bool) -> Option<usize> {
+/// short: the biggest class whose span fits in the gap (moved whole), else,
+/// with `cut`, the smallest bigger one (a prefix of it moves; the rest stays
+/// a free span of its [`fitting_class`], or is unmapped).
+///
+/// A span grown from a donor (`cut`) takes from any free span; a span
+/// mapped fresh because no class within 2× had one takes whole smaller
+/// spans only, so that a program whose sizes repeat (each class ends a
+/// round with the spans it needs) settles instead of chopping the spans of
+/// its next requests round after round.
+pub fn gather_from(gap: usize, cut: bool, has_free: impl Fn(usize) -> bool) -> Option<usize> {
     let fits = (FIRST..NUM_CLASSES)
         .rev()
         .find(|&e| span_bytes(e) <= gap && has_free(e));
-    fits.or_else(|| (FIRST..NUM_CLASSES).find(|&e| span_bytes(e) > gap && has_free(e)))
+    fits.or_else(|| {
+        (FIRST..NUM_CLASSES)
+            .filter(|_| cut)
+            .find(|&e| span_bytes(e) > gap && has_free(e))
+    })
 }
 
 /// Which one-block classes of a pool may have a free span on their central
@@ -137,6 +147,32 @@ impl FreeHint {
 /// spans into its new part ([`gather_from`]) before any fresh page.
 pub(crate) fn steal(pool: &PoolShared, c: usize) -> Option<*mut FreeBlock> {
     let need = span_bytes(c);
+    let (rec, p) = match from_donor(pool, c, need)? {
+        Some(got) => got,
+        None => fresh_gathered(pool, need)?,
+    };
+    // SAFETY: ours; the record now describes the one block of class `c`.
+    // Atomic stores: a lock-free reader with a stale pointer (`owns`,
+    // `usable_size`) may be looking at the record meanwhile.
+    unsafe {
+        (*rec).block.store(class_size(c), Ordering::Relaxed);
+        (*rec).nblocks.store(1, Ordering::Relaxed);
+        (*rec).class.store(c as u16, Ordering::Relaxed);
+        pool.central(c).adopt_span(pool, c, rec);
+    }
+    Some(p.as_ptr().cast())
+}
+
+/// The span of a [`donor`] of class `c`, resized to `need` bytes:
+/// `Some(None)` if no class within reach has a free span, `None` if the OS
+/// refused to grow it (the span then goes back to its class, free, or is
+/// given up; the caller maps as before).
+#[allow(clippy::option_option)]
+fn from_donor(
+    pool: &PoolShared,
+    c: usize,
+    need: usize,
+) -> Option<Option<(*mut SpanMeta, NonNull<u8>)>> {
     // Each failed try clears a bit, unless blocks keep arriving in that
     // class meanwhile: bounded, so a busy neighbour cannot keep us here.
     for _ in 0..2 * (NUM_CLASSES - FIRST) {
@@ -160,7 +196,7 @@ pub(crate) fn steal(pool: &PoolShared, c: usize) -> Option<*mut FreeBlock> {
             match unsafe { pool.huge.grow(pool, p, need) } {
                 Some(q) => {
                     // SAFETY: `q` is the grown span of `rec`, ours.
-                    if !unsafe { gather(pool, rec, q, len, need) } {
+                    if !unsafe { gather(pool, rec, q, len, need, true) } {
                         return None;
                     }
                     q
@@ -174,18 +210,23 @@ pub(crate) fn steal(pool: &PoolShared, c: usize) -> Option<*mut FreeBlock> {
         } else {
             p
         };
-        // SAFETY: ours; the record now describes the one block of class `c`.
-        // Atomic stores: a lock-free reader with a stale pointer (`owns`,
-        // `usable_size`) may be looking at the record meanwhile.
-        unsafe {
-            (*rec).block.store(class_size(c), Ordering::Relaxed);
-            (*rec).nblocks.store(1, Ordering::Relaxed);
-            (*rec).class.store(c as u16, Ordering::Relaxed);
-            pool.central(c).adopt_span(pool, c, rec);
-        }
-        return Some(p.as_ptr().cast());
+        return Some(Some((rec, p)));
     }
-    None
+    Some(None)
+}
+
+/// A fresh span of `need` bytes filled with the pages of free smaller spans
+/// ([`gather_from`] without cutting), when there is any: `None` if there is
+/// none, or if the OS refused a mapping or a move.
+fn fresh_gathered(pool: &PoolShared, need: usize) -> Option<(*mut SpanMeta, NonNull<u8>)> {
+    gather_from(need, false, |e| pool.large_free.get(e))?;
+    let p = super::huge::map_huge(pool, need, false)?;
+    let rec = pagemap::lookup(p.as_ptr() as usize);
+    // SAFETY: the fresh span's record, ours, on no list.
+    if !unsafe { gather(pool, rec, p, 0, need, false) } {
+        return None;
+    }
+    Some((rec, p))
 }
 
 /// Takes a free span of class `d` off its class, or clears `d`'s hint bit
@@ -311,6 +352,7 @@ unsafe fn gather(
     q: NonNull<u8>,
     from: usize,
     need: usize,
+    cut: bool,
 ) -> bool {
     let mut off = from;
     for _ in 0..2 * (NUM_CLASSES - FIRST) {
@@ -318,7 +360,7 @@ unsafe fn gather(
             break;
         }
         let gap = need - off;
-        let Some(e) = gather_from(gap, |e| pool.large_free.get(e)) else {
+        let Some(e) = gather_from(gap, cut, |e| pool.large_free.get(e)) else {
             break;
         };
         let Some(z) = take_free_span(pool, e) else {
@@ -491,12 +533,12 @@ mod tests {
 
     #[test]
     fn a_free_span_serves_a_smaller_class_in_place() {
-        let (a, b, maps, reserved) = reuse(20 * MIB, 11 * MIB);
+        let (a, b, maps, reserved) = reuse(20 * MIB, 12 * MIB);
         assert_eq!(maps, 0);
         assert_eq!(a, b, "the span keeps its address");
-        // Its 9 MiB tail stays mapped, a free span of the 9 MiB class.
+        // Its 8 MiB tail stays mapped, a free span of the 8 MiB class.
         assert_eq!(reserved, 20 * MIB);
-        assert_eq!(keep_tail(9 * MIB, 0, 20 * MIB), Some(class_of(9 * MIB)));
+        assert_eq!(keep_tail(8 * MIB, 0, 20 * MIB), Some(class_of(8 * MIB)));
     }
 
     /// The tail of a cut span is a free span of its own class: resident (its
@@ -510,18 +552,18 @@ mod tests {
         // SAFETY: a live block of ours, freed once.
         unsafe { pool.free(a).unwrap() };
         pool.flush_thread_cache();
-        let b = pool.allocate(layout(11 * MIB)).unwrap();
+        let b = pool.allocate(layout(12 * MIB)).unwrap();
         assert_eq!(b, a);
-        let t = pool.allocate(layout(9 * MIB)).unwrap();
-        assert_eq!(t.as_ptr() as usize, a.as_ptr() as usize + 11 * MIB);
-        assert_eq!(pool.usable_size(t.as_ptr()), Some(9 * MIB));
+        let t = pool.allocate(layout(8 * MIB)).unwrap();
+        assert_eq!(t.as_ptr() as usize, a.as_ptr() as usize + 12 * MIB);
+        assert_eq!(pool.usable_size(t.as_ptr()), Some(8 * MIB));
         assert_eq!(pool.stats().os_maps, 1, "the tail needed no mapping");
         // Its pages were kept: the bytes the first block wrote are there.
         // (Past the first page: a free block's first words hold its links.)
-        for o in (4096..9 * MIB).step_by(4096) {
-            // SAFETY: inside the live 9 MiB block `t`.
+        for o in (4096..8 * MIB).step_by(4096) {
+            // SAFETY: inside the live 8 MiB block `t`.
             let v = unsafe { t.as_ptr().add(o).read() };
-            assert_eq!(v, 3 ^ ((11 * MIB + o) >> 12) as u8, "offset {o}");
+            assert_eq!(v, 3 ^ ((12 * MIB + o) >> 12) as u8, "offset {o}");
         }
         assert!(pool.owns(t.as_ptr()) && !pool.owns(t.as_ptr().wrapping_add(4096)));
         // SAFETY: allocated above, freed once each.
@@ -534,29 +576,29 @@ mod tests {
         assert_eq!(pool.stats().reserved_bytes, 0);
         // What no class fits is unmapped; past the bound a tail is not kept.
         assert_eq!(fitting_class(span_bytes(FIRST) - (64 << 10)), None);
-        assert_eq!(fitting_class(3 * MIB + (64 << 10)), Some(class_of(3 * MIB)));
-        assert_eq!(keep_tail(9 * MIB, 30 * MIB, 100 * MIB), None);
+        assert_eq!(fitting_class(6 * MIB + (64 << 10)), Some(class_of(6 * MIB)));
+        assert_eq!(keep_tail(8 * MIB, 30 * MIB, 100 * MIB), None);
         assert_eq!(
-            keep_tail(9 * MIB, 30 * MIB, 400 * MIB),
-            Some(class_of(9 * MIB))
+            keep_tail(8 * MIB, 30 * MIB, 400 * MIB),
+            Some(class_of(8 * MIB))
         );
     }
 
-    /// Frees a 9 MiB and a 5 MiB block (filled), then allocates 15 MiB: the
-    /// 9 MiB span grows and takes the 5 MiB span's pages; returns the three
+    /// Frees a 10 MiB and a 6 MiB block (filled), then allocates 18 MiB: the
+    /// 10 MiB span grows and takes the 6 MiB span's pages; returns the three
     /// blocks' addresses.
     fn grow_and_gather(pool: &HostPool) -> (NonNull<u8>, NonNull<u8>, NonNull<u8>) {
-        let x = pool.allocate(layout(9 * MIB)).unwrap();
-        let z = pool.allocate(layout(5 * MIB)).unwrap();
-        fill(x, 9 * MIB, 5);
-        fill(z, 5 * MIB, 6);
+        let x = pool.allocate(layout(10 * MIB)).unwrap();
+        let z = pool.allocate(layout(6 * MIB)).unwrap();
+        fill(x, 10 * MIB, 5);
+        fill(z, 6 * MIB, 6);
         // SAFETY: live blocks of ours, freed once.
         unsafe {
             pool.free(x).unwrap();
             pool.free(z).unwrap();
         }
         pool.flush_thread_cache();
-        let b = pool.allocate(layout(15 * MIB)).unwrap();
+        let b = pool.allocate(layout(18 * MIB)).unwrap();
         (x, z, b)
     }
 
@@ -567,30 +609,30 @@ mod tests {
     fn a_grown_span_gathers_the_pages_of_free_spans() {
         let pool = HostPool::new();
         let (_, z, b) = grow_and_gather(&pool);
-        assert_eq!(pool.stats().os_maps, 2, "no mapping for the 15 MiB block");
-        assert_eq!(pool.stats().reserved_bytes, 15 * MIB);
+        assert_eq!(pool.stats().os_maps, 2, "no mapping for the 18 MiB block");
+        assert_eq!(pool.stats().reserved_bytes, 18 * MIB);
         // (Past each first page: a free block's first words hold its links.)
-        for o in (4096..9 * MIB).step_by(4096) {
-            // SAFETY: inside the live 15 MiB block `b`.
+        for o in (4096..10 * MIB).step_by(4096) {
+            // SAFETY: inside the live 18 MiB block `b`.
             let v = unsafe { b.as_ptr().add(o).read() };
             assert_eq!(v, 5 ^ (o >> 12) as u8, "offset {o}");
         }
-        for o in (4096..5 * MIB).step_by(4096) {
+        for o in (4096..6 * MIB).step_by(4096) {
             // SAFETY: as above.
-            let v = unsafe { b.as_ptr().add(9 * MIB + o).read() };
+            let v = unsafe { b.as_ptr().add(10 * MIB + o).read() };
             assert_eq!(v, 6 ^ (o >> 12) as u8, "moved page at offset {o}");
         }
-        for o in (14 * MIB..15 * MIB).step_by(4096) {
+        for o in (16 * MIB..18 * MIB).step_by(4096) {
             // SAFETY: as above.
             assert_eq!(unsafe { b.as_ptr().add(o).read() }, 0, "fresh at {o}");
         }
-        // The 5 MiB span is gone (its pages are `b`'s now), unless `b` was
+        // The 6 MiB span is gone (its pages are `b`'s now), unless `b` was
         // moved over its old range.
-        let inside = (z.as_ptr() as usize).wrapping_sub(b.as_ptr() as usize) < 15 * MIB;
+        let inside = (z.as_ptr() as usize).wrapping_sub(b.as_ptr() as usize) < 18 * MIB;
         assert!(inside || !pool.manages(z.as_ptr()));
-        assert_eq!(pool.usable_size(b.as_ptr()), Some(15 * MIB));
-        fill(b, 15 * MIB, 7);
-        check(b, 15 * MIB, 7);
+        assert_eq!(pool.usable_size(b.as_ptr()), Some(18 * MIB));
+        fill(b, 18 * MIB, 7);
+        check(b, 18 * MIB, 7);
         // SAFETY: a live block of ours, freed once.
         unsafe { pool.free(b).unwrap() };
         pool.flush_thread_cache();
@@ -627,7 +669,7 @@ mod tests {
             crate::os::REMAP_FAULT_HOOK.store(hook, SeqCst);
             TAKEN.store(0, SeqCst);
             let pool = HostPool::new();
-            let z0 = pool.allocate(layout(5 * MIB)).unwrap();
+            let z0 = pool.allocate(layout(6 * MIB)).unwrap();
             crate::os::REMAP_FAULT_AT.store(z0.as_ptr() as usize, SeqCst);
             // SAFETY: a live block of ours, freed once; it comes back below.
             unsafe { pool.free(z0).unwrap() };
@@ -642,24 +684,24 @@ mod tests {
                 // SAFETY: the "other thread's" mapping, left alone.
                 assert_eq!(unsafe { (taken as *const u8).read() }, 0xAB);
                 assert!(!pool.manages(taken as *const u8));
-                // The 9 MiB span is gone, unless the fresh one took its range.
-                let inside = (x.as_ptr() as usize).wrapping_sub(b.as_ptr() as usize) < 15 * MIB;
+                // The 10 MiB span is gone, unless the fresh one took its range.
+                let inside = (x.as_ptr() as usize).wrapping_sub(b.as_ptr() as usize) < 18 * MIB;
                 assert!(inside || !pool.manages(x.as_ptr()));
             } else {
                 assert_eq!(pool.stats().os_maps, 2, "the grown span is whole");
-                for o in (4096..9 * MIB).step_by(4096) {
+                for o in (4096..10 * MIB).step_by(4096) {
                     // SAFETY: inside the live block `b`.
                     let v = unsafe { b.as_ptr().add(o).read() };
                     assert_eq!(v, 5 ^ (o >> 12) as u8, "offset {o}");
                 }
             }
-            // 15 MiB for `b` and the 5 MiB span, back in its class.
-            assert_eq!(pool.stats().reserved_bytes, 20 * MIB);
-            fill(b, 15 * MIB, 8);
-            check(b, 15 * MIB, 8);
-            let z2 = pool.allocate(layout(5 * MIB)).unwrap();
+            // 18 MiB for `b` and the 6 MiB span, back in its class.
+            assert_eq!(pool.stats().reserved_bytes, 24 * MIB);
+            fill(b, 18 * MIB, 8);
+            check(b, 18 * MIB, 8);
+            let z2 = pool.allocate(layout(6 * MIB)).unwrap();
             assert_eq!(z2, z0);
-            for o in (4096..5 * MIB).step_by(4096) {
+            for o in (4096..6 * MIB).step_by(4096) {
                 // SAFETY: inside the live block `z2`.
                 let v = unsafe { z2.as_ptr().add(o).read() };
                 assert_eq!(v, 6 ^ (o >> 12) as u8, "offset {o}");
@@ -931,15 +973,15 @@ mod tests {
             class_of(7 * MIB),
             class_of(9 * MIB),
         );
-        assert_eq!(gather_from(gap, |_| false), None);
+        assert_eq!(gather_from(gap, true, |_| false), None);
         assert_eq!(
-            gather_from(gap, |e| e == c5 || e == c6 || e == c9),
+            gather_from(gap, true, |e| e == c5 || e == c6 || e == c9),
             Some(c6)
         );
-        assert_eq!(gather_from(gap, |e| e == c5 || e == c9), Some(c5));
-        assert_eq!(gather_from(gap, |e| e == c9 || e == c7), Some(c7));
+        assert_eq!(gather_from(gap, true, |e| e == c5 || e == c9), Some(c5));
+        assert_eq!(gather_from(gap, true, |e| e == c9 || e == c7), Some(c7));
         assert_eq!(
-            gather_from(gap, |e| e < FIRST),
+            gather_from(gap, true, |e| e < FIRST),
             None,
             "one-block classes only"
         );

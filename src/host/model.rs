@@ -113,10 +113,10 @@ impl PoolModel {
 
     /// A span just grown takes `gap` bytes of pages from free spans
     /// (`large::gather`).
-    fn gather(&mut self, mut gap: usize) {
+    fn gather(&mut self, mut gap: usize, cut: bool) {
         while gap > 0 {
             let has_free = |e: usize| self.classes[e].free + self.classes[e].bump > 0;
-            let Some(e) = gather_from(gap, has_free) else {
+            let Some(e) = gather_from(gap, cut, has_free) else {
                 break;
             };
             self.take_span(e);
@@ -221,8 +221,16 @@ impl PoolModel {
                     }
                 } else if from < to {
                     self.resize(from, to);
-                    self.gather(to - from);
+                    self.gather(to - from, true);
                 }
+                return class_size(c);
+            }
+            // No donor: a fresh span takes the pages of smaller free spans
+            // (`large::fresh_gathered`).
+            if gather_from(span_bytes(c), false, has_free).is_some() {
+                self.map(span_bytes(c));
+                self.classes[c].spans += 1;
+                self.gather(span_bytes(c), false);
                 return class_size(c);
             }
         }

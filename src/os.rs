@@ -272,6 +272,40 @@ pub(crate) unsafe fn release_failed_remap_target(dst: NonNull<u8>, len: usize) {
 #[cfg(test)]
 pub(crate) static REMAP_FAULT_AT: core::sync::atomic::AtomicUsize =
     core::sync::atomic::AtomicUsize::new(0);
+/// Maps `[dst, dst + len)` (page aligned), readable and writable, fresh,
+/// only if nothing is mapped there (`MAP_FIXED_NOREPLACE`, Linux 4.17; an
+/// older kernel's mapping elsewhere is undone). Returns whether it did.
+///
+/// # Safety
+/// - If the range is free, the caller may take it (it was the caller's
+///   before, or the caller is a test standing in for another thread).
+pub(crate) unsafe fn map_fixed_noreplace(dst: usize, len: usize) -> bool {
+    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.
+    let raw = unsafe {
+        libc::mmap(
+            dst as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return false;
+    }
+    if raw as usize != dst {
+        // An old kernel took the address as a hint: not ours to keep.
+        // SAFETY: the mapping just made, known to nobody else.
+        unsafe { libc::munmap(raw, len) };
+        return false;
+    }
+    true
+}
+
+/// Held by each test that sets [`REMAP_FAULT_AT`] (tests run in parallel).
+#[cfg(test)]
+pub(crate) static REMAP_FAULT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Test hook: what "another thread" does with the destination meanwhile
 /// (a `fn(usize, usize)` as `usize`).
 #[cfg(test)]

@@ -226,14 +226,20 @@ impl HugeCache {
             // unregister here would wipe that thread's entries. Nobody else
             // looks this block up meanwhile: it is the caller's.
             pagemap::unregister(p.as_ptr() as usize, len);
-            if !crate::os::remap(p, len, new_len, Some(dst)) {
-                // With MREMAP_FIXED the kernel unmaps `dst` first and may
-                // still fail: the range may be free now, or mapped (and
+            // The pages move onto the start of `dst` without a resize (the
+            // rest of `dst` stays fresh): a span made of several kernel
+            // mappings (pages gathered by `large::gather`) can be moved in
+            // one call (Linux 6.17), but not resized.
+            if !crate::os::remap(p, len, len, Some(dst)) {
+                // With MREMAP_FIXED the kernel unmaps `dst`'s start first and
+                // may still fail: that range may be free now, or mapped (and
                 // registered) by another thread. Touch only what is ours:
-                // pagemap entries that still name our record, and the range
-                // only if it can be taken back without replacing anything.
+                // pagemap entries that still name our record, the rest of
+                // `dst`, and its start only if it can be taken back without
+                // replacing anything.
                 pagemap::unregister_if(dst.as_ptr() as usize, new_len, rec);
-                crate::os::release_failed_remap_target(dst, new_len);
+                crate::os::unmap(NonNull::new_unchecked(dst.as_ptr().add(len)), new_len - len);
+                crate::os::release_failed_remap_target(dst, len);
                 // The old range is still ours and mapped: nobody else could
                 // have registered it.
                 let back = pagemap::register(p.as_ptr() as usize, len, rec);
@@ -406,7 +412,10 @@ impl HugeCache {
     }
 }
 
-fn map_huge(pool: &PoolShared, len: usize, populate: bool) -> Option<NonNull<u8>> {
+/// Maps a span of `len` bytes (a granule multiple) with a fresh record
+/// (described as a huge block) registered for it, counted in the pool's
+/// statistics; on no list.
+pub(crate) fn map_huge(pool: &PoolShared, len: usize, populate: bool) -> Option<NonNull<u8>> {
     let p = crate::os::map_span(
         len,
         GRANULE,

@@ -21,8 +21,10 @@
 //! would-be donor turns out empty; a stale bit costs one lock.
 
 use super::guard::set_key;
+use super::pagemap;
 use super::pool::PoolShared;
 use super::size_class::{NUM_CLASSES, blocks_per_span, class_size, span_bytes};
+use super::span::{self, SpanMeta};
 use super::transfer::FreeBlock;
 use crate::sync::{AtomicU64, Ordering};
 use core::ptr::NonNull;
@@ -68,6 +70,49 @@ pub fn donor(c: usize, has_free: impl Fn(usize) -> bool) -> Option<usize> {
     bigger.chain(smaller).find(|&d| has_free(d))
 }
 
+/// The biggest one-block class whose span fits in `len` bytes, if any.
+pub fn fitting_class(len: usize) -> Option<usize> {
+    (FIRST..NUM_CLASSES)
+        .take_while(|&t| span_bytes(t) <= len)
+        .last()
+}
+
+/// The class whose span the tail of a span cut down keeps, for a tail of
+/// `tail` bytes, when the pool holds `retained` free bytes (classes of
+/// 1 MiB and up) and has `reserved` bytes mapped: the [`fitting_class`] of
+/// the tail, as long as the retained bytes stay within [`TAIL_BOUND`] or an
+/// eighth of the reserved ones (else the tail is unmapped). A kept tail is
+/// free and resident: a later request moves its pages into its block
+/// ([`gather_from`]) instead of faulting fresh ones.
+pub fn keep_tail(tail: usize, retained: usize, reserved: usize) -> Option<usize> {
+    let t = fitting_class(tail)?;
+    (retained + span_bytes(t) <= TAIL_BOUND.max(reserved / 8)).then_some(t)
+}
+
+/// See [`keep_tail`].
+pub const TAIL_BOUND: usize = 32 << 20;
+
+/// The class whose free span gives its pages to a block still `gap` bytes
+/// short: the biggest class whose span fits in the gap (moved whole), else,
+/// with `cut`, the smallest bigger one (a prefix of it moves; the rest stays
+/// a free span of its [`fitting_class`], or is unmapped).
+///
+/// A span grown from a donor (`cut`) takes from any free span; a span
+/// mapped fresh because no class within 2× had one takes whole smaller
+/// spans only, so that a program whose sizes repeat (each class ends a
+/// round with the spans it needs) settles instead of chopping the spans of
+/// its next requests round after round.
+pub fn gather_from(gap: usize, cut: bool, has_free: impl Fn(usize) -> bool) -> Option<usize> {
+    let fits = (FIRST..NUM_CLASSES)
+        .rev()
+        .find(|&e| span_bytes(e) <= gap && has_free(e));
+    fits.or_else(|| {
+        (FIRST..NUM_CLASSES)
+            .filter(|_| cut)
+            .find(|&e| span_bytes(e) > gap && has_free(e))
+    })
+}
+
 /// Which one-block classes of a pool may have a free span on their central
 /// list (bit `c - FIRST`). A hint: see the module docs.
 #[derive(Debug)]
@@ -97,22 +142,44 @@ impl FreeHint {
 /// A free span of another class, resized to be the one block of class `c`
 /// (one-block) and adopted by `c`: `None` if no class within reach has one,
 /// or if the OS refused to grow it (the span then goes back to its class,
-/// free, and the caller maps as before).
+/// free, and the caller maps as before). A span cut down keeps its tail as
+/// a free span ([`keep_tail`]); a span grown takes the pages of other free
+/// spans into its new part ([`gather_from`]) before any fresh page.
 pub(crate) fn steal(pool: &PoolShared, c: usize) -> Option<*mut FreeBlock> {
     let need = span_bytes(c);
+    let (rec, p) = match from_donor(pool, c, need)? {
+        Some(got) => got,
+        None => fresh_gathered(pool, need)?,
+    };
+    // SAFETY: ours; the record now describes the one block of class `c`.
+    // Atomic stores: a lock-free reader with a stale pointer (`owns`,
+    // `usable_size`) may be looking at the record meanwhile.
+    unsafe {
+        (*rec).block.store(class_size(c), Ordering::Relaxed);
+        (*rec).nblocks.store(1, Ordering::Relaxed);
+        (*rec).class.store(c as u16, Ordering::Relaxed);
+        pool.central(c).adopt_span(pool, c, rec);
+    }
+    Some(p.as_ptr().cast())
+}
+
+/// The span of a [`donor`] of class `c`, resized to `need` bytes:
+/// `Some(None)` if no class within reach has a free span, `None` if the OS
+/// refused to grow it (the span then goes back to its class, free, or is
+/// given up; the caller maps as before).
+#[allow(clippy::option_option)]
+fn from_donor(
+    pool: &PoolShared,
+    c: usize,
+    need: usize,
+) -> Option<Option<(*mut SpanMeta, NonNull<u8>)>> {
     // Each failed try clears a bit, unless blocks keep arriving in that
     // class meanwhile: bounded, so a busy neighbour cannot keep us here.
     for _ in 0..2 * (NUM_CLASSES - FIRST) {
         let Some(d) = donor(c, |d| pool.large_free.get(d)) else {
             break;
         };
-        let Some(rec) = pool.central(d).take_span(pool, d) else {
-            pool.large_free.clear(d);
-            // A block given back after `take_span` looked keeps its bit (its
-            // own `set` may have run before our `clear`).
-            if pool.central(d).has_incoming() {
-                pool.large_free.set(d);
-            }
+        let Some(rec) = take_free_span(pool, d) else {
             continue;
         };
         // SAFETY: `take_span` handed us the span: on no list, no block of it
@@ -122,48 +189,288 @@ pub(crate) fn steal(pool: &PoolShared, c: usize) -> Option<*mut FreeBlock> {
         let p = unsafe { NonNull::new_unchecked(base as *mut u8) };
         let p = if len > need {
             // SAFETY: the span is ours and nothing refers to its tail.
-            unsafe { pool.huge.shrink(pool, p, need) };
+            unsafe { cut(pool, rec, p, need) };
             p
         } else if len < need {
             // SAFETY: as above: a span of ours whose record describes it.
             match unsafe { pool.huge.grow(pool, p, need) } {
-                Some(q) => q,
-                None => {
-                    // The OS refused: the span goes back to its class, its
-                    // block free again (carrying the key, as every block on
-                    // a free list does).
-                    let b = base as *mut FreeBlock;
-                    // SAFETY: ours, unchanged by the failed grow; its one
-                    // block is free, of class `d > 0` (16 bytes and more).
-                    unsafe {
-                        pool.central(d).adopt_span(pool, d, rec);
-                        set_key(b, pool.key());
-                        (*b).next = core::ptr::null_mut();
-                        pool.central(d).give_back(pool, d, b, b, 1);
+                Some(q) => {
+                    // SAFETY: `q` is the grown span of `rec`, ours.
+                    if !unsafe { gather(pool, rec, q, len, need, true) } {
+                        return None;
                     }
+                    q
+                }
+                None => {
+                    // SAFETY: ours, unchanged by the failed grow.
+                    unsafe { relist(pool, rec, d) };
                     return None;
                 }
             }
         } else {
             p
         };
-        // SAFETY: ours; the record now describes the one block of class `c`.
-        // Atomic stores: a lock-free reader with a stale pointer (`owns`,
-        // `usable_size`) may be looking at the record meanwhile.
-        unsafe {
-            (*rec).block.store(class_size(c), Ordering::Relaxed);
-            (*rec).nblocks.store(1, Ordering::Relaxed);
-            (*rec).class.store(c as u16, Ordering::Relaxed);
-            pool.central(c).adopt_span(pool, c, rec);
-        }
-        return Some(p.as_ptr().cast());
+        return Some(Some((rec, p)));
     }
-    None
+    Some(None)
+}
+
+/// A fresh span of `need` bytes filled with the pages of free smaller spans
+/// ([`gather_from`] without cutting), when there is any: `None` if there is
+/// none, or if the OS refused a mapping or a move.
+fn fresh_gathered(pool: &PoolShared, need: usize) -> Option<(*mut SpanMeta, NonNull<u8>)> {
+    gather_from(need, false, |e| pool.large_free.get(e))?;
+    let p = super::huge::map_huge(pool, need, false)?;
+    let rec = pagemap::lookup(p.as_ptr() as usize);
+    // SAFETY: the fresh span's record, ours, on no list.
+    if !unsafe { gather(pool, rec, p, 0, need, false) } {
+        return None;
+    }
+    Some((rec, p))
+}
+
+/// Takes a free span of class `d` off its class, or clears `d`'s hint bit
+/// when it has none.
+fn take_free_span(pool: &PoolShared, d: usize) -> Option<*mut SpanMeta> {
+    let rec = pool.central(d).take_span(pool, d);
+    if rec.is_none() {
+        pool.large_free.clear(d);
+        // A block given back after `take_span` looked keeps its bit (its
+        // own `set` may have run before our `clear`).
+        if pool.central(d).has_incoming() {
+            pool.large_free.set(d);
+        }
+    }
+    rec
+}
+
+/// Makes the span `rec` (starting at its base, one block of class `t`'s
+/// span length) a free span of class `t`, listed centrally.
+///
+/// # Safety
+/// - `rec` is a live record of `pool`, on no list, registered for exactly
+///   its range, `span_bytes(t)` bytes long; nothing uses its block.
+unsafe fn relist(pool: &PoolShared, rec: *mut SpanMeta, t: usize) {
+    // SAFETY: the span is the caller's; its one block is free, so it carries
+    // the key, as every block on a free list does.
+    unsafe {
+        let b = (*rec).base() as *mut FreeBlock;
+        (*rec).block.store(class_size(t), Ordering::Relaxed);
+        (*rec).nblocks.store(1, Ordering::Relaxed);
+        (*rec).class.store(t as u16, Ordering::Relaxed);
+        pool.central(t).adopt_span(pool, t, rec);
+        set_key(b, pool.key());
+        (*b).next = core::ptr::null_mut();
+        pool.central(t).give_back(pool, t, b, b, 1);
+    }
+}
+
+/// Unregisters and unmaps `[base, base + len)` (nothing when `len` is 0).
+///
+/// # Safety
+/// - The range is a part of one of `pool`'s spans that its record no longer
+///   covers, and nothing refers to it.
+unsafe fn drop_range(pool: &PoolShared, base: usize, len: usize) {
+    if len > 0 {
+        pagemap::unregister(base, len);
+        // SAFETY: forwarded from the caller.
+        unsafe { crate::os::unmap(NonNull::new_unchecked(base as *mut u8), len) };
+        pool.reserved.sub(len as u64);
+    }
+}
+
+/// Cuts the span `rec` (starting at `p`) to `need` bytes: its tail becomes
+/// a free span of the class [`keep_tail`] says, listed centrally, and the
+/// rest of the tail is unmapped (all of it when no class is kept, or if no
+/// record can be had).
+///
+/// # Safety
+/// - `rec` is a one-block span of `pool`, on no list, its block not in use:
+///   the caller's; `need` is a granule multiple below its length.
+unsafe fn cut(pool: &PoolShared, rec: *mut SpanMeta, p: NonNull<u8>, need: usize) {
+    // SAFETY: the span is the caller's (contract).
+    let len = unsafe { (*rec).len() };
+    let keep = keep_tail(
+        len - need,
+        pool.retained.load(Ordering::Relaxed),
+        pool.reserved.current() as usize,
+    );
+    if let Some(t) = keep {
+        let k = span_bytes(t);
+        let r2 = span::alloc_record();
+        let tb = p.as_ptr() as usize + need;
+        if !r2.is_null() {
+            // SAFETY: a fresh record, ours; once registered, lock-free readers
+            // find a correct description of the tail (ours, one free block).
+            unsafe {
+                (*r2).init(
+                    tb,
+                    k,
+                    class_size(t),
+                    1,
+                    t as u16,
+                    pool as *const PoolShared as usize,
+                )
+            };
+            if pagemap::register(tb, k, r2) {
+                // SAFETY: `rec` is ours; its pages beyond `need + k` are
+                // nobody's once it is cut.
+                unsafe {
+                    (*rec).set_len(need);
+                    drop_range(pool, tb + k, len - need - k);
+                }
+                pool.segments.add(1);
+                // SAFETY: the tail's span, registered for exactly its range.
+                unsafe { relist(pool, r2, t) };
+                return;
+            }
+            // SAFETY: never published (`register` rolled back).
+            unsafe { span::free_record(r2) };
+        }
+    }
+    // SAFETY: forwarded from the caller: ours, nothing refers to the tail.
+    unsafe { pool.huge.shrink(pool, p, need) };
+}
+
+/// Fills the part `[q + from, q + need)` of a span just grown (fresh, not
+/// yet faulted) with the pages of other free spans, moved there without
+/// copying, as [`gather_from`] picks them, while any is free; what no free
+/// span covers stays fresh. Returns `false` if the OS refused a move: the
+/// span is then given up (see [`abandon`]) and must not be used.
+///
+/// Moves of ranges that span several kernel mappings (a span gathered
+/// before) need Linux 6.17; older kernels refuse them, and the span is
+/// given up.
+///
+/// # Safety
+/// - `rec` is the caller's span, on no list, mapped and registered for
+///   `[q, q + need)`, its block not in use.
+#[must_use]
+unsafe fn gather(
+    pool: &PoolShared,
+    rec: *mut SpanMeta,
+    q: NonNull<u8>,
+    from: usize,
+    need: usize,
+    cut: bool,
+) -> bool {
+    let mut off = from;
+    for _ in 0..2 * (NUM_CLASSES - FIRST) {
+        if off >= need {
+            break;
+        }
+        let gap = need - off;
+        let Some(e) = gather_from(gap, cut, |e| pool.large_free.get(e)) else {
+            break;
+        };
+        let Some(z) = take_free_span(pool, e) else {
+            continue;
+        };
+        // SAFETY: `take_span` handed us `z`: ours, on no list, unused.
+        let (zb, zl) = unsafe { ((*z).base(), (*z).len()) };
+        let k = gap.min(zl);
+        let dst = q.as_ptr() as usize + off;
+        // Unregistered before the kernel moves the pages away (a range once
+        // unmapped may be mapped and registered by another thread).
+        pagemap::unregister(zb, k);
+        // SAFETY: both ranges are ours: `[zb, zb + k)` a part of `z`,
+        // unused; `[dst, dst + k)` a fresh part of `rec`'s span, which the
+        // pages replace.
+        let moved = unsafe {
+            crate::os::remap(
+                NonNull::new_unchecked(zb as *mut u8),
+                k,
+                k,
+                Some(NonNull::new_unchecked(dst as *mut u8)),
+            )
+        };
+        if !moved {
+            // Nothing moved: `z` is whole and ours again.
+            let back = pagemap::register(zb, k, z);
+            debug_assert!(back, "leaves of a registered range are never unmapped");
+            // SAFETY: `z` is ours, `zl` bytes: its class's span.
+            unsafe { relist(pool, z, e) };
+            // SAFETY: with `MREMAP_FIXED` the kernel may have unmapped our
+            // destination before failing; if it can be mapped again
+            // (fresh), the span is whole and usable. If something is mapped
+            // there (ours, left by a kernel that failed early, or another
+            // thread's: the two cannot be told apart), the span is given up.
+            if unsafe { crate::os::map_fixed_noreplace(dst, k) } {
+                return true;
+            }
+            // SAFETY: the span is the caller's, on no list, unused.
+            unsafe { abandon(pool, rec, q.as_ptr() as usize, need, dst, k) };
+            return false;
+        }
+        pool.reserved.sub(k as u64);
+        off += k;
+        let rest = zl - k;
+        match fitting_class(rest) {
+            Some(t) => {
+                let nb = zb + k;
+                // SAFETY: `z` is ours; the part after its kept span is
+                // nobody's, and its base moves past the pages moved away
+                // (a reader with a stale pointer gets some answer about
+                // a free span, as for any record change).
+                unsafe {
+                    drop_range(pool, nb + span_bytes(t), rest - span_bytes(t));
+                    (*z).base.store(nb, Ordering::Relaxed);
+                    (*z).len.store(span_bytes(t), Ordering::Relaxed);
+                    relist(pool, z, t);
+                }
+            }
+            None => {
+                // SAFETY: `z`'s rest is nobody's; then its record is unused.
+                unsafe {
+                    drop_range(pool, zb + k, rest);
+                    span::free_record(z);
+                }
+                pool.segments.sub(1);
+            }
+        }
+    }
+    true
+}
+
+/// Gives up the span `rec` of `len` bytes at `base` after a move onto its
+/// part `[hole, hole + k)` failed: with `MREMAP_FIXED` the kernel may have
+/// unmapped that part first, and another thread may have mapped it since,
+/// so it is left alone (at worst `k` bytes of address space, never touched,
+/// stay mapped); the rest is unregistered and unmapped, the record freed.
+///
+/// # Safety
+/// - `rec` is the caller's span, on no list, its block not in use; nothing
+///   refers to its bytes.
+unsafe fn abandon(
+    pool: &PoolShared,
+    rec: *mut SpanMeta,
+    base: usize,
+    len: usize,
+    hole: usize,
+    k: usize,
+) {
+    pagemap::unregister_if(base, len, rec);
+    // SAFETY: the parts around the hole are ours and unused (caller); the
+    // record is unregistered, so nothing finds it any more.
+    unsafe {
+        if hole > base {
+            crate::os::unmap(NonNull::new_unchecked(base as *mut u8), hole - base);
+        }
+        if hole + k < base + len {
+            crate::os::unmap(
+                NonNull::new_unchecked((hole + k) as *mut u8),
+                base + len - hole - k,
+            );
+        }
+        span::free_record(rec);
+    }
+    pool.reserved.sub(len as u64);
+    pool.segments.sub(1);
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{FIRST, donor};
+    use super::{FIRST, donor, fitting_class, gather_from, keep_tail};
     use crate::host::HostPool;
     use crate::host::size_class::{NUM_CLASSES, blocks_per_span, class_of, class_size, span_bytes};
     use core::alloc::Layout;
@@ -226,17 +533,192 @@ mod tests {
 
     #[test]
     fn a_free_span_serves_a_smaller_class_in_place() {
-        let (a, b, maps, reserved) = reuse(20 * MIB, 11 * MIB);
+        let (a, b, maps, reserved) = reuse(20 * MIB, 12 * MIB);
         assert_eq!(maps, 0);
-        assert_eq!(a, b, "the span keeps its address, its tail unmapped");
-        assert_eq!(reserved, span_bytes(class_of(11 * MIB)));
+        assert_eq!(a, b, "the span keeps its address");
+        // Its 8 MiB tail stays mapped, a free span of the 8 MiB class.
+        assert_eq!(reserved, 20 * MIB);
+        assert_eq!(keep_tail(8 * MIB, 0, 20 * MIB), Some(class_of(8 * MIB)));
     }
 
+    /// The tail of a cut span is a free span of its own class: resident (its
+    /// pages kept, the bytes still there) and handed out without a mapping;
+    /// a tail too small to keep, or what a kept one leaves over, is unmapped.
     #[test]
-    fn a_free_span_grows_to_serve_a_bigger_class() {
-        let (_, _, maps, reserved) = reuse(9 * MIB, 15 * MIB);
-        assert_eq!(maps, 0, "grown with mremap, not mapped anew");
-        assert_eq!(reserved, span_bytes(class_of(15 * MIB)));
+    fn a_cut_spans_tail_serves_its_own_class_without_a_mapping() {
+        let pool = HostPool::new();
+        let a = pool.allocate(layout(20 * MIB)).unwrap();
+        fill(a, 20 * MIB, 3);
+        // SAFETY: a live block of ours, freed once.
+        unsafe { pool.free(a).unwrap() };
+        pool.flush_thread_cache();
+        let b = pool.allocate(layout(12 * MIB)).unwrap();
+        assert_eq!(b, a);
+        let t = pool.allocate(layout(8 * MIB)).unwrap();
+        assert_eq!(t.as_ptr() as usize, a.as_ptr() as usize + 12 * MIB);
+        assert_eq!(pool.usable_size(t.as_ptr()), Some(8 * MIB));
+        assert_eq!(pool.stats().os_maps, 1, "the tail needed no mapping");
+        // Its pages were kept: the bytes the first block wrote are there.
+        // (Past the first page: a free block's first words hold its links.)
+        for o in (4096..8 * MIB).step_by(4096) {
+            // SAFETY: inside the live 8 MiB block `t`.
+            let v = unsafe { t.as_ptr().add(o).read() };
+            assert_eq!(v, 3 ^ ((12 * MIB + o) >> 12) as u8, "offset {o}");
+        }
+        assert!(pool.owns(t.as_ptr()) && !pool.owns(t.as_ptr().wrapping_add(4096)));
+        // SAFETY: allocated above, freed once each.
+        unsafe {
+            pool.free(t).unwrap();
+            pool.free(b).unwrap();
+        }
+        pool.flush_thread_cache();
+        assert!(pool.trim() > 0);
+        assert_eq!(pool.stats().reserved_bytes, 0);
+        // What no class fits is unmapped; past the bound a tail is not kept.
+        assert_eq!(fitting_class(span_bytes(FIRST) - (64 << 10)), None);
+        assert_eq!(fitting_class(6 * MIB + (64 << 10)), Some(class_of(6 * MIB)));
+        assert_eq!(keep_tail(8 * MIB, 30 * MIB, 100 * MIB), None);
+        assert_eq!(
+            keep_tail(8 * MIB, 30 * MIB, 400 * MIB),
+            Some(class_of(8 * MIB))
+        );
+    }
+
+    /// Frees a 10 MiB and a 6 MiB block (filled), then allocates 18 MiB: the
+    /// 10 MiB span grows and takes the 6 MiB span's pages; returns the three
+    /// blocks' addresses.
+    fn grow_and_gather(pool: &HostPool) -> (NonNull<u8>, NonNull<u8>, NonNull<u8>) {
+        let x = pool.allocate(layout(10 * MIB)).unwrap();
+        let z = pool.allocate(layout(6 * MIB)).unwrap();
+        fill(x, 10 * MIB, 5);
+        fill(z, 6 * MIB, 6);
+        // SAFETY: live blocks of ours, freed once.
+        unsafe {
+            pool.free(x).unwrap();
+            pool.free(z).unwrap();
+        }
+        pool.flush_thread_cache();
+        let b = pool.allocate(layout(18 * MIB)).unwrap();
+        (x, z, b)
+    }
+
+    /// A span grown for a bigger class is filled with the pages of other
+    /// free spans, moved (their bytes come along), not faulted fresh; only
+    /// what no free span covers is fresh (zero). No mapping is made.
+    #[test]
+    fn a_grown_span_gathers_the_pages_of_free_spans() {
+        let pool = HostPool::new();
+        let (_, z, b) = grow_and_gather(&pool);
+        assert_eq!(pool.stats().os_maps, 2, "no mapping for the 18 MiB block");
+        assert_eq!(pool.stats().reserved_bytes, 18 * MIB);
+        // (Past each first page: a free block's first words hold its links.)
+        for o in (4096..10 * MIB).step_by(4096) {
+            // SAFETY: inside the live 18 MiB block `b`.
+            let v = unsafe { b.as_ptr().add(o).read() };
+            assert_eq!(v, 5 ^ (o >> 12) as u8, "offset {o}");
+        }
+        for o in (4096..6 * MIB).step_by(4096) {
+            // SAFETY: as above.
+            let v = unsafe { b.as_ptr().add(10 * MIB + o).read() };
+            assert_eq!(v, 6 ^ (o >> 12) as u8, "moved page at offset {o}");
+        }
+        for o in (16 * MIB..18 * MIB).step_by(4096) {
+            // SAFETY: as above.
+            assert_eq!(unsafe { b.as_ptr().add(o).read() }, 0, "fresh at {o}");
+        }
+        // The 6 MiB span is gone (its pages are `b`'s now), unless `b` was
+        // moved over its old range.
+        let inside = (z.as_ptr() as usize).wrapping_sub(b.as_ptr() as usize) < 18 * MIB;
+        assert!(inside || !pool.manages(z.as_ptr()));
+        assert_eq!(pool.usable_size(b.as_ptr()), Some(18 * MIB));
+        fill(b, 18 * MIB, 7);
+        check(b, 18 * MIB, 7);
+        // SAFETY: a live block of ours, freed once.
+        unsafe { pool.free(b).unwrap() };
+        pool.flush_thread_cache();
+        assert!(pool.trim() > 0);
+        assert_eq!(pool.stats().reserved_bytes, 0);
+    }
+
+    /// A move the OS refuses (after unmapping its destination, as the
+    /// kernel may) puts the free span back untouched. The grown span stays
+    /// whole if its part can be mapped again; if another thread mapped it
+    /// meanwhile, that mapping is left alone, the grown span is given up and
+    /// the request is served by a fresh mapping.
+    #[test]
+    fn a_refused_move_keeps_the_donor_and_never_a_foreign_range() {
+        use core::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        static TAKEN: AtomicUsize = AtomicUsize::new(0);
+        fn other_thread_takes(dst: usize, len: usize) {
+            // SAFETY: `dst..dst+len` was just unmapped by the hook.
+            let taken = unsafe { crate::os::map_fixed_noreplace(dst, len) };
+            assert!(taken, "could not take the range");
+            // SAFETY: our fresh mapping.
+            unsafe { (dst as *mut u8).write(0xAB) };
+            TAKEN.store(dst, SeqCst);
+        }
+        let _hook = crate::os::REMAP_FAULT_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for foreign in [false, true] {
+            let hook = if foreign {
+                other_thread_takes as fn(usize, usize) as usize
+            } else {
+                0
+            };
+            crate::os::REMAP_FAULT_HOOK.store(hook, SeqCst);
+            TAKEN.store(0, SeqCst);
+            let pool = HostPool::new();
+            let z0 = pool.allocate(layout(6 * MIB)).unwrap();
+            crate::os::REMAP_FAULT_AT.store(z0.as_ptr() as usize, SeqCst);
+            // SAFETY: a live block of ours, freed once; it comes back below.
+            unsafe { pool.free(z0).unwrap() };
+            let (x, z, b) = grow_and_gather(&pool);
+            crate::os::REMAP_FAULT_AT.store(0, SeqCst);
+            crate::os::REMAP_FAULT_HOOK.store(0, SeqCst);
+            assert_eq!(z, z0);
+            let taken = TAKEN.load(SeqCst);
+            assert_eq!(taken != 0, foreign, "the injected failure happened");
+            if foreign {
+                assert_eq!(pool.stats().os_maps, 3, "a fresh mapping after giving up");
+                // SAFETY: the "other thread's" mapping, left alone.
+                assert_eq!(unsafe { (taken as *const u8).read() }, 0xAB);
+                assert!(!pool.manages(taken as *const u8));
+                // The 10 MiB span is gone, unless the fresh one took its range.
+                let inside = (x.as_ptr() as usize).wrapping_sub(b.as_ptr() as usize) < 18 * MIB;
+                assert!(inside || !pool.manages(x.as_ptr()));
+            } else {
+                assert_eq!(pool.stats().os_maps, 2, "the grown span is whole");
+                for o in (4096..10 * MIB).step_by(4096) {
+                    // SAFETY: inside the live block `b`.
+                    let v = unsafe { b.as_ptr().add(o).read() };
+                    assert_eq!(v, 5 ^ (o >> 12) as u8, "offset {o}");
+                }
+            }
+            // 18 MiB for `b` and the 6 MiB span, back in its class.
+            assert_eq!(pool.stats().reserved_bytes, 24 * MIB);
+            fill(b, 18 * MIB, 8);
+            check(b, 18 * MIB, 8);
+            let z2 = pool.allocate(layout(6 * MIB)).unwrap();
+            assert_eq!(z2, z0);
+            for o in (4096..6 * MIB).step_by(4096) {
+                // SAFETY: inside the live block `z2`.
+                let v = unsafe { z2.as_ptr().add(o).read() };
+                assert_eq!(v, 6 ^ (o >> 12) as u8, "offset {o}");
+            }
+            // SAFETY: live blocks of ours, freed once.
+            unsafe {
+                pool.free(z2).unwrap();
+                pool.free(b).unwrap();
+            }
+            pool.flush_thread_cache();
+            pool.trim();
+            assert_eq!(pool.stats().reserved_bytes, 0);
+            if foreign {
+                // SAFETY: the hook's mapping, nobody else's.
+                unsafe { libc::munmap(taken as *mut libc::c_void, 6 * MIB) };
+            }
+        }
     }
 
     #[test]
@@ -370,7 +852,9 @@ mod tests {
             let d = pool.allocate(l).unwrap();
             assert_eq!(c, b, "{what}");
             assert_ne!(c, d, "{what}: one block handed out twice");
-            assert_eq!(pool.stats().os_maps, 2, "{what}");
+            // Cut down, the span left a 9 MiB tail that `d` grew from.
+            let maps = if from > to { 1 } else { 2 };
+            assert_eq!(pool.stats().os_maps, maps, "{what}");
             // SAFETY: allocated above with `l`.
             unsafe {
                 pool.free(d).unwrap();
@@ -478,6 +962,80 @@ mod tests {
         pool.flush_thread_cache();
         pool.trim();
         assert_eq!(pool.stats().reserved_bytes, 0, "every span accounted for");
+    }
+
+    /// Big blocks of random sizes (600 KiB – 40 MiB, across cuts, kept
+    /// tails, grows and gathers), freed at random: every page of every live block keeps what was written to it
+    /// until its free, every block is `usable_size` of its class and owned,
+    /// and, with the model, the pool's reserved bytes are predicted exactly.
+    #[test]
+    fn moved_pages_never_disturb_live_blocks() {
+        use super::super::model::PoolModel;
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+        let mut runner = TestRunner::new(Config {
+            cases: 16,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let ops = proptest::collection::vec(
+            (any::<bool>(), 600usize << 10..40 << 20, any::<u8>()),
+            60..120,
+        );
+        runner
+            .run(&ops, |ops| {
+                let pool = HostPool::new();
+                let mut model = PoolModel::new(None);
+                let mut live: Vec<(NonNull<u8>, usize, u8, usize)> = Vec::new();
+                for (free, size, seed) in ops {
+                    if free && !live.is_empty() {
+                        let (p, size, seed, len) = live.swap_remove(seed as usize % live.len());
+                        check(p, size, seed);
+                        // SAFETY: allocated below with this layout, freed once.
+                        unsafe { pool.deallocate(p, layout(size)) };
+                        model.free(size, 64, len);
+                    } else {
+                        let p = pool.allocate(layout(size)).unwrap();
+                        let len = model.alloc(size, 64);
+                        prop_assert_eq!(
+                            pool.usable_size(p.as_ptr()),
+                            Some(class_size(class_of(size)))
+                        );
+                        fill(p, size, seed);
+                        live.push((p, size, seed, len));
+                    }
+                    prop_assert_eq!(model.reserved().current, pool.stats().reserved.current);
+                }
+                for &(p, size, seed, _) in &live {
+                    check(p, size, seed);
+                    prop_assert!(pool.owns(p.as_ptr()));
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn gather_from_prefers_the_biggest_span_in_the_gap_then_the_smallest_over_it() {
+        let gap = 6 * MIB;
+        let (c5, c6, c7, c9) = (
+            class_of(5 * MIB),
+            class_of(6 * MIB),
+            class_of(7 * MIB),
+            class_of(9 * MIB),
+        );
+        assert_eq!(gather_from(gap, true, |_| false), None);
+        assert_eq!(
+            gather_from(gap, true, |e| e == c5 || e == c6 || e == c9),
+            Some(c6)
+        );
+        assert_eq!(gather_from(gap, true, |e| e == c5 || e == c9), Some(c5));
+        assert_eq!(gather_from(gap, true, |e| e == c9 || e == c7), Some(c7));
+        assert_eq!(
+            gather_from(gap, true, |e| e < FIRST),
+            None,
+            "one-block classes only"
+        );
     }
 
     #[test]

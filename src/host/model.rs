@@ -13,7 +13,7 @@
 //! which the model does not track).
 
 use super::huge::{HUGE_SLOTS, pick, pick_resize};
-use super::large::{FIRST, donor, is_one_block};
+use super::large::{FIRST, donor, fitting_class, gather_from, is_one_block, keep_tail};
 use super::size_class::{
     NUM_CLASSES, batch_at, blocks_per_span, class_for, class_size, counts_against_limit, huge_size,
     initial_cap, next_cap, span_bytes,
@@ -93,6 +93,52 @@ impl PoolModel {
         }
     }
 
+    /// One free span of class `d` off its class (`Central::take_span`).
+    fn take_span(&mut self, d: usize) {
+        let m = &mut self.classes[d];
+        if m.free > 0 {
+            m.free -= 1;
+        } else {
+            m.bump -= 1;
+        }
+        m.spans -= 1;
+        self.uncache(d, class_size(d));
+    }
+
+    /// `bytes` of spans unmapped (or moved into another span).
+    fn release(&mut self, bytes: usize) {
+        self.reserved.current -= bytes as u64;
+        self.reserved.freed += bytes as u64;
+    }
+
+    /// A span just grown takes `gap` bytes of pages from free spans
+    /// (`large::gather`).
+    fn gather(&mut self, mut gap: usize, cut: bool) {
+        while gap > 0 {
+            let has_free = |e: usize| self.classes[e].free + self.classes[e].bump > 0;
+            let Some(e) = gather_from(gap, cut, has_free) else {
+                break;
+            };
+            self.take_span(e);
+            let zl = span_bytes(e);
+            let k = gap.min(zl);
+            self.release(k);
+            gap -= k;
+            match fitting_class(zl - k) {
+                Some(t) => {
+                    self.release(zl - k - span_bytes(t));
+                    self.classes[t].spans += 1;
+                    self.list(t, 1);
+                }
+                None => {
+                    self.release(zl - k);
+                    self.segments.current -= 1;
+                    self.segments.freed += 1;
+                }
+            }
+        }
+    }
+
     fn grow(&mut self, c: usize) {
         let m = &mut self.classes[c];
         m.free += m.bump;
@@ -156,16 +202,35 @@ impl PoolModel {
             }
             let has_free = |d: usize| self.classes[d].free + self.classes[d].bump > 0;
             if let Some(d) = donor(c, has_free) {
-                let m = &mut self.classes[d];
-                if m.free > 0 {
-                    m.free -= 1;
-                } else {
-                    m.bump -= 1;
-                }
-                m.spans -= 1;
-                self.uncache(d, class_size(d));
+                self.take_span(d);
                 self.classes[c].spans += 1;
-                self.resize(span_bytes(d), span_bytes(c));
+                let (from, to) = (span_bytes(d), span_bytes(c));
+                if from > to {
+                    // The tail may stay, a free span (`large::cut`).
+                    let retained = self.retained;
+                    match keep_tail(from - to, retained, self.reserved.current as usize) {
+                        Some(t) => {
+                            self.release(from - to - span_bytes(t));
+                            self.segments.current += 1;
+                            self.segments.allocated += 1;
+                            self.segments.peak = self.segments.peak.max(self.segments.current);
+                            self.classes[t].spans += 1;
+                            self.list(t, 1);
+                        }
+                        None => self.release(from - to),
+                    }
+                } else if from < to {
+                    self.resize(from, to);
+                    self.gather(to - from, true);
+                }
+                return class_size(c);
+            }
+            // No donor: a fresh span takes the pages of smaller free spans
+            // (`large::fresh_gathered`).
+            if gather_from(span_bytes(c), false, has_free).is_some() {
+                self.map(span_bytes(c));
+                self.classes[c].spans += 1;
+                self.gather(span_bytes(c), false);
                 return class_size(c);
             }
         }
@@ -210,6 +275,11 @@ impl PoolModel {
 
     fn give_back(&mut self, c: usize, k: usize) {
         self.classes[c].tc -= k;
+        self.list(c, k);
+    }
+
+    /// `k` free blocks of class `c` onto its central list (`Central::give_back`).
+    fn list(&mut self, c: usize, k: usize) {
         self.classes[c].free += k;
         self.cache(c, k * class_size(c));
         if counts_against_limit(c) {

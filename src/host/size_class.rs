@@ -272,11 +272,19 @@ pub const fn counts_against_limit(c: usize) -> bool {
     class_size(c) >= 1 << 20
 }
 
-/// Bytes one span of class `c` maps (a multiple of [`GRANULE`]).
+/// Bytes one span of class `c` maps (a multiple of [`GRANULE`]; of 2 MiB
+/// from 2 MiB up, so that big spans cut, grown and moved by `large` stay in
+/// whole transparent huge pages: a cut or a move off a 2 MiB boundary splits
+/// them, and the pages faulted after it are 4 KiB ones).
 #[inline]
 pub fn span_bytes(c: usize) -> usize {
     let raw = blocks_per_span(c) * class_size(c);
-    (raw + GRANULE - 1) & !(GRANULE - 1)
+    let unit = if raw >= crate::os::HUGE_PAGE {
+        crate::os::HUGE_PAGE
+    } else {
+        GRANULE
+    };
+    (raw + unit - 1) & !(unit - 1)
 }
 
 /// Blocks a thread moves to or from the central lists at once: about

@@ -638,27 +638,21 @@ fn item4_owns_then_trim_releases_the_record() {
 /// the block stays whole where it was.
 #[test]
 fn item5_failed_moving_remap_leaves_a_foreign_range_alone() {
+    let _hook = crate::os::REMAP_FAULT_LOCK
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     use super::pagemap;
     use super::span;
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     static FOREIGN: AtomicUsize = AtomicUsize::new(0);
     static FOREIGN_REC: AtomicUsize = AtomicUsize::new(0);
     fn other_thread_takes(dst: usize, len: usize) {
-        // SAFETY: `dst..dst+len` was just unmapped; NOREPLACE maps it only if
-        // it is still free.
-        let raw = unsafe {
-            libc::mmap(
-                dst as *mut libc::c_void,
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-                -1,
-                0,
-            )
-        };
-        assert_eq!(raw as usize, dst, "could not take the range");
+        // SAFETY: `dst..dst+len` was just unmapped; it is taken only if it
+        // is still free.
+        let taken = unsafe { crate::os::map_fixed_noreplace(dst, len) };
+        assert!(taken, "could not take the range");
         // SAFETY: our fresh mapping.
-        unsafe { (raw as *mut u8).write(0xAB) };
+        unsafe { (dst as *mut u8).write(0xAB) };
         let rec = span::alloc_record();
         // SAFETY: a fresh record, ours.
         unsafe { (*rec).init(dst, len, len, 1, span::HUGE_CLASS, 1) };

@@ -210,8 +210,36 @@ impl<A: GlobalAlloc> TensorGlobalAlloc<A> {
     ///
     /// # Safety
     /// - If `ptr` is a live block of the pool, it is not used afterwards.
-    #[inline]
+    #[inline(always)]
     pub unsafe fn try_free_unsized(&self, ptr: *mut u8) -> Result<(), AllocError> {
+        // The quiet path (as in `dealloc`): a class block of the pool,
+        // freed by a thread whose cache is ready while nothing is traced.
+        // Inline, so that C's `free` builds no `Result` in memory.
+        let tc = quiet_global_cache();
+        if !tc.is_null()
+            && let Some((class, _)) = pool().block_info(ptr as usize)
+            && class != HUGE_CLASS
+        {
+            // SAFETY: this thread's cache, the only reference made from it;
+            // the pagemap says `ptr` starts a block of `class` of the pool,
+            // which the caller gives up.
+            let freed = unsafe { (*tc).free(pool(), class as usize, ptr) };
+            return if freed {
+                Ok(())
+            } else {
+                Err(AllocError::DoubleFree { addr: ptr as usize })
+            };
+        }
+        // SAFETY: forwarded from the caller.
+        unsafe { self.try_free_unsized_routed(ptr) }
+    }
+
+    /// [`try_free_unsized`](Self::try_free_unsized) off the quiet path.
+    ///
+    /// # Safety
+    /// - As for `try_free_unsized`.
+    #[inline(never)]
+    unsafe fn try_free_unsized_routed(&self, ptr: *mut u8) -> Result<(), AllocError> {
         let Some(p) = NonNull::new(ptr) else {
             return Err(AllocError::ForeignPointer { addr: 0 });
         };

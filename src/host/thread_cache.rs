@@ -195,11 +195,28 @@ impl ThreadCache {
             // SAFETY: `h` is a free block on our list; its first word is the link.
             cc.head = unsafe { (*h).next };
             cc.lp = cc.lp.wrapping_add(POP);
-            // SAFETY: `h` is ours now and of class `c`.
-            unsafe { self.hand_out(c, h) };
+            if has_key(c) {
+                // SAFETY: `h` is ours now, of class `c > 0`: it has a key word.
+                if unsafe { key_of(h) } == 0 {
+                    // A tail call: nothing stays live across it (so the
+                    // hot path saves no registers).
+                    return self.fresh_out(h);
+                }
+                // SAFETY: as above.
+                unsafe { set_key(h, 0) };
+            }
             return h.cast();
         }
         self.refill(pool, c).0
+    }
+
+    /// `alloc`'s pop of a fresh block (key word zero, so nothing to clear):
+    /// counts the miss and returns the block.
+    #[cold]
+    #[inline(never)]
+    fn fresh_out(&mut self, h: *mut FreeBlock) -> *mut u8 {
+        self.count_fresh();
+        h.cast()
     }
     /// Clears the key word of a block about to be handed out, counting a
     /// miss if the block is fresh (key word zero).
@@ -332,6 +349,39 @@ impl ThreadCache {
     #[must_use]
     pub(crate) unsafe fn free(&mut self, pool: &PoolShared, c: usize, p: *mut u8) -> bool {
         let b = p.cast::<FreeBlock>();
+        let cc = &mut self.classes[c];
+        let (lp, full) = cc.lp.overflowing_add(PUSH);
+        // The slow cases (a block carrying the key, maybe a double free; a
+        // full list) are one tail call: nothing stays live across it.
+        if has_key(c) {
+            let key = pool.key();
+            // SAFETY: a block of class `c > 0` has a second word (caller).
+            if unsafe { key_of(b) } == key || full {
+                // SAFETY: forwarded from the caller.
+                return unsafe { self.free_slow(pool, c, b) };
+            }
+            // SAFETY: as above; the block is being freed by the caller.
+            unsafe { set_key(b, key) };
+        } else if full {
+            // SAFETY: forwarded from the caller.
+            return unsafe { self.free_slow(pool, c, b) };
+        }
+        // SAFETY: the caller hands us the block; its first word becomes the link.
+        unsafe { (*b).next = cc.head };
+        cc.head = b;
+        cc.lp = lp;
+        true
+    }
+
+    /// [`free`](Self::free) of a block that carries the key (the slow half
+    /// of double-free detection) or onto a full list (make room first).
+    ///
+    /// # Safety
+    /// - As for [`free`](Self::free), with `p` as `b`.
+    #[cold]
+    #[inline(never)]
+    #[must_use]
+    unsafe fn free_slow(&mut self, pool: &PoolShared, c: usize, b: *mut FreeBlock) -> bool {
         if has_key(c) {
             let key = pool.key();
             // SAFETY: a block of class `c > 0` has a second word (caller).
@@ -341,35 +391,17 @@ impl ThreadCache {
             // SAFETY: as above; the block is being freed by the caller.
             unsafe { set_key(b, key) };
         }
-        let cc = &mut self.classes[c];
-        let (lp, full) = cc.lp.overflowing_add(PUSH);
-        if full {
-            // SAFETY: forwarded (the block, keyed above, goes on the list).
-            unsafe { self.push_full(pool, c, b) };
-            return true;
+        if self.len(c) as u64 >= self.cap(c) {
+            self.overflow(pool, c);
         }
-        // SAFETY: the caller hands us the block; its first word becomes the link.
-        unsafe { (*b).next = cc.head };
-        cc.head = b;
-        cc.lp = lp;
-        true
-    }
-
-    /// [`free`](Self::free) on a full list: makes room, then pushes `b`.
-    ///
-    /// # Safety
-    /// - `b` is a block of class `c` of `pool`, the caller's, on no list.
-    #[cold]
-    #[inline(never)]
-    unsafe fn push_full(&mut self, pool: &PoolShared, c: usize, b: *mut FreeBlock) {
-        self.overflow(pool, c);
         let len = self.len(c);
+        let cap = self.caps[c];
         let cc = &mut self.classes[c];
         // SAFETY: the caller hands us the block; its first word becomes the link.
         unsafe { (*b).next = cc.head };
         cc.head = b;
-        let cap = self.caps[c];
         self.set_len_cap(c, len + 1, u32::from(cap));
+        true
     }
 
     /// A full list: parks it whole as the class's spare if the class has an

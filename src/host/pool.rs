@@ -226,6 +226,14 @@ impl PoolShared {
                 None => thread_cache::central_alloc(self, c).0,
             };
         }
+        self.alloc_huge_raw(layout)
+    }
+
+    /// [`alloc_huge`](Self::alloc_huge) as a pointer (null on failure), out
+    /// of line: its `Result` lives in this frame, not in the hot path's.
+    #[cold]
+    #[inline(never)]
+    fn alloc_huge_raw(&self, layout: Layout) -> *mut u8 {
         self.alloc_huge(layout)
             .map_or(core::ptr::null_mut(), |(p, _)| p.as_ptr())
     }

@@ -98,7 +98,9 @@ use crate::adapt::process as trace;
 use crate::host::PoolStats;
 use crate::host::size_class::{MAX_ALIGN, MAX_CLASS_SIZE, class_for};
 use crate::host::span::HUGE_CLASS;
-use crate::host::thread_cache::{ThreadCache, with_global_cache};
+use crate::host::thread_cache::{
+    ThreadCache, global_cache, mark_global_quiet, quiet_global_cache, with_global_cache,
+};
 use crate::host::{PoolShared, global_pool};
 use crate::sync::{AtomicUsize, Ordering};
 use core::alloc::{GlobalAlloc, Layout};
@@ -208,8 +210,36 @@ impl<A: GlobalAlloc> TensorGlobalAlloc<A> {
     ///
     /// # Safety
     /// - If `ptr` is a live block of the pool, it is not used afterwards.
-    #[inline]
+    #[inline(always)]
     pub unsafe fn try_free_unsized(&self, ptr: *mut u8) -> Result<(), AllocError> {
+        // The quiet path (as in `dealloc`): a class block of the pool,
+        // freed by a thread whose cache is ready while nothing is traced.
+        // Inline, so that C's `free` builds no `Result` in memory.
+        let tc = quiet_global_cache();
+        if !tc.is_null()
+            && let Some((class, _)) = pool().block_info(ptr as usize)
+            && class != HUGE_CLASS
+        {
+            // SAFETY: this thread's cache, the only reference made from it;
+            // the pagemap says `ptr` starts a block of `class` of the pool,
+            // which the caller gives up.
+            let freed = unsafe { (*tc).free(pool(), class as usize, ptr) };
+            return if freed {
+                Ok(())
+            } else {
+                Err(AllocError::DoubleFree { addr: ptr as usize })
+            };
+        }
+        // SAFETY: forwarded from the caller.
+        unsafe { self.try_free_unsized_routed(ptr) }
+    }
+
+    /// [`try_free_unsized`](Self::try_free_unsized) off the quiet path.
+    ///
+    /// # Safety
+    /// - As for `try_free_unsized`.
+    #[inline(never)]
+    unsafe fn try_free_unsized_routed(&self, ptr: *mut u8) -> Result<(), AllocError> {
         let Some(p) = NonNull::new(ptr) else {
             return Err(AllocError::ForeignPointer { addr: 0 });
         };
@@ -276,6 +306,52 @@ impl<A: GlobalAlloc> TensorGlobalAlloc<A> {
     }
 }
 
+impl<A: GlobalAlloc> TensorGlobalAlloc<A> {
+    /// `alloc` off the quiet path: over-aligned requests (the inner
+    /// allocator's), tracing, a thread's first request and its last ones.
+    /// Marks the thread quiet once its cache is ready and nothing is traced.
+    ///
+    /// # Safety
+    /// - As for [`GlobalAlloc::alloc`].
+    #[inline(never)]
+    unsafe fn alloc_routed(&self, layout: Layout) -> *mut u8 {
+        let p = if layout.align() > MAX_ALIGN {
+            // SAFETY: forwarded from the caller (non-zero size).
+            unsafe { self.inner.alloc(layout) }
+        } else {
+            pool_alloc(layout)
+        };
+        trace_alloc(p, layout);
+        if trace::off_for_good() {
+            mark_global_quiet();
+        }
+        p
+    }
+
+    /// `dealloc` off the quiet path.
+    ///
+    /// # Safety
+    /// - As for [`GlobalAlloc::dealloc`].
+    #[inline(never)]
+    unsafe fn dealloc_routed(&self, ptr: *mut u8, layout: Layout) {
+        if trace::enabled() {
+            trace::record(TraceOp::Free, ptr, layout.size(), layout.align());
+        }
+        if layout.align() > MAX_ALIGN {
+            // SAFETY: over-aligned blocks are the inner allocator's (type
+            // invariant); the rest is forwarded from the caller.
+            return unsafe { self.inner.dealloc(ptr, layout) };
+        }
+        if cfg!(debug_assertions) && !self.owns(ptr) {
+            // A broken caller; abort rather than unwind out of an allocator.
+            std::process::abort();
+        }
+        // SAFETY: `ptr` is a block of the pool allocated with `layout` (type
+        // invariant and the caller).
+        unsafe { pool_free(ptr, layout) }
+    }
+}
+
 impl<A: GlobalAlloc> core::fmt::Debug for TensorGlobalAlloc<A> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("TensorGlobalAlloc")
@@ -289,13 +365,13 @@ fn pool() -> &'static PoolShared {
     global_pool()
 }
 
-/// Runs a pool allocation with this thread's cache, after making sure the
-/// fork handlers exist; an error becomes null (its `Display` is never run).
+/// Runs a pool allocation with this thread's cache (`with_global_cache`
+/// makes sure the fork handlers exist first); an error becomes null (its
+/// `Display` is never run).
 #[inline(always)]
 fn from_pool(
     f: impl FnOnce(Option<&mut ThreadCache>) -> Result<NonNull<u8>, AllocError>,
 ) -> *mut u8 {
-    ensure_atfork();
     with_global_cache(f).map_or(null_mut(), NonNull::as_ptr)
 }
 
@@ -303,8 +379,11 @@ fn from_pool(
 /// blocks and refills are out of line inside it), null on failure.
 #[inline(always)]
 fn pool_alloc(layout: Layout) -> *mut u8 {
-    ensure_atfork();
-    with_global_cache(|tc| pool().alloc_raw(tc, layout))
+    // `global_cache` registers the fork handlers before it first returns
+    // (a cache or null), so no pool lock is taken before they exist.
+    let tc = global_cache();
+    // SAFETY: this thread's cache, the only reference made from it.
+    pool().alloc_raw(unsafe { tc.as_mut() }, layout)
 }
 
 /// The hot path of `dealloc`. A detected double free aborts, as glibc does.
@@ -313,9 +392,12 @@ fn pool_alloc(layout: Layout) -> *mut u8 {
 /// - `ptr` is a live pool block allocated with `layout`, not used afterwards.
 #[inline(always)]
 unsafe fn pool_free(ptr: *mut u8, layout: Layout) {
-    // SAFETY: forwarded from the caller; a pool block is non-null.
-    let freed =
-        with_global_cache(|tc| unsafe { pool().free(tc, NonNull::new_unchecked(ptr), layout) });
+    // SAFETY: this thread's cache, the only reference made from it; the
+    // block is forwarded from the caller, and a pool block is non-null.
+    let freed = unsafe {
+        let tc = global_cache().as_mut();
+        pool().free(tc, NonNull::new_unchecked(ptr), layout)
+    };
     if !freed {
         double_free_abort();
     }
@@ -341,33 +423,36 @@ pub(crate) fn double_free_abort() -> ! {
 unsafe impl<A: GlobalAlloc> GlobalAlloc for TensorGlobalAlloc<A> {
     #[inline(always)]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = if layout.align() > MAX_ALIGN {
-            // SAFETY: forwarded from the caller (non-zero size).
-            unsafe { self.inner.alloc(layout) }
-        } else {
-            pool_alloc(layout)
-        };
-        trace_alloc(p, layout);
-        p
+        // The quiet path: a thread whose cache is ready while nothing is
+        // traced, and a pool request (one per-thread flag, one compare).
+        let tc = quiet_global_cache();
+        if !tc.is_null() && layout.align() <= MAX_ALIGN {
+            // SAFETY: this thread's cache, the only reference made from it.
+            return pool().alloc_raw(unsafe { tc.as_mut() }, layout);
+        }
+        // SAFETY: forwarded from the caller.
+        unsafe { self.alloc_routed(layout) }
     }
 
     #[inline(always)]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if trace::enabled() {
-            trace::record(TraceOp::Free, ptr, layout.size(), layout.align());
+        let tc = quiet_global_cache();
+        if !tc.is_null() && layout.align() <= MAX_ALIGN {
+            if cfg!(debug_assertions) && !self.owns(ptr) {
+                // A broken caller; abort rather than unwind out of an allocator.
+                std::process::abort();
+            }
+            // SAFETY: this thread's cache, the only reference made from it;
+            // `ptr` is a block of the pool allocated with `layout` (type
+            // invariant and the caller), so non-null.
+            let freed = unsafe { pool().free(tc.as_mut(), NonNull::new_unchecked(ptr), layout) };
+            if !freed {
+                double_free_abort();
+            }
+            return;
         }
-        if layout.align() > MAX_ALIGN {
-            // SAFETY: over-aligned blocks are the inner allocator's (type
-            // invariant); the rest is forwarded from the caller.
-            return unsafe { self.inner.dealloc(ptr, layout) };
-        }
-        if cfg!(debug_assertions) && !self.owns(ptr) {
-            // A broken caller; abort rather than unwind out of an allocator.
-            std::process::abort();
-        }
-        // SAFETY: `ptr` is a block of the pool allocated with `layout` (type
-        // invariant and the caller).
-        unsafe { pool_free(ptr, layout) }
+        // SAFETY: forwarded from the caller.
+        unsafe { self.dealloc_routed(ptr, layout) }
     }
 
     #[inline]
@@ -487,7 +572,7 @@ const REGISTERED: usize = 2;
 /// Registers the fork handlers before this thread can first take a pool
 /// lock. One relaxed load once registered.
 #[inline(always)]
-fn ensure_atfork() {
+pub(crate) fn ensure_atfork() {
     if ATFORK.load(Ordering::Relaxed) != REGISTERED {
         register_atfork();
     }

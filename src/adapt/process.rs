@@ -60,6 +60,13 @@ pub(crate) fn enabled() -> bool {
     }
 }
 
+/// Whether this process decided not to record: final (nothing turns
+/// recording on after it was decided off), so a thread may remember it.
+#[inline]
+pub(crate) fn off_for_good() -> bool {
+    STATE.load(Ordering::Relaxed) == OFF
+}
+
 /// Records an event (call [`enabled`] first).
 #[inline(always)]
 pub(crate) fn record(op: TraceOp, ptr: *const u8, size: usize, align: usize) {

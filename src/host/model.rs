@@ -15,14 +15,16 @@
 use super::huge::{HUGE_SLOTS, pick, pick_resize};
 use super::large::{FIRST, donor, fitting_class, gather_from, is_one_block, keep_tail};
 use super::size_class::{
-    NUM_CLASSES, batch_at, blocks_per_span, class_for, class_size, counts_against_limit, huge_size,
-    initial_cap, next_cap, span_bytes,
+    NUM_CLASSES, SPARE_CLASSES, batch_at, blocks_per_span, class_for, class_size,
+    counts_against_limit, huge_size, initial_cap, next_cap, span_bytes,
 };
 use crate::stats::Stat;
 
 #[derive(Debug, Clone, Copy, Default)]
 struct ClassModel {
     tc: usize,
+    /// Blocks on the thread cache's spare list (classes below `SPARE_CLASSES`).
+    spare: usize,
     /// The thread cache's cap (slow start).
     cap: u32,
     free: usize,
@@ -188,6 +190,12 @@ impl PoolModel {
             self.classes[c].tc -= 1;
             return class_size(c);
         }
+        // The spare list, as `ThreadCache::unpark`.
+        if self.classes[c].spare > 0 {
+            let m = &mut self.classes[c];
+            m.tc = core::mem::take(&mut m.spare) - 1;
+            return class_size(c);
+        }
         // Refill, as `ThreadCache::refill` and `Central::refill`.
         let want = batch_at(self.classes[c].cap) as usize;
         self.classes[c].cap = next_cap(c, self.classes[c].cap);
@@ -266,8 +274,14 @@ impl PoolModel {
         self.classes[c].live -= 1;
         let cap = self.classes[c].cap;
         if self.classes[c].tc as u32 >= cap {
-            let k = (batch_at(cap) as usize).min(self.classes[c].tc);
-            self.give_back(c, k);
+            if c < SPARE_CLASSES && self.classes[c].spare == 0 {
+                // Parked whole, as `ThreadCache::overflow`.
+                let m = &mut self.classes[c];
+                m.spare = core::mem::take(&mut m.tc);
+            } else {
+                let k = (batch_at(cap) as usize).min(self.classes[c].tc);
+                self.give_back(c, k);
+            }
             self.classes[c].cap = next_cap(c, cap);
         }
         self.classes[c].tc += 1;
@@ -295,7 +309,9 @@ impl PoolModel {
     /// `HostPool::trim` from the modelled thread.
     pub fn trim(&mut self) {
         for c in 0..NUM_CLASSES {
-            let k = self.classes[c].tc;
+            let m = &mut self.classes[c];
+            let k = m.tc + core::mem::take(&mut m.spare);
+            m.tc = k;
             if k > 0 {
                 self.give_back(c, k);
             }

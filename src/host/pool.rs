@@ -226,6 +226,14 @@ impl PoolShared {
                 None => thread_cache::central_alloc(self, c).0,
             };
         }
+        self.alloc_huge_raw(layout)
+    }
+
+    /// [`alloc_huge`](Self::alloc_huge) as a pointer (null on failure), out
+    /// of line: its `Result` lives in this frame, not in the hot path's.
+    #[cold]
+    #[inline(never)]
+    fn alloc_huge_raw(&self, layout: Layout) -> *mut u8 {
         self.alloc_huge(layout)
             .map_or(core::ptr::null_mut(), |(p, _)| p.as_ptr())
     }
@@ -670,7 +678,10 @@ impl HostPool {
         if layout.size() == 0 {
             return Ok(dangling(layout));
         }
-        let p = thread_cache::with_pool_cache(&self.shared, |tc| self.shared.alloc_raw(tc, layout));
+        // SAFETY: this thread's cache, the only reference made from it, gone
+        // before the next call that enters a cache.
+        let tc = unsafe { thread_cache::pool_cache(&self.shared).as_mut() };
+        let p = self.shared.alloc_raw(tc, layout);
         NonNull::new(p).ok_or_else(|| self.shared.alloc_error(layout))
     }
 
@@ -695,10 +706,12 @@ impl HostPool {
         if layout.size() == 0 {
             return;
         }
-        // SAFETY: forwarded from the caller.
-        let _freed = thread_cache::with_pool_cache(&self.shared, |tc| unsafe {
+        // SAFETY: this thread's cache, as in `allocate`; the block is
+        // forwarded from the caller.
+        let _freed = unsafe {
+            let tc = thread_cache::pool_cache(&self.shared).as_mut();
             self.shared.free(tc, ptr, layout)
-        });
+        };
     }
 
     /// Frees a block without its layout. Errors, with nothing changed:

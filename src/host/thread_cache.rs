@@ -22,21 +22,24 @@
 //! down under it (`PoolShared::acquire_handle`).
 //!
 //! Per-request cache statistics at no cost on the hot path: a class's list
-//! length and its count of requests served share one word (`lp`), so the
-//! pop's `len -= 1` also counts the request; a pop of a fresh block (key
+//! room and its count of requests served share one word (`lp`), so the
+//! pop's single add also counts the request; a pop of a fresh block (key
 //! word zero, see `guard`) also counts a miss, on a branch the hot loop
 //! never takes. The counts are added to the pool's counters at refill,
-//! flush, thread exit and `HostPool::stats`.
+//! flush, thread exit and `HostPool::stats`. The same word makes the cap
+//! test of a push the carry of its add (see `ClassCache::lp`), so a class's
+//! record is two words and its cap is read only off the hot path.
 //!
-//! Invariant per class: `lp & LEN_MASK` equals the length of the list at
-//! `head` and is `≤ cap ≤ cache_cap(c)` between calls; every block on the
-//! list of a class `c > 0` carries its pool's key in word 1.
+//! Invariant per class: the length `ClassCache::len(cap)` equals the length
+//! of the list at `head` and is `≤ cap ≤ cache_cap(c)` between calls, with
+//! `cap` the class's entry in `caps`; every block on the list of a class
+//! `c > 0` carries its pool's key in word 1.
 //!
 //! [`HostPool`]: super::HostPool
 
 use super::guard::{has_key, key_of, set_key};
 use super::pool::PoolShared;
-use super::size_class::{NUM_CLASSES, batch_at, cache_cap, initial_cap, next_cap};
+use super::size_class::{NUM_CLASSES, SPARE_CLASSES, batch_at, cache_cap, initial_cap, next_cap};
 use super::transfer::FreeBlock;
 use core::cell::UnsafeCell;
 use core::ptr::null_mut;
@@ -46,38 +49,58 @@ use std::sync::Arc;
 #[repr(C)]
 struct ClassCache {
     head: *mut FreeBlock,
-    /// The list's length (low [`LEN_BITS`] bits) and the requests served
-    /// since the last publish (the bits above).
+    /// The list's *room* (top [`ROOM_BITS`] bits: `len + ROOM_MAX - cap`,
+    /// so it is [`ROOM_MAX`] exactly when the list is full) and the
+    /// requests served since the last publish (the bits below). A push adds
+    /// [`PUSH`]: the add carries out of the word exactly when the list was
+    /// full, so the cap test is the add's own carry flag.
     lp: u64,
-    /// The list's cap: starts at [`initial_cap`] and grows with each refill
-    /// or overflow up to [`cache_cap`] (slow start).
-    cap: u64,
 }
 
-const LEN_BITS: u32 = 16;
-const LEN_MASK: u64 = (1 << LEN_BITS) - 1;
-/// Added by a pop: one more request, one block fewer.
-const POP: u64 = (1 << LEN_BITS) - 1;
+/// The size of one class's record (two words; held by a test).
+#[cfg(test)]
+pub(crate) const CLASS_RECORD_BYTES: usize = core::mem::size_of::<ClassCache>();
 
-// Every cap (≤ 512) fits the length bits.
+const ROOM_BITS: u32 = 16;
+const REQ_BITS: u32 = 64 - ROOM_BITS;
+const REQ_MASK: u64 = (1 << REQ_BITS) - 1;
+const ROOM_MAX: u64 = (1 << ROOM_BITS) - 1;
+/// Added by a push: one block more.
+const PUSH: u64 = 1 << REQ_BITS;
+/// Added by a pop: one more request, one block fewer. The room field never
+/// borrows: it is at least `ROOM_MAX - cap > 0` while the list is non-empty.
+const POP: u64 = 1u64.wrapping_sub(PUSH);
+
+// Every cap (≤ 512) leaves the room field well above zero.
 const _: () = {
     let mut c = 0;
     while c < NUM_CLASSES {
-        assert!((cache_cap(c) as u64) < LEN_MASK);
+        assert!((cache_cap(c) as u64) < ROOM_MAX / 2);
         c += 1;
     }
 };
 
 impl ClassCache {
+    /// The word for a list of `len ≤ cap` blocks and `requests` uncounted.
     #[inline(always)]
-    fn len(&self) -> u64 {
-        self.lp & LEN_MASK
+    const fn word(len: u64, cap: u64, requests: u64) -> u64 {
+        debug_assert!(len <= cap && cap < ROOM_MAX && requests <= REQ_MASK);
+        ((len + ROOM_MAX - cap) << REQ_BITS) | requests
+    }
+    #[inline(always)]
+    fn len(&self, cap: u64) -> u64 {
+        (self.lp >> REQ_BITS) + cap - ROOM_MAX
+    }
+    /// Sets the length and cap, keeping the request count.
+    #[inline]
+    fn set(&mut self, len: u64, cap: u64) {
+        self.lp = Self::word(len, cap, self.lp & REQ_MASK);
     }
     /// Takes the request count, keeping the length.
     #[inline]
     fn take_requests(&mut self) -> u64 {
-        let r = self.lp >> LEN_BITS;
-        self.lp &= LEN_MASK;
+        let r = self.lp & REQ_MASK;
+        self.lp &= !REQ_MASK;
         r
     }
 }
@@ -86,19 +109,49 @@ impl ClassCache {
 #[derive(Debug)]
 pub(crate) struct ThreadCache {
     classes: [ClassCache; NUM_CLASSES],
+    /// Each class's cap: starts at [`initial_cap`] and grows with each refill
+    /// or overflow up to [`cache_cap`] (slow start). Read off the hot path
+    /// only: the room field of `lp` carries it there.
+    caps: [u16; NUM_CLASSES],
+    /// Per small class, a whole list parked by an overflow (see
+    /// `SPARE_MAX_SIZE`): null, or a chain of `len ≤ cap` free blocks of
+    /// the class (keyed like the list's).
+    spares: [Spare; SPARE_CLASSES],
     /// Requests served by a fresh block, not yet published.
     fresh: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Spare {
+    head: *mut FreeBlock,
+    len: usize,
+}
+
+impl Spare {
+    const EMPTY: Spare = Spare {
+        head: null_mut(),
+        len: 0,
+    };
+}
+
+const fn initial_caps() -> [u16; NUM_CLASSES] {
+    let mut a = [0u16; NUM_CLASSES];
+    let mut c = 0;
+    while c < NUM_CLASSES {
+        a[c] = initial_cap(c) as u16;
+        c += 1;
+    }
+    a
 }
 
 const fn empty_classes() -> [ClassCache; NUM_CLASSES] {
     let mut a = [ClassCache {
         head: null_mut(),
         lp: 0,
-        cap: 0,
     }; NUM_CLASSES];
     let mut c = 0;
     while c < NUM_CLASSES {
-        a[c].cap = initial_cap(c) as u64;
+        a[c].lp = ClassCache::word(0, initial_cap(c) as u64, 0);
         c += 1;
     }
     a
@@ -108,11 +161,32 @@ impl ThreadCache {
     pub(crate) const fn new() -> Self {
         ThreadCache {
             classes: empty_classes(),
+            caps: initial_caps(),
+            spares: [Spare::EMPTY; SPARE_CLASSES],
             fresh: 0,
         }
     }
 
-    /// A block of class `c`, or null if the OS refused memory.
+    /// The cap of class `c`.
+    #[inline]
+    fn cap(&self, c: usize) -> u64 {
+        u64::from(self.caps[c])
+    }
+
+    /// The length of class `c`'s list.
+    #[inline]
+    fn len(&self, c: usize) -> usize {
+        self.classes[c].len(self.cap(c)) as usize
+    }
+
+    /// Sets the length and the cap of class `c`'s list.
+    #[inline]
+    fn set_len_cap(&mut self, c: usize, len: usize, cap: u32) {
+        self.caps[c] = cap as u16;
+        self.classes[c].set(len as u64, u64::from(cap));
+    }
+
+    /// A block of class `c < NUM_CLASSES`, or null if the OS refused memory.
     #[inline(always)]
     pub(crate) fn alloc(&mut self, pool: &PoolShared, c: usize) -> *mut u8 {
         let cc = &mut self.classes[c];
@@ -121,13 +195,29 @@ impl ThreadCache {
             // SAFETY: `h` is a free block on our list; its first word is the link.
             cc.head = unsafe { (*h).next };
             cc.lp = cc.lp.wrapping_add(POP);
-            // SAFETY: `h` is ours now and of class `c`.
-            unsafe { self.hand_out(c, h) };
+            if has_key(c) {
+                // SAFETY: `h` is ours now, of class `c > 0`: it has a key word.
+                if unsafe { key_of(h) } == 0 {
+                    // A tail call: nothing stays live across it (so the
+                    // hot path saves no registers).
+                    return self.fresh_out(h);
+                }
+                // SAFETY: as above.
+                unsafe { set_key(h, 0) };
+            }
             return h.cast();
         }
         self.refill(pool, c).0
     }
 
+    /// `alloc`'s pop of a fresh block (key word zero, so nothing to clear):
+    /// counts the miss and returns the block.
+    #[cold]
+    #[inline(never)]
+    fn fresh_out(&mut self, h: *mut FreeBlock) -> *mut u8 {
+        self.count_fresh();
+        h.cast()
+    }
     /// Clears the key word of a block about to be handed out, counting a
     /// miss if the block is fresh (key word zero).
     ///
@@ -165,20 +255,32 @@ impl ThreadCache {
     #[cold]
     #[inline(never)]
     fn refill(&mut self, pool: &PoolShared, c: usize) -> (*mut u8, bool) {
-        let want = batch_at(self.classes[c].cap as u32) as usize;
+        if self.unpark(c) {
+            // The parked list is ours: pop as `alloc` does (one request;
+            // the block is reported not fresh, which is always safe).
+            let cc = &mut self.classes[c];
+            let h = cc.head;
+            // SAFETY: `unpark` left a list of `len ≥ 1` well-formed blocks.
+            cc.head = unsafe { (*h).next };
+            cc.lp = cc.lp.wrapping_add(POP);
+            // SAFETY: `h` is ours now and of class `c`.
+            unsafe { self.hand_out(c, h) };
+            return (h.cast(), false);
+        }
+        let cap = self.cap(c) as u32;
+        let want = batch_at(cap) as usize;
         let (head, n, carved) = pool
             .central(c)
             .refill(pool, c, want, || self.flush_big(pool));
         if head.is_null() {
             return (null_mut(), false);
         }
-        let cc = &mut self.classes[c];
-        cc.cap = next_cap(c, cc.cap as u32) as u64;
         // SAFETY: `refill` gave us a well-formed chain of `n ≥ 1` free blocks.
-        cc.head = unsafe { (*head).next };
+        self.classes[c].head = unsafe { (*head).next };
         // The list was empty; the head is handed out now (one request).
-        let requests = cc.take_requests() + 1;
-        cc.lp = (n - 1) as u64;
+        let requests = self.classes[c].take_requests() + 1;
+        // `n ≤ want ≤ cap`: the rest fits.
+        self.set_len_cap(c, n - 1, next_cap(c, cap));
         if has_key(c) {
             // SAFETY: the head is ours, of class `c`.
             unsafe { self.hand_out(c, head) };
@@ -197,19 +299,41 @@ impl ThreadCache {
         pool.count_requests(requests, core::mem::take(&mut self.fresh));
     }
 
-    /// Whether the block `b` of class `c` is on this cache's list or the
-    /// central list: the slow half of double-free detection, run only
-    /// when `b` carries the key.
+    /// Makes the spare list of class `c`, if it has one, the class's list,
+    /// whose list must be empty. Says whether it did (the list then holds
+    /// `len ≥ 1` blocks).
+    #[inline]
+    fn unpark(&mut self, c: usize) -> bool {
+        debug_assert!(self.classes[c].head.is_null());
+        let Some(spare) = self.spares.get_mut(c) else {
+            return false;
+        };
+        if spare.head.is_null() {
+            return false;
+        }
+        let s = core::mem::replace(spare, Spare::EMPTY);
+        self.classes[c].head = s.head;
+        // `s.len ≤` the cap when parked, and caps only grow.
+        let cap = self.caps[c];
+        self.set_len_cap(c, s.len, u32::from(cap));
+        true
+    }
+
+    /// Whether the block `b` of class `c` is on this cache's lists (the
+    /// class's and its spare) or the central list: the slow half of
+    /// double-free detection, run only when `b` carries the key.
     #[cold]
     #[inline(never)]
     fn is_free(&self, pool: &PoolShared, c: usize, b: *mut FreeBlock) -> bool {
-        let mut cur = self.classes[c].head;
-        while !cur.is_null() {
-            if cur == b {
-                return true;
+        let spare = self.spares.get(c).map_or(null_mut(), |s| s.head);
+        for mut cur in [self.classes[c].head, spare] {
+            while !cur.is_null() {
+                if cur == b {
+                    return true;
+                }
+                // SAFETY: well-formed nodes on our lists.
+                cur = unsafe { (*cur).next };
             }
-            // SAFETY: `len` well-formed nodes on our list.
-            cur = unsafe { (*cur).next };
         }
         pool.central(c).holds(b)
     }
@@ -225,6 +349,39 @@ impl ThreadCache {
     #[must_use]
     pub(crate) unsafe fn free(&mut self, pool: &PoolShared, c: usize, p: *mut u8) -> bool {
         let b = p.cast::<FreeBlock>();
+        let cc = &mut self.classes[c];
+        let (lp, full) = cc.lp.overflowing_add(PUSH);
+        // The slow cases (a block carrying the key, maybe a double free; a
+        // full list) are one tail call: nothing stays live across it.
+        if has_key(c) {
+            let key = pool.key();
+            // SAFETY: a block of class `c > 0` has a second word (caller).
+            if unsafe { key_of(b) } == key || full {
+                // SAFETY: forwarded from the caller.
+                return unsafe { self.free_slow(pool, c, b) };
+            }
+            // SAFETY: as above; the block is being freed by the caller.
+            unsafe { set_key(b, key) };
+        } else if full {
+            // SAFETY: forwarded from the caller.
+            return unsafe { self.free_slow(pool, c, b) };
+        }
+        // SAFETY: the caller hands us the block; its first word becomes the link.
+        unsafe { (*b).next = cc.head };
+        cc.head = b;
+        cc.lp = lp;
+        true
+    }
+
+    /// [`free`](Self::free) of a block that carries the key (the slow half
+    /// of double-free detection) or onto a full list (make room first).
+    ///
+    /// # Safety
+    /// - As for [`free`](Self::free), with `p` as `b`.
+    #[cold]
+    #[inline(never)]
+    #[must_use]
+    unsafe fn free_slow(&mut self, pool: &PoolShared, c: usize, b: *mut FreeBlock) -> bool {
         if has_key(c) {
             let key = pool.key();
             // SAFETY: a block of class `c > 0` has a second word (caller).
@@ -234,36 +391,54 @@ impl ThreadCache {
             // SAFETY: as above; the block is being freed by the caller.
             unsafe { set_key(b, key) };
         }
-        let cc = &mut self.classes[c];
-        if cc.len() >= cc.cap {
+        if self.len(c) as u64 >= self.cap(c) {
             self.overflow(pool, c);
         }
+        let len = self.len(c);
+        let cap = self.caps[c];
         let cc = &mut self.classes[c];
         // SAFETY: the caller hands us the block; its first word becomes the link.
         unsafe { (*b).next = cc.head };
         cc.head = b;
-        cc.lp += 1;
+        self.set_len_cap(c, len + 1, u32::from(cap));
         true
     }
 
-    /// A full list: hands half of it back and lets the cap grow.
+    /// A full list: parks it whole as the class's spare if the class has an
+    /// empty one (no walk, nothing leaves the thread), else hands half of it
+    /// back; either way the cap grows.
     #[cold]
     #[inline(never)]
     fn overflow(&mut self, pool: &PoolShared, c: usize) {
-        let cap = self.classes[c].cap as u32;
+        let cap = self.cap(c) as u32;
+        if let Some(spare) = self.spares.get_mut(c)
+            && spare.head.is_null()
+        {
+            // Park the whole list: O(1), and it stays in this thread.
+            let len = self.classes[c].len(u64::from(cap)) as usize;
+            *spare = Spare {
+                head: core::mem::replace(&mut self.classes[c].head, null_mut()),
+                len,
+            };
+            self.set_len_cap(c, 0, next_cap(c, cap));
+            return;
+        }
         self.flush(pool, c, batch_at(cap) as usize);
-        self.classes[c].cap = next_cap(c, cap) as u64;
+        let len = self.len(c);
+        self.set_len_cap(c, len, next_cap(c, cap));
     }
 
     /// Hands up to `n` blocks of class `c` back to the pool.
     #[cold]
     #[inline(never)]
     fn flush(&mut self, pool: &PoolShared, c: usize, n: usize) {
-        let cc = &mut self.classes[c];
-        let n = n.min(cc.len() as usize);
+        let len = self.len(c);
+        let n = n.min(len);
         if n == 0 {
             return;
         }
+        let cap = self.caps[c];
+        let cc = &mut self.classes[c];
         let head = cc.head;
         let mut tail = head;
         for _ in 1..n {
@@ -275,7 +450,7 @@ impl ThreadCache {
             cc.head = (*tail).next;
             (*tail).next = null_mut();
         }
-        cc.lp -= n as u64;
+        self.set_len_cap(c, len - n, u32::from(cap));
         // SAFETY: the chain is `n` free blocks of class `c` of `pool`, ours.
         unsafe { pool.central(c).give_back(pool, c, head, tail, n) };
     }
@@ -286,7 +461,7 @@ impl ThreadCache {
     #[cold]
     fn flush_big(&mut self, pool: &PoolShared) {
         for c in super::large::FIRST..NUM_CLASSES {
-            let len = self.classes[c].len() as usize;
+            let len = self.len(c);
             if len > 0 {
                 self.flush(pool, c, len);
             }
@@ -296,8 +471,12 @@ impl ThreadCache {
     /// Hands every cached block back to the pool (and publishes the counts).
     pub(crate) fn flush_all(&mut self, pool: &PoolShared) {
         for c in 0..NUM_CLASSES {
-            let len = self.classes[c].len() as usize;
+            let len = self.len(c);
             if len > 0 {
+                self.flush(pool, c, len);
+            }
+            if self.unpark(c) {
+                let len = self.len(c);
                 self.flush(pool, c, len);
             }
         }
@@ -387,6 +566,12 @@ pub(crate) struct ThreadCaches {
     pools: [PoolSlot; POOL_SLOTS],
     /// The cache for the process-wide global pool.
     pub(crate) global: ThreadCache,
+    /// `global` may be used: the exit hook is registered (`life` is
+    /// `Live`) and so are the global pool's fork handlers.
+    global_ready: bool,
+    /// `global_ready`, and the global allocator found tracing off (which,
+    /// once off, stays off): its quiet path may skip the trace checks.
+    global_quiet: bool,
 }
 
 thread_local! {
@@ -396,6 +581,8 @@ thread_local! {
             next_victim: 0,
             pools: [const { PoolSlot { pool: null_mut::<PoolShared>() as *const _, cache: ThreadCache::new() } }; POOL_SLOTS],
             global: ThreadCache::new(),
+            global_ready: false,
+            global_quiet: false,
         })
     };
 }
@@ -411,28 +598,42 @@ fn caches() -> *mut ThreadCaches {
     }
 }
 
-/// Runs `f` with this thread's cache for `pool` (a reference to its shared
-/// state is taken on first use), or with `None` once the thread is exiting.
-/// The caller holds a handle of `pool`.
+/// This thread's cache for `pool` (a reference to its shared state is taken
+/// on first use), or null once the thread is exiting. The caller holds a
+/// handle of `pool`, makes at most one `&mut` from the pointer at a time and
+/// drops it before this thread next enters any pool's cache.
+///
+/// A pointer, not a closure: a closure's body is one function that every
+/// inlined copy of `allocate`/`deallocate` calls, and a caller with many
+/// copies (a benchmark's big `match`) got it out of line, its captures and
+/// result passed through the stack.
+#[inline(always)]
+pub(crate) fn pool_cache(pool: &Arc<PoolShared>) -> *mut ThreadCache {
+    let tc = caches();
+    // SAFETY: the cell is this thread's; only addresses are formed here.
+    unsafe {
+        if (*tc).pools[0].pool == Arc::as_ptr(pool) {
+            &raw mut (*tc).pools[0].cache
+        } else {
+            pool_cache_slow(tc, pool)
+        }
+    }
+}
+
+/// Runs `f` with this thread's cache for `pool` (see [`pool_cache`]), or
+/// with `None` once the thread is exiting. For the cold entry points; the
+/// hot ones use [`pool_cache`] directly.
 ///
 /// `f` must not re-enter the same pool's cache on this thread (the pool's own
 /// code never does: it maps memory directly from the OS).
-#[inline(always)]
+#[inline]
 pub(crate) fn with_pool_cache<R>(
     pool: &Arc<PoolShared>,
     f: impl FnOnce(Option<&mut ThreadCache>) -> R,
 ) -> R {
-    let tc = caches();
-    // SAFETY: the cell is this thread's; the only `&mut` made from it is the
-    // one handed to `f`, and the pool's code does not re-enter it (see above).
-    unsafe {
-        let cache = if (*tc).pools[0].pool == Arc::as_ptr(pool) {
-            &raw mut (*tc).pools[0].cache
-        } else {
-            pool_cache_slow(tc, pool)
-        };
-        f(cache.as_mut())
-    }
+    // SAFETY: the only `&mut` made from the pointer is the one handed to
+    // `f`, and the pool's code does not re-enter it (see above).
+    f(unsafe { pool_cache(pool).as_mut() })
 }
 
 /// The cache of `pool` in slots 1.., installing it (and evicting the oldest
@@ -545,27 +746,77 @@ pub(crate) fn publish_counts(pool: &PoolShared) {
     });
 }
 
-/// Runs `f` with this thread's cache for the process-wide global pool, or
-/// with `None` while the exit hook registers or after thread exit.
+/// This thread's cache for the process-wide global pool, or null while the
+/// exit hook registers or after thread exit. Its first call on a thread
+/// also makes sure the fork handlers exist (`global::ensure_atfork`), so
+/// the hot path is one load and compare of a per-thread flag. The caller
+/// makes at most one `&mut` from the pointer at a time; the global pool's
+/// code never re-enters it (it maps from the OS and takes no allocating
+/// locks).
 #[inline(always)]
-pub(crate) fn with_global_cache<R>(f: impl FnOnce(Option<&mut ThreadCache>) -> R) -> R {
-    // Only the address leaves `try_with` (a tiny closure always inlines): the
-    // cell has no destructor, so it lives as long as the thread.
-    let tc = match CACHES.try_with(|cell| cell.get()) {
-        Ok(tc) => tc,
-        Err(_) => unreachable_tls(),
-    };
-    // One call site of `f`, so the whole fast path inlines.
-    // SAFETY: this thread's cell; the global pool's code never re-enters
-    // it (it maps from the OS and takes no allocating locks).
-    let cache = unsafe {
-        if (*tc).life == Life::Live || ensure_exit_hook(tc) {
-            Some(&mut (*tc).global)
+pub(crate) fn global_cache() -> *mut ThreadCache {
+    let tc = caches();
+    // SAFETY: this thread's cell; only addresses are formed here.
+    unsafe {
+        if (*tc).global_ready {
+            &raw mut (*tc).global
         } else {
-            None
+            global_cache_slow(tc)
         }
-    };
-    f(cache)
+    }
+}
+
+/// This thread's cache for the global pool if the global allocator marked
+/// the thread quiet ([`mark_global_quiet`]), else null. Same contract as
+/// [`global_cache`].
+#[inline(always)]
+pub(crate) fn quiet_global_cache() -> *mut ThreadCache {
+    let tc = caches();
+    // SAFETY: this thread's cell; only addresses are formed here.
+    unsafe {
+        if (*tc).global_quiet {
+            &raw mut (*tc).global
+        } else {
+            null_mut()
+        }
+    }
+}
+
+/// Marks this thread quiet if its global cache is ready: the global
+/// allocator calls it once it has seen tracing off (for good).
+pub(crate) fn mark_global_quiet() {
+    let tc = caches();
+    // SAFETY: this thread's cell; no reference into it is live.
+    unsafe { (*tc).global_quiet = (*tc).global_ready };
+}
+
+/// [`global_cache`] on a thread's first use of the global pool, while its
+/// exit hook registers, and after its exit.
+///
+/// # Safety
+/// - `tc` is this thread's `CACHES` cell and no reference into it is live.
+#[cold]
+#[inline(never)]
+unsafe fn global_cache_slow(tc: *mut ThreadCaches) -> *mut ThreadCache {
+    crate::global::ensure_atfork();
+    // SAFETY: the caller's contract.
+    unsafe {
+        if ensure_exit_hook(tc) {
+            (*tc).global_ready = true;
+            &raw mut (*tc).global
+        } else {
+            null_mut()
+        }
+    }
+}
+
+/// Runs `f` with this thread's cache for the process-wide global pool (see
+/// [`global_cache`]), or with `None` while the exit hook registers or after
+/// thread exit. For the cold entry points.
+#[inline]
+pub(crate) fn with_global_cache<R>(f: impl FnOnce(Option<&mut ThreadCache>) -> R) -> R {
+    // SAFETY: the only `&mut` made from the pointer is the one handed to `f`.
+    f(unsafe { global_cache().as_mut() })
 }
 
 #[cold]
@@ -631,6 +882,8 @@ extern "C" fn on_thread_exit(_: *mut libc::c_void) {
         // SAFETY: this thread's cell at thread exit; nothing else uses it now.
         unsafe {
             (*tc).life = Life::Dead;
+            (*tc).global_ready = false;
+            (*tc).global_quiet = false;
             (*tc).global.flush_all(super::pool::global_pool());
             for i in 0..POOL_SLOTS {
                 retire_slot(&raw mut (*tc).pools[i]);

@@ -61,15 +61,16 @@ impl Central {
         self.list.locked(f)
     }
 
-    /// Moves everything from `incoming` onto the locked free list.
-    fn drain_incoming(&self, inner: &mut Inner) {
-        self.list.drain_incoming(inner)
+    /// Moves every free block (whole batches, `incoming`) onto the locked
+    /// loose free list.
+    fn gather(&self, inner: &mut Inner) {
+        self.list.gather(inner)
     }
 
     /// Free blocks available without mapping (a racy hint when unlocked).
     #[cfg(test)]
     pub(crate) fn available(&self) -> usize {
-        self.locked(|i| i.free_len + i.bump_left) + self.list.incoming_len()
+        self.locked(|i| i.free_len + i.batched() + i.bump_left) + self.list.incoming_len()
     }
 
     /// Whether the block `b` is on this class's free list or incoming stack
@@ -78,8 +79,9 @@ impl Central {
         self.list.holds(b)
     }
 
-    /// Takes up to `want` (≥ 1) blocks, mapping a new span if none is free.
-    /// Returns the chain's head (null only if the OS refused memory), its
+    /// Takes about `want` (≥ 1) blocks, at most `max` (≥ `want`: whole
+    /// batches as other threads gave them back may bring more than `want`),
+    /// mapping a new span if none is free. Returns the chain's head (null only if the OS refused memory), its
     /// length, and how many of its first blocks are *fresh*: carved from a
     /// span's never-used tail, so every byte of them but the link word
     /// reads zero.
@@ -95,10 +97,11 @@ impl Central {
         pool: &PoolShared,
         c: usize,
         want: usize,
+        max: usize,
         before_steal: impl FnOnce(),
     ) -> (*mut FreeBlock, usize, usize) {
         if large::is_one_block(c) {
-            let got = self.refill_with(pool, c, want, false);
+            let got = self.refill_with(pool, c, want, max, false);
             if got.1 > 0 {
                 return got;
             }
@@ -109,7 +112,7 @@ impl Central {
                 return (b, 1, 0);
             }
         }
-        self.refill_with(pool, c, want, true)
+        self.refill_with(pool, c, want, max, true)
     }
 
     /// [`refill`](Self::refill) from this class alone, mapping a span only if
@@ -119,10 +122,11 @@ impl Central {
         pool: &PoolShared,
         c: usize,
         want: usize,
+        max: usize,
         may_grow: bool,
     ) -> (*mut FreeBlock, usize, usize) {
         let size = class_size(c);
-        // 1. From the free list (`take` cuts up to `want` nodes), then
+        // 1. From whole batches and the free list (`take`), then
         let more = |inner: &mut Inner, mut head: *mut FreeBlock, mut n: usize| {
             // 2. from the newest span's uncarved tail, mapping one if needed.
             if n == 0
@@ -146,7 +150,8 @@ impl Central {
         };
         // After the take: the blocks were counted before they were listed
         // (`give_back`, `grow`), so the counters never go below zero.
-        self.list.take(want, more, |n| pool.uncache(c, n * size))
+        self.list
+            .take(want, max, more, |n| pool.uncache(c, n * size))
     }
 
     /// Hands a chain of `n` blocks back (lock-free).
@@ -162,12 +167,15 @@ impl Central {
         tail: *mut FreeBlock,
         n: usize,
     ) {
+        // One-block classes through the incoming stack, which `has_incoming`
+        // sees without the lock (`large::steal` keeps its hint right with it).
+        let whole = !large::is_one_block(c);
         // SAFETY: forwarded from the caller.
         let retained = unsafe {
             self.list
-                .give_back(head, tail, n, || pool.cache(c, n * class_size(c)))
+                .give_back(head, tail, n, whole, || pool.cache(c, n * class_size(c)))
         };
-        if large::is_one_block(c) {
+        if !whole {
             pool.large_free.set(c);
         }
         if counts_against_limit(c) && retained > pool.retain_limit.load(Ordering::Relaxed) {
@@ -188,7 +196,7 @@ impl Central {
     pub(crate) fn take_span(&self, pool: &PoolShared, c: usize) -> Option<*mut SpanMeta> {
         debug_assert!(blocks_per_span(c) == 1);
         let s = self.locked(|inner| {
-            self.drain_incoming(inner);
+            self.gather(inner);
             let b = if !inner.free.is_null() {
                 let b = inner.free;
                 // SAFETY: a well-formed free list of `free_len ≥ 1` nodes.
@@ -317,7 +325,7 @@ impl Central {
     /// Returns bytes mapped, or `None` if the OS refused.
     pub(crate) fn prewarm(&self, pool: &PoolShared, c: usize, count: usize) -> Option<usize> {
         self.locked(|inner| {
-            self.drain_incoming(inner);
+            self.gather(inner);
             let len = span_bytes(c);
             let short = count.saturating_sub(inner.free_len + inner.bump_left);
             let spans = short.div_ceil(blocks_per_span(c));
@@ -407,7 +415,7 @@ impl Central {
     ) -> usize {
         let size = class_size(c);
         self.locked(|inner| {
-            self.drain_incoming(inner);
+            self.gather(inner);
             // 1. Count free blocks per span.
             let mut b = inner.free;
             while !b.is_null() {
@@ -492,7 +500,7 @@ impl Central {
         let size = class_size(c);
         let mut unmaps = UnmapBatch::new();
         self.locked(|inner| {
-            self.drain_incoming(inner);
+            self.gather(inner);
             while pool.retained.load(Ordering::Relaxed) > pool.retain_limit.load(Ordering::Relaxed)
                 && !inner.free.is_null()
             {
@@ -533,7 +541,7 @@ impl Central {
     pub(crate) unsafe fn release_all(&self, pool: &PoolShared) {
         let mut unmaps = UnmapBatch::new();
         self.locked(|inner| {
-            self.drain_incoming(inner);
+            self.gather(inner);
             while !inner.spans.is_null() {
                 // SAFETY: the caller guarantees nothing uses these blocks.
                 unsafe { self.release_span(pool, inner, inner.spans, &mut unmaps) };

@@ -165,10 +165,14 @@ impl ThreadCache {
     #[cold]
     #[inline(never)]
     fn refill(&mut self, pool: &PoolShared, c: usize) -> (*mut u8, bool) {
-        let want = batch_at(self.classes[c].cap as u32) as usize;
+        let cap = self.classes[c].cap as u32;
+        let want = batch_at(cap) as usize;
+        // The list is empty and one block is handed out: up to `cap + 1`
+        // keep the list within its cap.
+        let max = cap as usize + 1;
         let (head, n, carved) = pool
             .central(c)
-            .refill(pool, c, want, || self.flush_big(pool));
+            .refill(pool, c, want, max, || self.flush_big(pool));
         if head.is_null() {
             return (null_mut(), false);
         }
@@ -315,7 +319,7 @@ impl ThreadCache {
 /// used after the thread's caches were torn down. Also says whether the
 /// block is fresh, as [`ThreadCache::alloc_fresh`] does.
 pub(crate) fn central_alloc(pool: &PoolShared, c: usize) -> (*mut u8, bool) {
-    let (h, n, carved) = pool.central(c).refill(pool, c, 1, || ());
+    let (h, n, carved) = pool.central(c).refill(pool, c, 1, 1, || ());
     debug_assert!(h.is_null() || n == 1);
     if h.is_null() {
         return (null_mut(), false);

@@ -166,12 +166,12 @@ const SIZE: usize = 16;
 /// records what was taken, the counter is lowered after and must never
 /// go below what is taken.
 fn take(list: &CentralList<usize>, cached: &AtomicUsize, want: usize) -> Vec<usize> {
-    let (h, _, _) = list.take(
+    let got = list.take(
         want,
         want,
-        |st, h, n| {
-            st.x += n;
-            (h, n, 0)
+        |st, got| {
+            st.x += got.n;
+            got
         },
         |n| {
             let before = cached.fetch_sub(n * SIZE, Ordering::Relaxed);
@@ -182,7 +182,7 @@ fn take(list: &CentralList<usize>, cached: &AtomicUsize, want: usize) -> Vec<usi
             );
         },
     );
-    drain(h)
+    drain(got.head)
 }
 
 /// The central list protocol (`host::central_list`, what every size class of

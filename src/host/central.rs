@@ -14,7 +14,7 @@ use super::pagemap;
 use super::pool::PoolShared;
 use super::size_class::{GRANULE, blocks_per_span, class_size, counts_against_limit, span_bytes};
 use super::span::{self, SpanMeta};
-use super::transfer::FreeBlock;
+use super::transfer::{Chain, FreeBlock};
 use crate::os::UnmapBatch;
 use crate::sync::Ordering;
 use core::ptr::null_mut;
@@ -81,10 +81,10 @@ impl Central {
 
     /// Takes about `want` (≥ 1) blocks, at most `max` (≥ `want`: whole
     /// batches as other threads gave them back may bring more than `want`),
-    /// mapping a new span if none is free. Returns the chain's head (null only if the OS refused memory), its
-    /// length, and how many of its first blocks are *fresh*: carved from a
-    /// span's never-used tail, so every byte of them but the link word
-    /// reads zero.
+    /// mapping a new span if none is free. Returns the chain (empty only if
+    /// the OS refused memory), whose `fresh` first blocks were carved from a
+    /// span's never-used tail, so every byte of them but the link word reads
+    /// zero.
     ///
     /// A one-block class with nothing free first runs `before_steal` (the
     /// caller's thread cache hands back its idle big blocks of other
@@ -99,17 +99,22 @@ impl Central {
         want: usize,
         max: usize,
         before_steal: impl FnOnce(),
-    ) -> (*mut FreeBlock, usize, usize) {
+    ) -> Chain {
         if large::is_one_block(c) {
             let got = self.refill_with(pool, c, want, max, false);
-            if got.1 > 0 {
+            if got.n > 0 {
                 return got;
             }
             before_steal();
             if let Some(b) = large::steal(pool, c) {
                 // SAFETY: the span's one block, ours; its link word is ours to write.
                 unsafe { (*b).next = null_mut() };
-                return (b, 1, 0);
+                return Chain {
+                    head: b,
+                    tail: b,
+                    n: 1,
+                    fresh: 0,
+                };
             }
         }
         self.refill_with(pool, c, want, max, true)
@@ -124,29 +129,32 @@ impl Central {
         want: usize,
         max: usize,
         may_grow: bool,
-    ) -> (*mut FreeBlock, usize, usize) {
+    ) -> Chain {
         let size = class_size(c);
         // 1. From whole batches and the free list (`take`), then
-        let more = |inner: &mut Inner, mut head: *mut FreeBlock, mut n: usize| {
+        let more = |inner: &mut Inner, mut got: Chain| {
             // 2. from the newest span's uncarved tail, mapping one if needed.
-            if n == 0
+            if got.n == 0
                 && inner.bump_left == 0
                 && !(may_grow && self.grow(pool, c, inner, false, None))
             {
-                return (null_mut(), 0, 0);
+                return Chain::EMPTY;
             }
             // Carved blocks go to the front of the chain.
-            let before = n;
-            while n < want && inner.bump_left > 0 {
+            while got.n < want && inner.bump_left > 0 {
                 let b = inner.bump as *mut FreeBlock;
                 // SAFETY: `b` is an uncarved block inside our mapped span.
-                unsafe { (*b).next = head };
-                head = b;
+                unsafe { (*b).next = got.head };
+                if got.n == 0 {
+                    got.tail = b;
+                }
+                got.head = b;
                 inner.bump += size;
                 inner.bump_left -= 1;
-                n += 1;
+                got.n += 1;
+                got.fresh += 1;
             }
-            (head, n, n - before)
+            got
         };
         // After the take: the blocks were counted before they were listed
         // (`give_back`, `grow`), so the counters never go below zero.

@@ -20,7 +20,7 @@
 //! blocks ending at its `tail`; `incoming_len` is, between operations, the
 //! number of blocks pushed onto `incoming` and not yet drained.
 
-use super::transfer::{FreeBlock, TransferStack};
+use super::transfer::{Chain, FreeBlock, TransferStack, nth};
 use crate::sync::{AtomicUsize, Ordering, RawLock, UnsafeCell};
 use core::ptr::null_mut;
 
@@ -106,7 +106,8 @@ impl<X> Locked<X> {
                 (top.head, top.tail, top.n)
             } else {
                 let n = want - k;
-                let last = walk(top.head, n);
+                // SAFETY: a stored batch's chain, `top.n > n` nodes long.
+                let last = unsafe { nth(top.head, n) };
                 let first = top.head;
                 // SAFETY: `last` is the `n`-th node of a chain of
                 // `top.n > max - k ≥ n` nodes: it has a successor.
@@ -128,15 +129,6 @@ impl<X> Locked<X> {
         }
         (head, tail, k)
     }
-}
-
-/// The `n`-th node (`n ≥ 1`) of a chain of at least `n` nodes.
-fn walk(mut node: *mut FreeBlock, n: usize) -> *mut FreeBlock {
-    for _ in 1..n {
-        // SAFETY: the caller's chain has at least `n` well-formed nodes.
-        node = unsafe { (*node).next };
-    }
-    node
 }
 
 impl<X> core::ops::Deref for Locked<X> {
@@ -275,20 +267,20 @@ impl<X> CentralList<X> {
     /// want`): whole batches first (so possibly more than `want`, never
     /// more than `max`), then blocks cut off the loose free list, draining
     /// the incoming stack into it if it is short; then `more` may add blocks
-    /// from elsewhere (`more(state, head, n)` returns the new head, length
-    /// and how many it added), all under the lock. After unlocking,
-    /// `uncount(n)` lowers the counters if anything was taken. Returns the
-    /// chain (null if empty), its length and what `more` added.
+    /// from elsewhere (`more(state, chain)` returns the longer chain, its
+    /// `fresh` saying how many it added), all under the lock. After
+    /// unlocking, `uncount(n)` lowers the counters if anything was taken.
+    /// Returns the chain.
     pub fn take(
         &self,
         want: usize,
         max: usize,
-        more: impl FnOnce(&mut Locked<X>, *mut FreeBlock, usize) -> (*mut FreeBlock, usize, usize),
+        more: impl FnOnce(&mut Locked<X>, Chain) -> Chain,
         uncount: impl FnOnce(usize),
-    ) -> (*mut FreeBlock, usize, usize) {
+    ) -> Chain {
         debug_assert!(1 <= want && want <= max);
-        let (head, n, added) = self.locked(|st| {
-            let (mut head, tail, mut k) = st.take_batches(want, max);
+        let got = self.locked(|st| {
+            let (mut head, mut tail, mut k) = st.take_batches(want, max);
             if k < want {
                 let need = want - k;
                 if st.free_len < need {
@@ -297,7 +289,8 @@ impl<X> CentralList<X> {
                 let cut = need.min(st.free_len);
                 if cut > 0 {
                     let first = st.free;
-                    let last = walk(first, cut);
+                    // SAFETY: the free list has `free_len ≥ cut` nodes.
+                    let last = unsafe { nth(first, cut) };
                     // SAFETY: `last` is the `cut`-th node of the free list;
                     // `tail` ends the chain taken so far (when `k > 0`).
                     unsafe {
@@ -309,16 +302,23 @@ impl<X> CentralList<X> {
                             (*tail).next = first;
                         }
                     }
+                    tail = last;
                     st.free_len -= cut;
                     k += cut;
                 }
             }
-            more(st, head, k)
+            let chain = Chain {
+                head,
+                tail,
+                n: k,
+                fresh: 0,
+            };
+            more(st, chain)
         });
-        if n > 0 {
-            uncount(n);
+        if got.n > 0 {
+            uncount(got.n);
         }
-        (head, n, added)
+        got
     }
 
     /// Whether `b` is on the free list, in a batch or on the incoming stack

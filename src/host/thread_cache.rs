@@ -28,16 +28,29 @@
 //! never takes. The counts are added to the pool's counters at refill,
 //! flush, thread exit and `HostPool::stats`.
 //!
+//! Handing back without walking: a full list keeps its newest
+//! [`keep_at`]`(cap)` blocks and hands the rest back as one chain. That
+//! needs the list's last node, which a [`Mark`] remembers from the previous
+//! hand-back (the node the list was cut after) with the list's length and
+//! the request count then: pops only take from the front, so while fewer
+//! pops than that length have happened since, the node is still the last.
+//! A consumer thread that only frees a class thus walks `keep_at(cap)` hot
+//! nodes per hand-back instead of the whole batch, and a thread's exit
+//! hands each list back in O(1).
+//!
 //! Invariant per class: `lp & LEN_MASK` equals the length of the list at
 //! `head` and is `≤ cap ≤ cache_cap(c)` between calls; every block on the
-//! list of a class `c > 0` carries its pool's key in word 1.
+//! list of a class `c > 0` carries its pool's key in word 1; a mark with a
+//! non-null `last` was set with the request count of `lp` since the last
+//! refill of the class and publish of the cache, when `last` was the
+//! `at & LEN_MASK`-th and last node of the list.
 //!
 //! [`HostPool`]: super::HostPool
 
 use super::guard::{has_key, key_of, set_key};
 use super::pool::PoolShared;
-use super::size_class::{NUM_CLASSES, batch_at, cache_cap, initial_cap, next_cap};
-use super::transfer::FreeBlock;
+use super::size_class::{NUM_CLASSES, batch_at, cache_cap, initial_cap, keep_at, next_cap};
+use super::transfer::{Chain, FreeBlock, nth};
 use core::cell::UnsafeCell;
 use core::ptr::null_mut;
 use std::sync::Arc;
@@ -82,12 +95,29 @@ impl ClassCache {
     }
 }
 
+/// Where a class's list ended at its last hand-back (see the module docs).
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    /// The list's last node then, or null (no mark).
+    last: *mut FreeBlock,
+    /// The list's length then (low [`LEN_BITS`] bits) and the request
+    /// count of `lp` then (the bits above).
+    at: u64,
+}
+
+const NO_MARK: Mark = Mark {
+    last: null_mut(),
+    at: 0,
+};
+
 /// One thread's cache for one pool.
 #[derive(Debug)]
 pub(crate) struct ThreadCache {
     classes: [ClassCache; NUM_CLASSES],
     /// Requests served by a fresh block, not yet published.
     fresh: u64,
+    /// Per class, the list's last node if known (cold: hand-backs only).
+    marks: [Mark; NUM_CLASSES],
 }
 
 const fn empty_classes() -> [ClassCache; NUM_CLASSES] {
@@ -109,6 +139,7 @@ impl ThreadCache {
         ThreadCache {
             classes: empty_classes(),
             fresh: 0,
+            marks: [NO_MARK; NUM_CLASSES],
         }
     }
 
@@ -170,12 +201,27 @@ impl ThreadCache {
         // The list is empty and one block is handed out: up to `cap + 1`
         // keep the list within its cap.
         let max = cap as usize + 1;
-        let (head, n, carved) = pool
+        let Chain {
+            head,
+            tail,
+            n,
+            fresh: carved,
+        } = pool
             .central(c)
             .refill(pool, c, want, max, || self.flush_big(pool));
         if head.is_null() {
             return (null_mut(), false);
         }
+        // The request count restarts at zero below; the list's last node is
+        // the chain's (none if the chain is only the block handed out).
+        self.marks[c] = if n > 1 {
+            Mark {
+                last: tail,
+                at: (n - 1) as u64,
+            }
+        } else {
+            NO_MARK
+        };
         let cc = &mut self.classes[c];
         cc.cap = next_cap(c, cc.cap as u32) as u64;
         // SAFETY: `refill` gave us a well-formed chain of `n ≥ 1` free blocks.
@@ -197,6 +243,8 @@ impl ThreadCache {
 
     /// Adds this cache's request counts (every class) to the pool's counters.
     pub(crate) fn publish(&mut self, pool: &PoolShared) {
+        // The request counts restart: no mark may outlive its count.
+        self.marks = [NO_MARK; NUM_CLASSES];
         let requests: u64 = self.classes.iter_mut().map(ClassCache::take_requests).sum();
         pool.count_requests(requests, core::mem::take(&mut self.fresh));
     }
@@ -250,38 +298,69 @@ impl ThreadCache {
         true
     }
 
-    /// A full list: hands half of it back and lets the cap grow.
+    /// A full list: keeps its newest [`keep_at`] blocks, hands the rest
+    /// back and lets the cap grow.
     #[cold]
     #[inline(never)]
     fn overflow(&mut self, pool: &PoolShared, c: usize) {
         let cap = self.classes[c].cap as u32;
-        self.flush(pool, c, batch_at(cap) as usize);
+        self.hand_back_after(pool, c, keep_at(cap) as usize);
         self.classes[c].cap = next_cap(c, cap) as u64;
     }
 
-    /// Hands up to `n` blocks of class `c` back to the pool.
-    #[cold]
-    #[inline(never)]
-    fn flush(&mut self, pool: &PoolShared, c: usize, n: usize) {
+    /// The last node of class `c`'s list if its mark still names it, else
+    /// null.
+    fn known_last(&self, c: usize) -> *mut FreeBlock {
+        let m = self.marks[c];
+        let (len, req) = (m.at & LEN_MASK, m.at >> LEN_BITS);
+        let now = self.classes[c].lp >> LEN_BITS;
+        // Fewer pops since the mark than nodes were at or above `last`.
+        if !m.last.is_null() && now >= req && now - req < len {
+            m.last
+        } else {
+            null_mut()
+        }
+    }
+
+    /// Keeps the first `keep` blocks of class `c`'s list (fewer than it
+    /// holds) and hands the rest back as one chain, walking only the kept
+    /// blocks when the list's last node is known (else the whole list).
+    /// The cut node becomes the mark.
+    fn hand_back_after(&mut self, pool: &PoolShared, c: usize, keep: usize) {
+        let known = self.known_last(c);
         let cc = &mut self.classes[c];
-        let n = n.min(cc.len() as usize);
-        if n == 0 {
-            return;
-        }
-        let head = cc.head;
-        let mut tail = head;
-        for _ in 1..n {
-            // SAFETY: the list has `len ≥ n` nodes.
-            tail = unsafe { (*tail).next };
-        }
-        // SAFETY: `tail` is the n-th node; cut the chain after it.
-        unsafe {
-            cc.head = (*tail).next;
-            (*tail).next = null_mut();
-        }
+        let len = cc.len() as usize;
+        debug_assert!(keep < len);
+        let n = len - keep;
+        // SAFETY: the list has `len > keep` well-formed nodes; `kept`, its
+        // `keep`-th, is followed by `n ≥ 1` more, the last of which is
+        // `known` when that is non-null (the mark's argument above).
+        let (first, last, kept) = unsafe {
+            let kept = if keep == 0 {
+                null_mut()
+            } else {
+                nth(cc.head, keep)
+            };
+            let first = if keep == 0 { cc.head } else { (*kept).next };
+            let last = if known.is_null() {
+                nth(first, n)
+            } else {
+                known
+            };
+            if keep == 0 {
+                cc.head = null_mut();
+            } else {
+                (*kept).next = null_mut();
+            }
+            (first, last, kept)
+        };
         cc.lp -= n as u64;
+        self.marks[c] = Mark {
+            last: kept,
+            at: keep as u64 | (cc.lp >> LEN_BITS << LEN_BITS),
+        };
         // SAFETY: the chain is `n` free blocks of class `c` of `pool`, ours.
-        unsafe { pool.central(c).give_back(pool, c, head, tail, n) };
+        unsafe { pool.central(c).give_back(pool, c, first, last, n) };
     }
 
     /// Hands back the idle blocks of one-block classes (at most one per
@@ -290,9 +369,8 @@ impl ThreadCache {
     #[cold]
     fn flush_big(&mut self, pool: &PoolShared) {
         for c in super::large::FIRST..NUM_CLASSES {
-            let len = self.classes[c].len() as usize;
-            if len > 0 {
-                self.flush(pool, c, len);
+            if self.classes[c].len() > 0 {
+                self.hand_back_after(pool, c, 0);
             }
         }
     }
@@ -300,9 +378,8 @@ impl ThreadCache {
     /// Hands every cached block back to the pool (and publishes the counts).
     pub(crate) fn flush_all(&mut self, pool: &PoolShared) {
         for c in 0..NUM_CLASSES {
-            let len = self.classes[c].len() as usize;
-            if len > 0 {
-                self.flush(pool, c, len);
+            if self.classes[c].len() > 0 {
+                self.hand_back_after(pool, c, 0);
             }
         }
         self.publish(pool);
@@ -319,7 +396,12 @@ impl ThreadCache {
 /// used after the thread's caches were torn down. Also says whether the
 /// block is fresh, as [`ThreadCache::alloc_fresh`] does.
 pub(crate) fn central_alloc(pool: &PoolShared, c: usize) -> (*mut u8, bool) {
-    let (h, n, carved) = pool.central(c).refill(pool, c, 1, 1, || ());
+    let Chain {
+        head: h,
+        n,
+        fresh: carved,
+        ..
+    } = pool.central(c).refill(pool, c, 1, 1, || ());
     debug_assert!(h.is_null() || n == 1);
     if h.is_null() {
         return (null_mut(), false);
@@ -641,4 +723,58 @@ extern "C" fn on_thread_exit(_: *mut libc::c_void) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::HostPool;
+    use crate::host::size_class::class_of;
+
+    /// The mark rule: a list emptied by pops has no known last node (its
+    /// mark's node was handed out), a list filled by frees alone has one
+    /// after its first hand-back, and hand-backs with or without it keep
+    /// every block exactly once (trim then releases every span).
+    #[test]
+    fn marks_name_the_last_node_only_while_it_is_listed() {
+        let pool = HostPool::new();
+        let sh = pool.shared().clone();
+        let c = class_of(4096);
+        let mut tc = ThreadCache::new();
+        let mut live = Vec::new();
+        for _ in 0..300 {
+            live.push(tc.alloc(&sh, c));
+        }
+        // Pop until the list is empty: the marked node is handed out.
+        while tc.classes[c].len() > 0 {
+            live.push(tc.alloc(&sh, c));
+        }
+        assert!(tc.known_last(c).is_null(), "a mark outlived its node");
+        // Frees alone: the first overflow walks the list, later ones cut
+        // after the kept blocks and hand the rest back up to the mark.
+        let mut overflows = 0;
+        for &p in &live {
+            let before = tc.classes[c].len();
+            // SAFETY: allocated above from this pool, class `c`, freed once.
+            assert!(unsafe { tc.free(&sh, c, p) });
+            if tc.classes[c].len() <= before {
+                overflows += 1;
+                assert!(!tc.known_last(c).is_null(), "no mark after a hand-back");
+            }
+        }
+        assert!(overflows >= 2);
+        // A pop then pushes: the mark holds while fewer pops than kept nodes.
+        let q = tc.alloc(&sh, c);
+        // SAFETY: as above.
+        assert!(unsafe { tc.free(&sh, c, q) });
+        assert!(!tc.known_last(c).is_null());
+        tc.flush_all(&sh);
+        assert!(tc.known_last(c).is_null(), "publish keeps no mark");
+        pool.trim();
+        assert_eq!(
+            pool.stats().reserved_bytes,
+            0,
+            "a block lost or listed twice"
+        );
+    }
 }

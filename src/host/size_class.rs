@@ -332,6 +332,17 @@ pub const fn next_cap(c: usize, cap: u32) -> u32 {
     if cap >= max / 2 { max } else { cap * 2 }
 }
 
+/// The cap after a refill at `cap` that left `held` (≤ [`cache_cap`]) blocks
+/// on the list: [`next_cap`], grown on until it holds them (a whole batch
+/// another thread handed back skips the slow start ahead).
+pub const fn cap_after_refill(c: usize, cap: u32, held: usize) -> u32 {
+    let mut next = next_cap(c, cap);
+    while (next as usize) < held {
+        next = next_cap(c, next);
+    }
+    next
+}
+
 /// Blocks a full thread cache at `cap` keeps when it hands the rest back:
 /// a quarter (none for caps under 4, e.g. the one-block classes). The kept
 /// blocks are the newest and are walked to cut the list, so few of them;

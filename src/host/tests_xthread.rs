@@ -138,3 +138,25 @@ fn producers_and_consumers_lose_and_duplicate_no_block() {
     );
     assert_eq!(s.cached_bytes, 0);
 }
+
+/// A refill that brought a whole batch handed back by another thread lifts
+/// the cap to hold it (the slow start skips ahead), within the cache cap;
+/// one that brought a few blocks only advances the slow start one step.
+#[test]
+fn a_whole_batch_lifts_the_cap_within_the_cache_cap() {
+    use super::size_class::{cache_cap, cap_after_refill, class_of, initial_cap, next_cap};
+    for size in [16, 64, 1024, 4096, 64 << 10, 8 << 20] {
+        let c = class_of(size);
+        let cap = initial_cap(c);
+        assert_eq!(cap_after_refill(c, cap, 0), next_cap(c, cap));
+        let full = cache_cap(c) as usize;
+        assert_eq!(cap_after_refill(c, cap, full), cache_cap(c));
+        for held in [1, full / 3, full / 2 + 1] {
+            let got = cap_after_refill(c, cap, held);
+            assert!(
+                got as usize >= held && got <= cache_cap(c),
+                "{size}: {held} → {got}"
+            );
+        }
+    }
+}

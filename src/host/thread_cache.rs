@@ -49,7 +49,9 @@
 
 use super::guard::{has_key, key_of, set_key};
 use super::pool::PoolShared;
-use super::size_class::{NUM_CLASSES, batch_at, cache_cap, initial_cap, keep_at, next_cap};
+use super::size_class::{
+    NUM_CLASSES, batch_at, cache_cap, cap_after_refill, initial_cap, keep_at, next_cap,
+};
 use super::transfer::{Chain, FreeBlock, nth};
 use core::cell::UnsafeCell;
 use core::ptr::null_mut;
@@ -198,9 +200,11 @@ impl ThreadCache {
     fn refill(&mut self, pool: &PoolShared, c: usize) -> (*mut u8, bool) {
         let cap = self.classes[c].cap as u32;
         let want = batch_at(cap) as usize;
-        // The list is empty and one block is handed out: up to `cap + 1`
-        // keep the list within its cap.
-        let max = cap as usize + 1;
+        // The list is empty and one block is handed out: up to
+        // `cache_cap + 1` keep it within the cap `cap_after_refill` sets, so
+        // a whole batch another thread handed back is taken as it is (O(1))
+        // however far the slow start is.
+        let max = cache_cap(c) as usize + 1;
         let Chain {
             head,
             tail,
@@ -223,7 +227,7 @@ impl ThreadCache {
             NO_MARK
         };
         let cc = &mut self.classes[c];
-        cc.cap = next_cap(c, cc.cap as u32) as u64;
+        cc.cap = cap_after_refill(c, cap, n - 1) as u64;
         // SAFETY: `refill` gave us a well-formed chain of `n ≥ 1` free blocks.
         cc.head = unsafe { (*head).next };
         // The list was empty; the head is handed out now (one request).

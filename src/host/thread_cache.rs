@@ -52,7 +52,7 @@ use super::pool::PoolShared;
 use super::size_class::{
     NUM_CLASSES, batch_at, cache_cap, cap_after_refill, initial_cap, keep_at, next_cap,
 };
-use super::transfer::{Chain, FreeBlock, nth};
+use super::transfer::{Chain, FreeBlock, nth, prefetch};
 use core::cell::UnsafeCell;
 use core::ptr::null_mut;
 use std::sync::Arc;
@@ -153,6 +153,7 @@ impl ThreadCache {
         if !h.is_null() {
             // SAFETY: `h` is a free block on our list; its first word is the link.
             cc.head = unsafe { (*h).next };
+            prefetch(cc.head);
             cc.lp = cc.lp.wrapping_add(POP);
             // SAFETY: `h` is ours now and of class `c`.
             unsafe { self.hand_out(c, h) };

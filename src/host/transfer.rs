@@ -60,6 +60,22 @@ pub unsafe fn nth(mut node: *mut FreeBlock, n: usize) -> *mut FreeBlock {
     node
 }
 
+/// Asks the CPU to bring `b`'s first cache line in (a hint: null or any
+/// address is fine, nothing is read). A thread cache prefetches the block
+/// its next allocation of the class will pop: when another thread freed it
+/// (wrote its link), the line moves over meanwhile instead of stalling that
+/// pop (tcmalloc's free-list pop does the same).
+#[inline(always)]
+pub fn prefetch(b: *mut FreeBlock) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults and changes no architectural state.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(b as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = b;
+}
+
 /// A multi-producer stack of chains with a take-all consumer.
 #[derive(Debug)]
 pub struct TransferStack {

@@ -17,6 +17,7 @@ cargo +nightly test -Zbuild-std --target x86_64-unknown-linux-gnu --lib -- \
   host::tests::item14_cached_never_wraps \
   host::tests::cross_thread_frees_flow_back \
   host::tests::thread_exit_hands_the_cache_back \
+  host::tests_xthread::producers_and_consumers_lose_and_duplicate_no_block \
   host::tests::item2_double_free_is_detected_in_cache_central_and_huge \
   host::large::tests::steals_race_lock_free_readers_and_cross_thread_frees \
   host::large::tests::spans_freed_on_another_thread_are_reused_too

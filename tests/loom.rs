@@ -166,11 +166,12 @@ const SIZE: usize = 16;
 /// records what was taken, the counter is lowered after and must never
 /// go below what is taken.
 fn take(list: &CentralList<usize>, cached: &AtomicUsize, want: usize) -> Vec<usize> {
-    let (h, _, _) = list.take(
+    let got = list.take(
         want,
-        |st, h, n| {
-            st.x += n;
-            (h, n, 0)
+        want,
+        |st, got| {
+            st.x += got.n;
+            got
         },
         |n| {
             let before = cached.fetch_sub(n * SIZE, Ordering::Relaxed);
@@ -181,17 +182,19 @@ fn take(list: &CentralList<usize>, cached: &AtomicUsize, want: usize) -> Vec<usi
             );
         },
     );
-    drain(h)
+    drain(got.head)
 }
 
 /// The central list protocol (`host::central_list`, what every size class of
-/// the pool runs): one thread gives a chain of two blocks back while another
-/// gives one back, each then refills (one and two blocks), and the main thread
-/// takes the rest.
+/// the pool runs): one thread gives a chain of two blocks back (kept whole in
+/// a batch slot when the lock is free, else on the transfer stack) while
+/// another gives one back through the transfer stack, each then refills (one
+/// and two blocks: a batch may be cut), and the main thread takes the rest.
 /// Checked: the byte counter is never lowered below what is taken (it is
 /// raised before blocks are pushed and lowered after they are taken: issue 7
 /// item 14), payloads written before a give-back are seen after the take
-/// (Release/Acquire through the transfer stack), the locked state is never
+/// (Release/Acquire through the batch slots under the lock, or through the
+/// transfer stack when the lock was busy), the locked state is never
 /// touched by two threads at once (the lock's Acquire/Release; loom tracks
 /// the cell), and every block comes out exactly once.
 #[test]
@@ -208,7 +211,7 @@ fn central_list_give_back_refill_drain() {
                 stamp(h2 as *mut FreeBlock);
                 // SAFETY: the chain h2..t2 is this thread's alone.
                 unsafe {
-                    list.give_back(h2 as *mut FreeBlock, t2 as *mut FreeBlock, 2, || {
+                    list.give_back(h2 as *mut FreeBlock, t2 as *mut FreeBlock, 2, true, || {
                         cached.fetch_add(2 * SIZE, Ordering::Relaxed)
                     })
                 };
@@ -221,7 +224,7 @@ fn central_list_give_back_refill_drain() {
                 stamp(h1 as *mut FreeBlock);
                 // SAFETY: the chain h1..t1 is this thread's alone.
                 unsafe {
-                    list.give_back(h1 as *mut FreeBlock, t1 as *mut FreeBlock, 1, || {
+                    list.give_back(h1 as *mut FreeBlock, t1 as *mut FreeBlock, 1, false, || {
                         cached.fetch_add(SIZE, Ordering::Relaxed)
                     })
                 };
@@ -236,7 +239,12 @@ fn central_list_give_back_refill_drain() {
         assert_eq!(got, all, "a block lost or duplicated");
         assert_eq!(cached.load(Ordering::Relaxed), 0);
         // Every block taken was counted in the locked state.
-        assert!(list.locked(|st| st.free.is_null() && st.free_len == 0 && st.x == 3));
+        assert!(
+            list.locked(|st| st.free.is_null()
+                && st.free_len == 0
+                && st.batched() == 0
+                && st.x == 3)
+        );
         assert_eq!(list.incoming_len(), 0);
     });
 }

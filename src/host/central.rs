@@ -14,7 +14,7 @@ use super::pagemap;
 use super::pool::PoolShared;
 use super::size_class::{GRANULE, blocks_per_span, class_size, counts_against_limit, span_bytes};
 use super::span::{self, SpanMeta};
-use super::transfer::FreeBlock;
+use super::transfer::{Chain, FreeBlock};
 use crate::os::UnmapBatch;
 use crate::sync::Ordering;
 use core::ptr::null_mut;
@@ -61,15 +61,16 @@ impl Central {
         self.list.locked(f)
     }
 
-    /// Moves everything from `incoming` onto the locked free list.
-    fn drain_incoming(&self, inner: &mut Inner) {
-        self.list.drain_incoming(inner)
+    /// Moves every free block (whole batches, `incoming`) onto the locked
+    /// loose free list.
+    fn gather(&self, inner: &mut Inner) {
+        self.list.gather(inner)
     }
 
     /// Free blocks available without mapping (a racy hint when unlocked).
     #[cfg(test)]
     pub(crate) fn available(&self) -> usize {
-        self.locked(|i| i.free_len + i.bump_left) + self.list.incoming_len()
+        self.locked(|i| i.free_len + i.batched() + i.bump_left) + self.list.incoming_len()
     }
 
     /// Whether the block `b` is on this class's free list or incoming stack
@@ -78,11 +79,12 @@ impl Central {
         self.list.holds(b)
     }
 
-    /// Takes up to `want` (≥ 1) blocks, mapping a new span if none is free.
-    /// Returns the chain's head (null only if the OS refused memory), its
-    /// length, and how many of its first blocks are *fresh*: carved from a
-    /// span's never-used tail, so every byte of them but the link word
-    /// reads zero.
+    /// Takes about `want` (≥ 1) blocks, at most `max` (≥ `want`: whole
+    /// batches as other threads gave them back may bring more than `want`),
+    /// mapping a new span if none is free. Returns the chain (empty only if
+    /// the OS refused memory), whose `fresh` first blocks were carved from a
+    /// span's never-used tail, so every byte of them but the link word reads
+    /// zero.
     ///
     /// A one-block class with nothing free first runs `before_steal` (the
     /// caller's thread cache hands back its idle big blocks of other
@@ -95,21 +97,27 @@ impl Central {
         pool: &PoolShared,
         c: usize,
         want: usize,
+        max: usize,
         before_steal: impl FnOnce(),
-    ) -> (*mut FreeBlock, usize, usize) {
+    ) -> Chain {
         if large::is_one_block(c) {
-            let got = self.refill_with(pool, c, want, false);
-            if got.1 > 0 {
+            let got = self.refill_with(pool, c, want, max, false);
+            if got.n > 0 {
                 return got;
             }
             before_steal();
             if let Some(b) = large::steal(pool, c) {
                 // SAFETY: the span's one block, ours; its link word is ours to write.
                 unsafe { (*b).next = null_mut() };
-                return (b, 1, 0);
+                return Chain {
+                    head: b,
+                    tail: b,
+                    n: 1,
+                    fresh: 0,
+                };
             }
         }
-        self.refill_with(pool, c, want, true)
+        self.refill_with(pool, c, want, max, true)
     }
 
     /// [`refill`](Self::refill) from this class alone, mapping a span only if
@@ -119,34 +127,39 @@ impl Central {
         pool: &PoolShared,
         c: usize,
         want: usize,
+        max: usize,
         may_grow: bool,
-    ) -> (*mut FreeBlock, usize, usize) {
+    ) -> Chain {
         let size = class_size(c);
-        // 1. From the free list (`take` cuts up to `want` nodes), then
-        let more = |inner: &mut Inner, mut head: *mut FreeBlock, mut n: usize| {
+        // 1. From whole batches and the free list (`take`), then
+        let more = |inner: &mut Inner, mut got: Chain| {
             // 2. from the newest span's uncarved tail, mapping one if needed.
-            if n == 0
+            if got.n == 0
                 && inner.bump_left == 0
                 && !(may_grow && self.grow(pool, c, inner, false, None))
             {
-                return (null_mut(), 0, 0);
+                return Chain::EMPTY;
             }
             // Carved blocks go to the front of the chain.
-            let before = n;
-            while n < want && inner.bump_left > 0 {
+            while got.n < want && inner.bump_left > 0 {
                 let b = inner.bump as *mut FreeBlock;
                 // SAFETY: `b` is an uncarved block inside our mapped span.
-                unsafe { (*b).next = head };
-                head = b;
+                unsafe { (*b).next = got.head };
+                if got.n == 0 {
+                    got.tail = b;
+                }
+                got.head = b;
                 inner.bump += size;
                 inner.bump_left -= 1;
-                n += 1;
+                got.n += 1;
+                got.fresh += 1;
             }
-            (head, n, n - before)
+            got
         };
         // After the take: the blocks were counted before they were listed
         // (`give_back`, `grow`), so the counters never go below zero.
-        self.list.take(want, more, |n| pool.uncache(c, n * size))
+        self.list
+            .take(want, max, more, |n| pool.uncache(c, n * size))
     }
 
     /// Hands a chain of `n` blocks back (lock-free).
@@ -162,12 +175,15 @@ impl Central {
         tail: *mut FreeBlock,
         n: usize,
     ) {
+        // One-block classes through the incoming stack, which `has_incoming`
+        // sees without the lock (`large::steal` keeps its hint right with it).
+        let whole = !large::is_one_block(c);
         // SAFETY: forwarded from the caller.
         let retained = unsafe {
             self.list
-                .give_back(head, tail, n, || pool.cache(c, n * class_size(c)))
+                .give_back(head, tail, n, whole, || pool.cache(c, n * class_size(c)))
         };
-        if large::is_one_block(c) {
+        if !whole {
             pool.large_free.set(c);
         }
         if counts_against_limit(c) && retained > pool.retain_limit.load(Ordering::Relaxed) {
@@ -188,7 +204,7 @@ impl Central {
     pub(crate) fn take_span(&self, pool: &PoolShared, c: usize) -> Option<*mut SpanMeta> {
         debug_assert!(blocks_per_span(c) == 1);
         let s = self.locked(|inner| {
-            self.drain_incoming(inner);
+            self.gather(inner);
             let b = if !inner.free.is_null() {
                 let b = inner.free;
                 // SAFETY: a well-formed free list of `free_len ≥ 1` nodes.
@@ -317,7 +333,7 @@ impl Central {
     /// Returns bytes mapped, or `None` if the OS refused.
     pub(crate) fn prewarm(&self, pool: &PoolShared, c: usize, count: usize) -> Option<usize> {
         self.locked(|inner| {
-            self.drain_incoming(inner);
+            self.gather(inner);
             let len = span_bytes(c);
             let short = count.saturating_sub(inner.free_len + inner.bump_left);
             let spans = short.div_ceil(blocks_per_span(c));
@@ -407,7 +423,7 @@ impl Central {
     ) -> usize {
         let size = class_size(c);
         self.locked(|inner| {
-            self.drain_incoming(inner);
+            self.gather(inner);
             // 1. Count free blocks per span.
             let mut b = inner.free;
             while !b.is_null() {
@@ -492,7 +508,7 @@ impl Central {
         let size = class_size(c);
         let mut unmaps = UnmapBatch::new();
         self.locked(|inner| {
-            self.drain_incoming(inner);
+            self.gather(inner);
             while pool.retained.load(Ordering::Relaxed) > pool.retain_limit.load(Ordering::Relaxed)
                 && !inner.free.is_null()
             {
@@ -533,7 +549,7 @@ impl Central {
     pub(crate) unsafe fn release_all(&self, pool: &PoolShared) {
         let mut unmaps = UnmapBatch::new();
         self.locked(|inner| {
-            self.drain_incoming(inner);
+            self.gather(inner);
             while !inner.spans.is_null() {
                 // SAFETY: the caller guarantees nothing uses these blocks.
                 unsafe { self.release_span(pool, inner, inner.spans, &mut unmaps) };

@@ -1,31 +1,134 @@
-//! The protocol of a size class's central list, apart from spans: frees come
-//! in lock-free through a [`TransferStack`] (one CAS per batch), refills take
-//! the class lock, drain the stack into the locked free list and cut a chain
-//! off it. Byte counters are raised *before* blocks become visible and
-//! lowered *after* they are taken (`give_back`'s and `take`'s callbacks), so
-//! a counter can run ahead of the lists but never below them.
+//! The protocol of a size class's central list, apart from spans.
+//!
+//! Frees come in as whole batches (a chain with its tail and length): if
+//! the class lock is free, the batch is stored as it is in one of
+//! [`BATCH_SLOTS`] slots (tcmalloc's transfer cache), else it goes onto a
+//! lock-free [`TransferStack`] (one CAS), so a free never waits for a
+//! refill that holds the lock while it maps a span. Refills take the lock
+//! and take whole batches first (O(1) each: no block is read), then cut
+//! from the loose free list, draining the stack into it when it is short.
+//! Byte counters are raised *before* blocks become visible and lowered
+//! *after* they are taken (`give_back`'s and `take`'s callbacks), so a
+//! counter can run ahead of the lists but never below them.
 //!
 //! Generic over the rest of the locked state (`X`: the span bookkeeping of
 //! `central::Central`), so that loom can model exactly this code
 //! (`tests/loom.rs`, `central_list_*`).
 //!
-//! Invariant, with the lock held and `incoming` drained: `free_len` is the
-//! length of the chain at `free`; `incoming_len` is, between operations, the
-//! number of blocks pushed and not yet drained.
+//! Invariant, with the lock held: `free_len` is the length of the chain at
+//! `free`; each of the first `nbatches` slots holds a chain of `n ≥ 1`
+//! blocks ending at its `tail`; `incoming_len` is, between operations, the
+//! number of blocks pushed onto `incoming` and not yet drained.
 
-use super::transfer::{FreeBlock, TransferStack};
+use super::transfer::{Chain, FreeBlock, TransferStack, nth};
 use crate::sync::{AtomicUsize, Ordering, RawLock, UnsafeCell};
 use core::ptr::null_mut;
+
+/// How many batches a central list keeps whole; more go onto the loose
+/// free list (linked in O(1) through their tails).
+pub const BATCH_SLOTS: usize = 8;
+
+/// A chain of `n` free blocks from `head` to `tail`.
+#[derive(Debug, Clone, Copy)]
+struct Batch {
+    head: *mut FreeBlock,
+    tail: *mut FreeBlock,
+    n: usize,
+}
+
+const NO_BATCH: Batch = Batch {
+    head: null_mut(),
+    tail: null_mut(),
+    n: 0,
+};
 
 /// The state guarded by the class lock.
 #[derive(Debug)]
 pub struct Locked<X> {
-    /// Free blocks, linked through their first word.
+    /// Loose free blocks, linked through their first word.
     pub free: *mut FreeBlock,
     /// Length of `free`.
     pub free_len: usize,
+    /// Whole batches as they were given back (the first `nbatches`).
+    batches: [Batch; BATCH_SLOTS],
+    nbatches: usize,
     /// The rest of the guarded state.
     pub x: X,
+}
+
+impl<X> Locked<X> {
+    /// Blocks held in whole batches.
+    pub fn batched(&self) -> usize {
+        self.batches[..self.nbatches].iter().map(|b| b.n).sum()
+    }
+
+    /// Stores the chain `head → … → tail` of `n` blocks: whole in a free
+    /// slot, else linked in front of the loose free list. O(1).
+    ///
+    /// # Safety
+    /// - The chain is well formed, `n ≥ 1` blocks long and the caller's.
+    unsafe fn put(&mut self, head: *mut FreeBlock, tail: *mut FreeBlock, n: usize) {
+        if self.nbatches < BATCH_SLOTS {
+            self.batches[self.nbatches] = Batch { head, tail, n };
+            self.nbatches += 1;
+        } else {
+            // SAFETY: `tail` ends the caller's chain.
+            unsafe { (*tail).next = self.free };
+            self.free = head;
+            self.free_len += n;
+        }
+    }
+
+    /// Moves every whole batch onto the loose free list (O(1) each), so
+    /// that `free` holds every listed block.
+    pub fn unbatch(&mut self) {
+        while self.nbatches > 0 {
+            self.nbatches -= 1;
+            let b = self.batches[self.nbatches];
+            // SAFETY: a stored batch's chain ends at its tail; it is ours.
+            unsafe { (*b.tail).next = self.free };
+            self.free = b.head;
+            self.free_len += b.n;
+        }
+    }
+
+    /// Takes whole batches (O(1) each) until at least `want` blocks are
+    /// taken or none is left; a batch that would bring the total over `max`
+    /// gives only the blocks still wanted (walking them). Returns the chain
+    /// (null if empty), its tail and length.
+    fn take_batches(&mut self, want: usize, max: usize) -> (*mut FreeBlock, *mut FreeBlock, usize) {
+        let (mut head, mut tail, mut k) =
+            (null_mut::<FreeBlock>(), null_mut::<FreeBlock>(), 0usize);
+        while k < want && self.nbatches > 0 {
+            let top = &mut self.batches[self.nbatches - 1];
+            let (first, last, n) = if k + top.n <= max {
+                self.nbatches -= 1;
+                (top.head, top.tail, top.n)
+            } else {
+                let n = want - k;
+                // SAFETY: a stored batch's chain, `top.n > n` nodes long.
+                let last = unsafe { nth(top.head, n) };
+                let first = top.head;
+                // SAFETY: `last` is the `n`-th node of a chain of
+                // `top.n > max - k ≥ n` nodes: it has a successor.
+                unsafe {
+                    top.head = (*last).next;
+                    (*last).next = null_mut();
+                }
+                top.n -= n;
+                (first, last, n)
+            };
+            if k == 0 {
+                head = first;
+            } else {
+                // SAFETY: `tail` ends the chain taken so far, ours.
+                unsafe { (*tail).next = first };
+            }
+            tail = last;
+            k += n;
+        }
+        (head, tail, k)
+    }
 }
 
 impl<X> core::ops::Deref for Locked<X> {
@@ -67,6 +170,8 @@ macro_rules! empty_list {
             state: UnsafeCell::new(Locked {
                 free: null_mut(),
                 free_len: 0,
+                batches: [NO_BATCH; BATCH_SLOTS],
+                nbatches: 0,
                 x: $x,
             }),
         }
@@ -94,6 +199,13 @@ impl<X> CentralList<X> {
             .with(|| self.state.with_mut(|p| f(unsafe { &mut *p })))
     }
 
+    /// Moves every free block onto the locked loose free list: the whole
+    /// batches and the incoming stack.
+    pub fn gather(&self, st: &mut Locked<X>) {
+        st.unbatch();
+        self.drain_incoming(st);
+    }
+
     /// Moves everything from the incoming stack onto the locked free list.
     pub fn drain_incoming(&self, st: &mut Locked<X>) {
         let mut head = self.incoming.take_all();
@@ -116,7 +228,10 @@ impl<X> CentralList<X> {
         self.incoming_len.fetch_sub(n, Ordering::Relaxed);
     }
 
-    /// Hands a chain of `n` blocks back, lock-free. `count` runs first
+    /// Hands a chain of `n` blocks back without waiting: with `whole`,
+    /// kept whole in a batch slot if the lock is free; else (or if the lock
+    /// is busy) pushed onto the incoming stack, lock-free, where
+    /// [`incoming_len`](Self::incoming_len) counts it. `count` runs first
     /// (raising the byte counters) and its result is returned.
     ///
     /// # Safety
@@ -127,61 +242,90 @@ impl<X> CentralList<X> {
         head: *mut FreeBlock,
         tail: *mut FreeBlock,
         n: usize,
+        whole: bool,
         count: impl FnOnce() -> R,
     ) -> R {
-        // Before the push: a `take` that gets these blocks runs its
+        // Before the blocks are listed: a `take` that gets them runs its
         // `uncount` only after taking them, so counters never wrap.
         let r = count();
-        self.incoming_len.fetch_add(n, Ordering::Relaxed);
-        // SAFETY: forwarded from the caller.
-        unsafe { self.incoming.push_chain(head, tail) };
+        if whole && self.lock.try_lock() {
+            // SAFETY: 1. the lock is ours, so the `&mut` is unique; 2. the
+            // chain is the caller's (contract); 3. we took the lock above.
+            unsafe {
+                self.state.with_mut(|p| (*p).put(head, tail, n));
+                self.lock.unlock();
+            }
+        } else {
+            self.incoming_len.fetch_add(n, Ordering::Relaxed);
+            // SAFETY: forwarded from the caller.
+            unsafe { self.incoming.push_chain(head, tail) };
+        }
         r
     }
 
-    /// Takes up to `want ≥ 1` blocks: drains the incoming stack if the free
-    /// list is short, cuts up to `want` blocks off it, then lets `more` add
-    /// blocks from elsewhere (`more(state, head, n)` returns the new head,
-    /// length and how many it added), all under the lock; after unlocking,
-    /// `uncount(n)` lowers the counters if anything was taken. Returns the
-    /// chain (null if empty), its length and what `more` added.
+    /// Takes at least one and up to about `want ≥ 1` blocks (at most `max ≥
+    /// want`): whole batches first (so possibly more than `want`, never
+    /// more than `max`), then blocks cut off the loose free list, draining
+    /// the incoming stack into it if it is short; then `more` may add blocks
+    /// from elsewhere (`more(state, chain)` returns the longer chain, its
+    /// `fresh` saying how many it added), all under the lock. After
+    /// unlocking, `uncount(n)` lowers the counters if anything was taken.
+    /// Returns the chain.
     pub fn take(
         &self,
         want: usize,
-        more: impl FnOnce(&mut Locked<X>, *mut FreeBlock, usize) -> (*mut FreeBlock, usize, usize),
+        max: usize,
+        more: impl FnOnce(&mut Locked<X>, Chain) -> Chain,
         uncount: impl FnOnce(usize),
-    ) -> (*mut FreeBlock, usize, usize) {
-        let (head, n, added) = self.locked(|st| {
-            if st.free_len < want {
-                self.drain_incoming(st);
-            }
-            let mut head: *mut FreeBlock = null_mut();
-            let k = want.min(st.free_len);
-            if k > 0 {
-                head = st.free;
-                let mut last = head;
-                for _ in 1..k {
-                    // SAFETY: the free list has `free_len ≥ k` well-formed nodes.
-                    last = unsafe { (*last).next };
+    ) -> Chain {
+        debug_assert!(1 <= want && want <= max);
+        let got = self.locked(|st| {
+            let (mut head, mut tail, mut k) = st.take_batches(want, max);
+            if k < want {
+                let need = want - k;
+                if st.free_len < need {
+                    self.drain_incoming(st);
                 }
-                // SAFETY: `last` is the k-th node.
-                unsafe {
-                    st.free = (*last).next;
-                    (*last).next = null_mut();
+                let cut = need.min(st.free_len);
+                if cut > 0 {
+                    let first = st.free;
+                    // SAFETY: the free list has `free_len ≥ cut` nodes.
+                    let last = unsafe { nth(first, cut) };
+                    // SAFETY: `last` is the `cut`-th node of the free list;
+                    // `tail` ends the chain taken so far (when `k > 0`).
+                    unsafe {
+                        st.free = (*last).next;
+                        (*last).next = null_mut();
+                        if k == 0 {
+                            head = first;
+                        } else {
+                            (*tail).next = first;
+                        }
+                    }
+                    tail = last;
+                    st.free_len -= cut;
+                    k += cut;
                 }
-                st.free_len -= k;
             }
-            more(st, head, k)
+            let chain = Chain {
+                head,
+                tail,
+                n: k,
+                fresh: 0,
+            };
+            more(st, chain)
         });
-        if n > 0 {
-            uncount(n);
+        if got.n > 0 {
+            uncount(got.n);
         }
-        (head, n, added)
+        got
     }
 
-    /// Whether `b` is on the free list or the incoming stack (takes the lock).
+    /// Whether `b` is on the free list, in a batch or on the incoming stack
+    /// (takes the lock).
     pub fn holds(&self, b: *mut FreeBlock) -> bool {
         self.locked(|st| {
-            self.drain_incoming(st);
+            self.gather(st);
             let mut cur = st.free;
             while !cur.is_null() {
                 if cur == b {

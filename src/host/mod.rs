@@ -52,3 +52,5 @@ pub use size_class::Category;
 mod tests;
 #[cfg(test)]
 mod tests_general;
+#[cfg(test)]
+mod tests_xthread;

@@ -392,6 +392,27 @@ pub const fn next_cap(c: usize, cap: u32) -> u32 {
     if cap >= max / 2 { max } else { cap * 2 }
 }
 
+/// The cap after a refill at `cap` that left `held` (≤ [`cache_cap`]) blocks
+/// on the list: [`next_cap`], grown on until it holds them (a whole batch
+/// another thread handed back skips the slow start ahead).
+pub const fn cap_after_refill(c: usize, cap: u32, held: usize) -> u32 {
+    let mut next = next_cap(c, cap);
+    while (next as usize) < held {
+        next = next_cap(c, next);
+    }
+    next
+}
+
+/// Blocks a full thread cache at `cap` keeps when it hands the rest back:
+/// a quarter (none for caps under 4, e.g. the one-block classes). The kept
+/// blocks are the newest and are walked to cut the list, so few of them;
+/// the rest, three quarters of the cap, go back as one chain whose end is
+/// known (`thread_cache`'s marks).
+#[inline(always)]
+pub const fn keep_at(cap: u32) -> u32 {
+    cap / 4
+}
+
 /// Blocks a thread cache at `cap` moves to or from the central list at once:
 /// half its cap (so [`batch_len`] once the cap is full), at least one.
 #[inline(always)]

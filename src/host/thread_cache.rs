@@ -30,17 +30,33 @@
 //! test of a push the carry of its add (see `ClassCache::lp`), so a class's
 //! record is two words and its cap is read only off the hot path.
 //!
+//! Handing back without walking: a full list keeps its newest
+//! [`keep_at`]`(cap)` blocks and hands the rest back as one chain. That
+//! needs the list's last node, which a [`Mark`] remembers from the previous
+//! hand-back (the node the list was cut after) with the list's length and
+//! the request count then: pops only take from the front, so while fewer
+//! pops than that length have happened since, the node is still the last.
+//! A consumer thread that only frees a class thus walks `keep_at(cap)` hot
+//! nodes per hand-back instead of the whole batch, and a thread's exit
+//! hands each list back in O(1).
+//!
 //! Invariant per class: the length `ClassCache::len(cap)` equals the length
 //! of the list at `head` and is `≤ cap ≤ cache_cap(c)` between calls, with
 //! `cap` the class's entry in `caps`; every block on the list of a class
-//! `c > 0` carries its pool's key in word 1.
+//! `c > 0` carries its pool's key in word 1; a mark with a non-null `last`
+//! was set, with the request count of `lp` then, since the last refill of
+//! the class, publish of the cache and park or unpark of the class's list,
+//! when `last` was the `at >> REQ_BITS`-th and last node of the list.
 //!
 //! [`HostPool`]: super::HostPool
 
 use super::guard::{has_key, key_of, set_key};
 use super::pool::PoolShared;
-use super::size_class::{NUM_CLASSES, SPARE_CLASSES, batch_at, cache_cap, initial_cap, next_cap};
-use super::transfer::FreeBlock;
+use super::size_class::{
+    NUM_CLASSES, SPARE_CLASSES, batch_at, cache_cap, cap_after_refill, initial_cap, keep_at,
+    next_cap,
+};
+use super::transfer::{Chain, FreeBlock, nth, prefetch};
 use core::cell::UnsafeCell;
 use core::ptr::null_mut;
 use std::sync::Arc;
@@ -105,6 +121,29 @@ impl ClassCache {
     }
 }
 
+/// Where a class's list ended at its last hand-back (see the module docs).
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    /// The list's last node then, or null (no mark).
+    last: *mut FreeBlock,
+    /// The list's length then (the bits from [`REQ_BITS`] up) and the
+    /// request count of `lp` then (the bits below), as [`Mark::at`] packs them.
+    at: u64,
+}
+
+impl Mark {
+    /// Packs a list length and a request count.
+    #[inline]
+    const fn at(len: usize, requests: u64) -> u64 {
+        ((len as u64) << REQ_BITS) | (requests & REQ_MASK)
+    }
+}
+
+const NO_MARK: Mark = Mark {
+    last: null_mut(),
+    at: 0,
+};
+
 /// One thread's cache for one pool.
 #[derive(Debug)]
 pub(crate) struct ThreadCache {
@@ -119,6 +158,8 @@ pub(crate) struct ThreadCache {
     spares: [Spare; SPARE_CLASSES],
     /// Requests served by a fresh block, not yet published.
     fresh: u64,
+    /// Per class, the list's last node if known (cold: hand-backs only).
+    marks: [Mark; NUM_CLASSES],
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -164,6 +205,7 @@ impl ThreadCache {
             caps: initial_caps(),
             spares: [Spare::EMPTY; SPARE_CLASSES],
             fresh: 0,
+            marks: [NO_MARK; NUM_CLASSES],
         }
     }
 
@@ -194,6 +236,7 @@ impl ThreadCache {
         if !h.is_null() {
             // SAFETY: `h` is a free block on our list; its first word is the link.
             cc.head = unsafe { (*h).next };
+            prefetch(cc.head);
             cc.lp = cc.lp.wrapping_add(POP);
             if has_key(c) {
                 // SAFETY: `h` is ours now, of class `c > 0`: it has a key word.
@@ -269,18 +312,38 @@ impl ThreadCache {
         }
         let cap = self.cap(c) as u32;
         let want = batch_at(cap) as usize;
-        let (head, n, carved) = pool
+        // The list is empty and one block is handed out: up to
+        // `cache_cap + 1` keep it within the cap `cap_after_refill` sets, so
+        // a whole batch another thread handed back is taken as it is (O(1))
+        // however far the slow start is.
+        let max = cache_cap(c) as usize + 1;
+        let Chain {
+            head,
+            tail,
+            n,
+            fresh: carved,
+        } = pool
             .central(c)
-            .refill(pool, c, want, || self.flush_big(pool));
+            .refill(pool, c, want, max, || self.flush_big(pool));
         if head.is_null() {
             return (null_mut(), false);
         }
+        // The request count restarts at zero below; the list's last node is
+        // the chain's (none if the chain is only the block handed out).
+        self.marks[c] = if n > 1 {
+            Mark {
+                last: tail,
+                at: Mark::at(n - 1, 0),
+            }
+        } else {
+            NO_MARK
+        };
         // SAFETY: `refill` gave us a well-formed chain of `n ≥ 1` free blocks.
         self.classes[c].head = unsafe { (*head).next };
         // The list was empty; the head is handed out now (one request).
         let requests = self.classes[c].take_requests() + 1;
-        // `n ≤ want ≤ cap`: the rest fits.
-        self.set_len_cap(c, n - 1, next_cap(c, cap));
+        // `n - 1 ≤ cache_cap`: the rest fits the cap `cap_after_refill` sets.
+        self.set_len_cap(c, n - 1, cap_after_refill(c, cap, n - 1));
         if has_key(c) {
             // SAFETY: the head is ours, of class `c`.
             unsafe { self.hand_out(c, head) };
@@ -295,6 +358,8 @@ impl ThreadCache {
 
     /// Adds this cache's request counts (every class) to the pool's counters.
     pub(crate) fn publish(&mut self, pool: &PoolShared) {
+        // The request counts restart: no mark may outlive its count.
+        self.marks = [NO_MARK; NUM_CLASSES];
         let requests: u64 = self.classes.iter_mut().map(ClassCache::take_requests).sum();
         pool.count_requests(requests, core::mem::take(&mut self.fresh));
     }
@@ -313,6 +378,8 @@ impl ThreadCache {
         }
         let s = core::mem::replace(spare, Spare::EMPTY);
         self.classes[c].head = s.head;
+        // The spare's last node is not known.
+        self.marks[c] = NO_MARK;
         // `s.len ≤` the cap when parked, and caps only grow.
         let cap = self.caps[c];
         self.set_len_cap(c, s.len, u32::from(cap));
@@ -405,8 +472,8 @@ impl ThreadCache {
     }
 
     /// A full list: parks it whole as the class's spare if the class has an
-    /// empty one (no walk, nothing leaves the thread), else hands half of it
-    /// back; either way the cap grows.
+    /// empty one (no walk, nothing leaves the thread), else keeps its newest
+    /// [`keep_at`] blocks and hands the rest back; either way the cap grows.
     #[cold]
     #[inline(never)]
     fn overflow(&mut self, pool: &PoolShared, c: usize) {
@@ -420,39 +487,69 @@ impl ThreadCache {
                 head: core::mem::replace(&mut self.classes[c].head, null_mut()),
                 len,
             };
+            self.marks[c] = NO_MARK;
             self.set_len_cap(c, 0, next_cap(c, cap));
             return;
         }
-        self.flush(pool, c, batch_at(cap) as usize);
+        self.hand_back_after(pool, c, keep_at(cap) as usize);
         let len = self.len(c);
         self.set_len_cap(c, len, next_cap(c, cap));
     }
 
-    /// Hands up to `n` blocks of class `c` back to the pool.
-    #[cold]
-    #[inline(never)]
-    fn flush(&mut self, pool: &PoolShared, c: usize, n: usize) {
-        let len = self.len(c);
-        let n = n.min(len);
-        if n == 0 {
-            return;
+    /// The last node of class `c`'s list if its mark still names it, else
+    /// null.
+    fn known_last(&self, c: usize) -> *mut FreeBlock {
+        let m = self.marks[c];
+        let (len, req) = (m.at >> REQ_BITS, m.at & REQ_MASK);
+        let now = self.classes[c].lp & REQ_MASK;
+        // Fewer pops since the mark than nodes were at or above `last`.
+        if !m.last.is_null() && now >= req && now - req < len {
+            m.last
+        } else {
+            null_mut()
         }
+    }
+
+    /// Keeps the first `keep` blocks of class `c`'s list (fewer than it
+    /// holds) and hands the rest back as one chain, walking only the kept
+    /// blocks when the list's last node is known (else the whole list).
+    /// The cut node becomes the mark.
+    fn hand_back_after(&mut self, pool: &PoolShared, c: usize, keep: usize) {
+        let known = self.known_last(c);
+        let len = self.len(c);
+        debug_assert!(keep < len);
+        let n = len - keep;
         let cap = self.caps[c];
         let cc = &mut self.classes[c];
-        let head = cc.head;
-        let mut tail = head;
-        for _ in 1..n {
-            // SAFETY: the list has `len ≥ n` nodes.
-            tail = unsafe { (*tail).next };
-        }
-        // SAFETY: `tail` is the n-th node; cut the chain after it.
-        unsafe {
-            cc.head = (*tail).next;
-            (*tail).next = null_mut();
-        }
-        self.set_len_cap(c, len - n, u32::from(cap));
+        // SAFETY: the list has `len > keep` well-formed nodes; `kept`, its
+        // `keep`-th, is followed by `n ≥ 1` more, the last of which is
+        // `known` when that is non-null (the mark's argument above).
+        let (first, last, kept) = unsafe {
+            let kept = if keep == 0 {
+                null_mut()
+            } else {
+                nth(cc.head, keep)
+            };
+            let first = if keep == 0 { cc.head } else { (*kept).next };
+            let last = if known.is_null() {
+                nth(first, n)
+            } else {
+                known
+            };
+            if keep == 0 {
+                cc.head = null_mut();
+            } else {
+                (*kept).next = null_mut();
+            }
+            (first, last, kept)
+        };
+        self.set_len_cap(c, keep, u32::from(cap));
+        self.marks[c] = Mark {
+            last: kept,
+            at: Mark::at(keep, self.classes[c].lp & REQ_MASK),
+        };
         // SAFETY: the chain is `n` free blocks of class `c` of `pool`, ours.
-        unsafe { pool.central(c).give_back(pool, c, head, tail, n) };
+        unsafe { pool.central(c).give_back(pool, c, first, last, n) };
     }
 
     /// Hands back the idle blocks of one-block classes (at most one per
@@ -461,9 +558,8 @@ impl ThreadCache {
     #[cold]
     fn flush_big(&mut self, pool: &PoolShared) {
         for c in super::large::FIRST..NUM_CLASSES {
-            let len = self.len(c);
-            if len > 0 {
-                self.flush(pool, c, len);
+            if self.len(c) > 0 {
+                self.hand_back_after(pool, c, 0);
             }
         }
     }
@@ -471,13 +567,11 @@ impl ThreadCache {
     /// Hands every cached block back to the pool (and publishes the counts).
     pub(crate) fn flush_all(&mut self, pool: &PoolShared) {
         for c in 0..NUM_CLASSES {
-            let len = self.len(c);
-            if len > 0 {
-                self.flush(pool, c, len);
+            if self.len(c) > 0 {
+                self.hand_back_after(pool, c, 0);
             }
             if self.unpark(c) {
-                let len = self.len(c);
-                self.flush(pool, c, len);
+                self.hand_back_after(pool, c, 0);
             }
         }
         self.publish(pool);
@@ -494,7 +588,12 @@ impl ThreadCache {
 /// used after the thread's caches were torn down. Also says whether the
 /// block is fresh, as [`ThreadCache::alloc_fresh`] does.
 pub(crate) fn central_alloc(pool: &PoolShared, c: usize) -> (*mut u8, bool) {
-    let (h, n, carved) = pool.central(c).refill(pool, c, 1, || ());
+    let Chain {
+        head: h,
+        n,
+        fresh: carved,
+        ..
+    } = pool.central(c).refill(pool, c, 1, 1, || ());
     debug_assert!(h.is_null() || n == 1);
     if h.is_null() {
         return (null_mut(), false);
@@ -890,4 +989,102 @@ extern "C" fn on_thread_exit(_: *mut libc::c_void) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::HostPool;
+    use crate::host::size_class::class_of;
+
+    /// The mark rule: a list emptied by pops has no known last node (its
+    /// mark's node was handed out), a list filled by frees alone has one
+    /// after its first hand-back, and hand-backs with or without it keep
+    /// every block exactly once (trim then releases every span).
+    #[test]
+    fn marks_name_the_last_node_only_while_it_is_listed() {
+        let pool = HostPool::new();
+        let sh = pool.shared().clone();
+        let c = class_of(4096);
+        let mut tc = ThreadCache::new();
+        let mut live = Vec::new();
+        for _ in 0..300 {
+            live.push(tc.alloc(&sh, c));
+        }
+        // Pop until the list is empty: the marked node is handed out.
+        while tc.len(c) > 0 {
+            live.push(tc.alloc(&sh, c));
+        }
+        assert!(tc.known_last(c).is_null(), "a mark outlived its node");
+        // Frees alone: the first overflow walks the list, later ones cut
+        // after the kept blocks and hand the rest back up to the mark.
+        let mut overflows = 0;
+        for &p in &live {
+            let before = tc.len(c);
+            // SAFETY: allocated above from this pool, class `c`, freed once.
+            assert!(unsafe { tc.free(&sh, c, p) });
+            if tc.len(c) <= before {
+                overflows += 1;
+                assert!(!tc.known_last(c).is_null(), "no mark after a hand-back");
+            }
+        }
+        assert!(overflows >= 2);
+        // A pop then pushes: the mark holds while fewer pops than kept nodes.
+        let q = tc.alloc(&sh, c);
+        // SAFETY: as above.
+        assert!(unsafe { tc.free(&sh, c, q) });
+        assert!(!tc.known_last(c).is_null());
+        tc.flush_all(&sh);
+        assert!(tc.known_last(c).is_null(), "publish keeps no mark");
+        pool.trim();
+        assert_eq!(
+            pool.stats().reserved_bytes,
+            0,
+            "a block lost or listed twice"
+        );
+    }
+
+    /// A class with a spare list: parking a list drops its mark, so a
+    /// later hand-back never trusts a node that moved to the spare.
+    #[test]
+    fn a_parked_list_takes_no_mark_with_it() {
+        use std::collections::HashSet;
+        let pool = HostPool::new();
+        let sh = pool.shared().clone();
+        let c = class_of(64);
+        assert!(c < SPARE_CLASSES);
+        let mut tc = ThreadCache::new();
+        for round in 0..3 {
+            let live: Vec<*mut u8> = (0..3000).map(|_| tc.alloc(&sh, c)).collect();
+            let distinct: HashSet<_> = live.iter().collect();
+            assert_eq!(
+                distinct.len(),
+                live.len(),
+                "round {round}: a block handed out twice"
+            );
+            for &p in &live {
+                // SAFETY: allocated above from this pool, class `c`, freed once.
+                assert!(unsafe { tc.free(&sh, c, p) });
+                let m = tc.known_last(c);
+                if !m.is_null() {
+                    // The mark names the last node of the class's own list.
+                    let mut cur = tc.classes[c].head;
+                    let mut last = null_mut();
+                    while !cur.is_null() {
+                        last = cur;
+                        // SAFETY: well-formed nodes on our list.
+                        cur = unsafe { (*cur).next };
+                    }
+                    assert_eq!(m, last, "round {round}: a mark names a node off the list");
+                }
+            }
+        }
+        tc.flush_all(&sh);
+        pool.trim();
+        assert_eq!(
+            pool.stats().reserved_bytes,
+            0,
+            "a block lost or listed twice"
+        );
+    }
 }

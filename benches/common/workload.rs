@@ -252,8 +252,8 @@ pub enum Kind {
     /// (cycled) through a ring to its own consumer thread, which frees them.
     ProdCons { pairs: usize, sizes: Vec<usize> },
     /// `threads` threads each doing `iters` random operations on a shared
-    /// table of `slots` blocks (log-uniform sizes `lo..=hi`): take a slot;
-    /// empty: allocate and touch a block; else free it or realloc it to a
+    /// table of `slots` blocks (log-uniform sizes `lo..=hi`): take a slot
+    /// (skip it if another thread holds it); empty: allocate and touch a block; else free it or realloc it to a
     /// new size (touching a grown tail) and put it back. Any thread may take
     /// any slot, so frees and reallocs cross threads; the live set is bounded
     /// by the table. The peak of live bytes is measured ([`Workload::measured_peak_live`]).
@@ -598,11 +598,17 @@ fn prod_cons<A: BenchAlloc + ?Sized>(a: &A, pairs: usize, sizes: &[usize], iters
 /// The peak of live bytes of the last [`churn`] run.
 static CHURN_PEAK: AtomicUsize = AtomicUsize::new(0);
 
-/// One slot of the churn table: a block's address (0: empty) and size.
+/// One slot of the churn table: a block's address (0: empty, [`BUSY`]: a
+/// thread is working on it) and size.
 struct Slot {
     ptr: AtomicUsize,
     size: AtomicUsize,
 }
+
+/// A churn slot's address while one thread owns it: the others skip it, so
+/// a block is never stored over another (leaked, and counted live for
+/// good) nor paired with another block's size.
+const BUSY: usize = 1;
 
 /// See [`Kind::Churn`].
 fn churn<A: BenchAlloc + ?Sized>(
@@ -631,7 +637,11 @@ fn churn<A: BenchAlloc + ?Sized>(
                 let mut rng = SplitMix64::new(0x5EED ^ k as u64);
                 for _ in 0..iters {
                     let slot = &table[(rng.next_u64() % slots as u64) as usize];
-                    let p = slot.ptr.swap(0, Ordering::Acquire) as *mut u8;
+                    let p = slot.ptr.swap(BUSY, Ordering::Acquire);
+                    if p == BUSY {
+                        continue;
+                    }
+                    let p = p as *mut u8;
                     if p.is_null() {
                         let size = rng.log_uniform(lo, hi);
                         let l = layout(size, ALIGN);
@@ -649,6 +659,7 @@ fn churn<A: BenchAlloc + ?Sized>(
                         // with `l`; freed once.
                         unsafe { a.dealloc(p, l) };
                         live.fetch_sub(old, Ordering::Relaxed);
+                        slot.ptr.store(0, Ordering::Release);
                         continue;
                     }
                     let size = rng.log_uniform(lo, hi);

@@ -69,7 +69,7 @@ pub(crate) fn map_aligned(len: usize, align: usize, populate: bool) -> Option<No
 }
 
 /// The transparent huge page size assumed (x86-64 and aarch64 with 4 KiB base pages).
-pub(crate) const HUGE_PAGE: usize = 2 << 20;
+pub(crate) const HUGE_PAGE: usize = crate::host::size_class::HUGE_PAGE;
 
 /// Maps a span of `len` bytes (a multiple of `GRANULE`) for the pool: aligned to
 /// `granule`, or, with `huge` and `len ≥ HUGE_PAGE`, to 2 MiB and advised

@@ -324,6 +324,11 @@ pub const fn counts_against_limit(c: usize) -> bool {
     class_size(c) >= 1 << 20
 }
 
+/// The transparent huge page size (x86-64 and aarch64 with 4 KiB pages):
+/// big spans are whole multiples of it. Defined here, not in `os`, because
+/// the size classes are also built for the loom models, which leave `os` out.
+pub(crate) const HUGE_PAGE: usize = 2 << 20;
+
 /// Bytes one span of class `c` maps (a multiple of [`GRANULE`]; of 2 MiB
 /// from 2 MiB up, so that big spans cut, grown and moved by `large` stay in
 /// whole transparent huge pages: a cut or a move off a 2 MiB boundary splits
@@ -331,11 +336,7 @@ pub const fn counts_against_limit(c: usize) -> bool {
 #[inline]
 pub fn span_bytes(c: usize) -> usize {
     let raw = blocks_per_span(c) * class_size(c);
-    let unit = if raw >= crate::os::HUGE_PAGE {
-        crate::os::HUGE_PAGE
-    } else {
-        GRANULE
-    };
+    let unit = if raw >= HUGE_PAGE { HUGE_PAGE } else { GRANULE };
     (raw + unit - 1) & !(unit - 1)
 }
 

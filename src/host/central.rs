@@ -61,10 +61,15 @@ impl Central {
         self.list.locked(f)
     }
 
-    /// Moves every free block (whole batches, `incoming`) onto the locked
-    /// loose free list.
-    fn gather(&self, inner: &mut Inner) {
-        self.list.gather(inner)
+    /// Runs `f` with the lock held and every free block (whole batches,
+    /// `incoming`) moved onto the locked loose free list: for the code that
+    /// walks or empties that list (trim, the retain limit, span takes,
+    /// prewarm, teardown).
+    fn gathered<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        self.locked(|inner| {
+            self.list.gather(inner);
+            f(inner)
+        })
     }
 
     /// Free blocks available without mapping (a racy hint when unlocked).
@@ -203,8 +208,7 @@ impl Central {
     /// or zero if never handed out); the caller hands it out or lists it.
     pub(crate) fn take_span(&self, pool: &PoolShared, c: usize) -> Option<*mut SpanMeta> {
         debug_assert!(blocks_per_span(c) == 1);
-        let s = self.locked(|inner| {
-            self.gather(inner);
+        let s = self.gathered(|inner| {
             let b = if !inner.free.is_null() {
                 let b = inner.free;
                 // SAFETY: a well-formed free list of `free_len ≥ 1` nodes.
@@ -332,8 +336,7 @@ impl Central {
     /// Maps spans (pages populated) until at least `count` blocks are free.
     /// Returns bytes mapped, or `None` if the OS refused.
     pub(crate) fn prewarm(&self, pool: &PoolShared, c: usize, count: usize) -> Option<usize> {
-        self.locked(|inner| {
-            self.gather(inner);
+        self.gathered(|inner| {
             let len = span_bytes(c);
             let short = count.saturating_sub(inner.free_len + inner.bump_left);
             let spans = short.div_ceil(blocks_per_span(c));
@@ -422,8 +425,7 @@ impl Central {
         out: &mut UnmapBatch,
     ) -> usize {
         let size = class_size(c);
-        self.locked(|inner| {
-            self.gather(inner);
+        self.gathered(|inner| {
             // 1. Count free blocks per span.
             let mut b = inner.free;
             while !b.is_null() {
@@ -507,8 +509,7 @@ impl Central {
     fn enforce_limit(&self, pool: &PoolShared, c: usize) {
         let size = class_size(c);
         let mut unmaps = UnmapBatch::new();
-        self.locked(|inner| {
-            self.gather(inner);
+        self.gathered(|inner| {
             while pool.retained.load(Ordering::Relaxed) > pool.retain_limit.load(Ordering::Relaxed)
                 && !inner.free.is_null()
             {
@@ -548,8 +549,7 @@ impl Central {
     ///   is gone: thread caches forget their blocks without touching them).
     pub(crate) unsafe fn release_all(&self, pool: &PoolShared) {
         let mut unmaps = UnmapBatch::new();
-        self.locked(|inner| {
-            self.gather(inner);
+        self.gathered(|inner| {
             while !inner.spans.is_null() {
                 // SAFETY: the caller guarantees nothing uses these blocks.
                 unsafe { self.release_span(pool, inner, inner.spans, &mut unmaps) };

@@ -299,16 +299,9 @@ impl ThreadCache {
     #[inline(never)]
     fn refill(&mut self, pool: &PoolShared, c: usize) -> (*mut u8, bool) {
         if self.unpark(c) {
-            // The parked list is ours: pop as `alloc` does (one request;
-            // the block is reported not fresh, which is always safe).
-            let cc = &mut self.classes[c];
-            let h = cc.head;
-            // SAFETY: `unpark` left a list of `len ≥ 1` well-formed blocks.
-            cc.head = unsafe { (*h).next };
-            cc.lp = cc.lp.wrapping_add(POP);
-            // SAFETY: `h` is ours now and of class `c`.
-            unsafe { self.hand_out(c, h) };
-            return (h.cast(), false);
+            // The parked list is ours and not empty: `alloc` pops it (the
+            // block is reported not fresh, which is always safe).
+            return (self.alloc(pool, c), false);
         }
         let cap = self.cap(c) as u32;
         let want = batch_at(cap) as usize;

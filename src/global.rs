@@ -557,7 +557,8 @@ unsafe fn resize_without_copy(
         // small for `new_size` (`resize_in_place` said no).
         return unsafe { pool().grow_huge(p, new_size) };
     }
-    None
+    // SAFETY: forwarded from the caller.
+    unsafe { pool().resize_big(p, class, new_size, align) }
 }
 
 /// `pthread_atfork` registration state: [`NOT_REGISTERED`], [`REGISTERING`]

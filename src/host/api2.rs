@@ -67,6 +67,10 @@ unsafe fn move_block(
     if old.align() == new.align() && HostPool::rounded_size(old) == HostPool::rounded_size(new) {
         return Ok(NonNull::slice_from_raw_parts(ptr, new.size()));
     }
+    // SAFETY: forwarded from the caller.
+    if let Some(q) = unsafe { pool.realloc_big(ptr, old, new) } {
+        return Ok(NonNull::slice_from_raw_parts(q, new.size()));
+    }
     let q = HostPool::allocate(pool, new).map_err(|_| AllocError)?;
     // SAFETY: 1. `ptr` is live with `old.size()` bytes (caller); 2. `q` is a
     // fresh, disjoint block of ≥ new.size() bytes; 3. the copy takes the

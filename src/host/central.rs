@@ -106,11 +106,11 @@ impl Central {
         before_steal: impl FnOnce(),
     ) -> Chain {
         if large::is_one_block(c) {
+            before_steal();
             let got = self.refill_with(pool, c, want, max, false);
             if got.n > 0 {
                 return got;
             }
-            before_steal();
             if let Some(b) = large::steal(pool, c) {
                 // SAFETY: the span's one block, ours; its link word is ours to write.
                 unsafe { (*b).next = null_mut() };
@@ -249,6 +249,14 @@ impl Central {
                 .store(pool as *const PoolShared as usize, Ordering::Relaxed);
             span::push_front(&mut inner.spans, s);
         })
+    }
+
+    /// Takes the span `s` of a live block of this (one-block) class off its
+    /// span list, for [`large::resize`].
+    pub(crate) fn disown_span(&self, s: *mut SpanMeta) {
+        // SAFETY: `s` is on this class's span list (a live block's span
+        // stays there), whose links are edited under the lock.
+        self.locked(|inner| unsafe { span::unlink(&mut inner.spans, s) })
     }
 
     /// Maps one span and makes it the bump span. Lock held.

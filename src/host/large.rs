@@ -84,9 +84,32 @@ pub fn fitting_class(len: usize) -> Option<usize> {
 /// eighth of the reserved ones (else the tail is unmapped). A kept tail is
 /// free and resident: a later request moves its pages into its block
 /// ([`gather_from`]) instead of faulting fresh ones.
-pub fn keep_tail(tail: usize, retained: usize, reserved: usize) -> Option<usize> {
+pub fn keep_tail(tail: usize, retained: usize, reserved: usize, peak_used: usize) -> Option<usize> {
     let t = fitting_class(tail)?;
-    (retained + span_bytes(t) <= TAIL_BOUND.max(reserved / 8)).then_some(t)
+    (retained + span_bytes(t) <= TAIL_BOUND.max(reserved / 8)
+        || !over_budget(reserved, 0, peak_used))
+    .then_some(t)
+}
+
+/// Whether `need` more bytes mapped would take a pool holding `reserved`
+/// bytes over its budget: a quarter above `peak_used`, the most it has had
+/// in use (reserved minus retained, sampled by [`note_used`] at every big
+/// request no free span of its class serves).
+///
+/// Within budget a pool keeps the tails it cuts (a later request moves
+/// their pages instead of faulting fresh ones) and a request no class
+/// within 2× serves maps a fresh span, so a program whose sizes repeat
+/// keeps a span per class; over it, such a request takes the pages of any
+/// free span, cutting far bigger ones too ([`gather_from`] with `cut`), so
+/// that free spans are used before the pool grows.
+pub fn over_budget(reserved: usize, need: usize, peak_used: usize) -> bool {
+    reserved + need > peak_used + peak_used / 4
+}
+
+/// The new peak of bytes in use, given the old one and the pool's reserved
+/// and retained bytes now (see [`over_budget`]).
+pub fn note_used(peak_used: usize, reserved: usize, retained: usize) -> usize {
+    peak_used.max(reserved.saturating_sub(retained))
 }
 
 /// See [`keep_tail`].
@@ -147,6 +170,14 @@ impl FreeHint {
 /// spans into its new part ([`gather_from`]) before any fresh page.
 pub(crate) fn steal(pool: &PoolShared, c: usize) -> Option<*mut FreeBlock> {
     let need = span_bytes(c);
+    let reserved = pool.reserved.current() as usize;
+    let cached = pool.cached.load(Ordering::Relaxed);
+    let peak = note_used(
+        pool.peak_used.load(Ordering::Relaxed),
+        reserved + need,
+        cached,
+    );
+    pool.peak_used.fetch_max(peak, Ordering::Relaxed);
     let (rec, p) = match from_donor(pool, c, need)? {
         Some(got) => got,
         None => fresh_gathered(pool, need)?,
@@ -161,6 +192,60 @@ pub(crate) fn steal(pool: &PoolShared, c: usize) -> Option<*mut FreeBlock> {
         pool.central(c).adopt_span(pool, c, rec);
     }
     Some(p.as_ptr().cast())
+}
+
+/// Resizes the live block `p` of one-block class `c` into the one block of
+/// one-block class `to`, keeping its bytes without copying them: cut down
+/// (its tail kept as a free span, as [`cut`] does for a donor), or grown
+/// with `mremap` (in place, or its pages moved to a fresh range; the new
+/// part is fresh). Returns the block's address, or `None` with the block
+/// unchanged if the OS refused to grow it: the caller copies instead.
+///
+/// A realloc between big classes neither copies nor holds both blocks at
+/// once (a copy would: the old and the new block, up to 64 MiB each).
+///
+/// # Safety
+/// - `p` is a live block of class `c` of `pool`, owned by the caller;
+///   `c != to`, both one-block classes.
+pub(crate) unsafe fn resize(
+    pool: &PoolShared,
+    c: usize,
+    p: NonNull<u8>,
+    to: usize,
+) -> Option<NonNull<u8>> {
+    debug_assert!(is_one_block(c) && is_one_block(to) && c != to);
+    let rec = pagemap::lookup(p.as_ptr() as usize);
+    debug_assert!(!rec.is_null());
+    let need = span_bytes(to);
+    // SAFETY: the block is the caller's, so its span (one block) is live,
+    // on class `c`'s span list, and no other thread changes its length.
+    let len = unsafe { (*rec).len() };
+    pool.central(c).disown_span(rec);
+    let q = if need > len {
+        // SAFETY: the caller's block; on `None` it is unchanged.
+        match unsafe { pool.huge.grow(pool, p, need) } {
+            Some(q) => q,
+            None => {
+                // SAFETY: unchanged: still the one block of class `c`.
+                unsafe { pool.central(c).adopt_span(pool, c, rec) };
+                return None;
+            }
+        }
+    } else {
+        // SAFETY: off every list now; the block's bytes past `need` are not
+        // part of the resized block (the caller's to give up).
+        unsafe { cut(pool, rec, p, need) };
+        p
+    };
+    // SAFETY: the record is ours (off every list, its block the caller's)
+    // and now describes the one block of class `to`; atomic stores for
+    // lock-free readers with a stale pointer.
+    unsafe {
+        (*rec).block.store(class_size(to), Ordering::Relaxed);
+        (*rec).class.store(to as u16, Ordering::Relaxed);
+        pool.central(to).adopt_span(pool, to, rec);
+    }
+    Some(q)
 }
 
 /// The span of a [`donor`] of class `c`, resized to `need` bytes:
@@ -219,11 +304,16 @@ fn from_donor(
 /// ([`gather_from`] without cutting), when there is any: `None` if there is
 /// none, or if the OS refused a mapping or a move.
 fn fresh_gathered(pool: &PoolShared, need: usize) -> Option<(*mut SpanMeta, NonNull<u8>)> {
-    gather_from(need, false, |e| pool.large_free.get(e))?;
+    let cut = over_budget(
+        pool.reserved.current() as usize,
+        need,
+        pool.peak_used.load(Ordering::Relaxed),
+    );
+    gather_from(need, cut, |e| pool.large_free.get(e))?;
     let p = super::huge::map_huge(pool, need, false)?;
     let rec = pagemap::lookup(p.as_ptr() as usize);
     // SAFETY: the fresh span's record, ours, on no list.
-    if !unsafe { gather(pool, rec, p, 0, need, false) } {
+    if !unsafe { gather(pool, rec, p, 0, need, cut) } {
         return None;
     }
     Some((rec, p))
@@ -294,6 +384,7 @@ unsafe fn cut(pool: &PoolShared, rec: *mut SpanMeta, p: NonNull<u8>, need: usize
         len - need,
         pool.retained.load(Ordering::Relaxed),
         pool.reserved.current() as usize,
+        pool.peak_used.load(Ordering::Relaxed),
     );
     if let Some(t) = keep {
         let k = span_bytes(t);
@@ -470,7 +561,7 @@ unsafe fn abandon(
 
 #[cfg(test)]
 mod tests {
-    use super::{FIRST, donor, fitting_class, gather_from, keep_tail};
+    use super::{FIRST, donor, fitting_class, gather_from, keep_tail, note_used, over_budget};
     use crate::host::HostPool;
     use crate::host::size_class::{NUM_CLASSES, blocks_per_span, class_of, class_size, span_bytes};
     use core::alloc::Layout;
@@ -538,7 +629,7 @@ mod tests {
         assert_eq!(a, b, "the span keeps its address");
         // Its 8 MiB tail stays mapped, a free span of the 8 MiB class.
         assert_eq!(reserved, 20 * MIB);
-        assert_eq!(keep_tail(8 * MIB, 0, 20 * MIB), Some(class_of(8 * MIB)));
+        assert_eq!(keep_tail(8 * MIB, 0, 20 * MIB, 0), Some(class_of(8 * MIB)));
     }
 
     /// The tail of a cut span is a free span of its own class: resident (its
@@ -577,9 +668,9 @@ mod tests {
         // What no class fits is unmapped; past the bound a tail is not kept.
         assert_eq!(fitting_class(span_bytes(FIRST) - (64 << 10)), None);
         assert_eq!(fitting_class(6 * MIB + (64 << 10)), Some(class_of(6 * MIB)));
-        assert_eq!(keep_tail(8 * MIB, 30 * MIB, 100 * MIB), None);
+        assert_eq!(keep_tail(8 * MIB, 30 * MIB, 100 * MIB, 0), None);
         assert_eq!(
-            keep_tail(8 * MIB, 30 * MIB, 400 * MIB),
+            keep_tail(8 * MIB, 30 * MIB, 400 * MIB, 0),
             Some(class_of(8 * MIB))
         );
     }
@@ -670,12 +761,22 @@ mod tests {
             TAKEN.store(0, SeqCst);
             let pool = HostPool::new();
             let z0 = pool.allocate(layout(6 * MIB)).unwrap();
+            // The range after `z0` taken, so that growing it must move it
+            // (in place, which the hook does not see, it would succeed
+            // whenever a test running beside this one left that range free).
+            let after = z0.as_ptr() as usize + 6 * MIB;
+            // SAFETY: maps only if nothing is mapped there.
+            let guard = unsafe { crate::os::map_fixed_noreplace(after, 4096) };
             crate::os::REMAP_FAULT_AT.store(z0.as_ptr() as usize, SeqCst);
             // SAFETY: a live block of ours, freed once; it comes back below.
             unsafe { pool.free(z0).unwrap() };
             let (x, z, b) = grow_and_gather(&pool);
             crate::os::REMAP_FAULT_AT.store(0, SeqCst);
             crate::os::REMAP_FAULT_HOOK.store(0, SeqCst);
+            if guard {
+                // SAFETY: our page, mapped above, nobody else's.
+                unsafe { libc::munmap(after as *mut libc::c_void, 4096) };
+            }
             assert_eq!(z, z0);
             let taken = TAKEN.load(SeqCst);
             assert_eq!(taken != 0, foreign, "the injected failure happened");
@@ -1055,5 +1156,110 @@ mod tests {
         assert_eq!(donor(c, |d| far.contains(&d)), None);
         // Only one-block classes donate to the first one-block class.
         assert!(donor(FIRST, |d| d < FIRST).is_none());
+    }
+
+    /// Within budget (a quarter above the most ever in use) every tail is
+    /// kept, however much is already free; over it, the old bound applies.
+    #[test]
+    fn tails_are_kept_within_budget_and_bounded_beyond_it() {
+        // 100 MiB reserved, 30 MiB of it free: past the 32 MiB bound.
+        assert_eq!(keep_tail(8 * MIB, 30 * MIB, 100 * MIB, 0), None);
+        // The pool once had 80 MiB in use: 100 ≤ 80 + 20, within budget.
+        assert_eq!(
+            keep_tail(8 * MIB, 30 * MIB, 100 * MIB, 80 * MIB),
+            Some(class_of(8 * MIB))
+        );
+        assert!(!over_budget(100 * MIB, 0, 80 * MIB));
+        assert!(over_budget(100 * MIB, 1, 80 * MIB));
+        // Bytes in use: reserved minus what lies free centrally, never below
+        // the old peak.
+        assert_eq!(note_used(50 * MIB, 100 * MIB, 30 * MIB), 70 * MIB);
+        assert_eq!(note_used(90 * MIB, 100 * MIB, 30 * MIB), 90 * MIB);
+        assert_eq!(note_used(0, 10 * MIB, 30 * MIB), 0);
+    }
+
+    /// Over budget, a request no class within 2× serves takes the pages of
+    /// a far bigger free span instead of mapping fresh ones: the pool does
+    /// not grow past a quarter above its peak use while it holds free
+    /// memory enough.
+    #[test]
+    fn over_budget_a_far_bigger_free_span_gives_its_pages() {
+        let pool = HostPool::new();
+        let big = layout(40 * MIB);
+        let a = pool.allocate(big).unwrap();
+        fill(a, 40 * MIB, 5);
+        // SAFETY: allocated above with `big`.
+        unsafe { pool.deallocate(a, big) };
+        pool.flush_thread_cache();
+        let small = layout(MIB);
+        let held: Vec<_> = (0..30)
+            .map(|_| {
+                let h = pool.allocate(small).unwrap();
+                fill(h, MIB, 7);
+                h
+            })
+            .collect();
+        // The first ten are mapped fresh (within budget: the 40 MiB span
+        // stays for the next 40 MiB request), the rest take its pages.
+        // Without the budget the pool would reserve 40 + 30 MiB.
+        let peak = pool.stats().reserved.peak as usize;
+        assert!(peak <= 51 * MIB, "peak reserved {} MiB", peak >> 20);
+        for h in held {
+            check(h, MIB, 7);
+            // SAFETY: allocated above with `small`, freed once.
+            unsafe { pool.deallocate(h, small) };
+        }
+    }
+
+    /// A realloc into a smaller big class keeps the block where it is, its
+    /// bytes untouched, and its tail serves the next request of the tail's
+    /// class without a mapping; a realloc into a bigger one copies.
+    #[test]
+    fn a_big_block_shrinks_in_place_and_its_tail_serves_without_a_mapping() {
+        use allocator_api2::alloc::Allocator;
+        let pool = HostPool::new();
+        let a = pool.allocate(layout(20 * MIB)).unwrap();
+        fill(a, 20 * MIB, 9);
+        let maps = pool.stats().os_maps;
+        // SAFETY: `a` is live with this layout; the new one is smaller.
+        let b = unsafe { Allocator::shrink(&pool, a, layout(20 * MIB), layout(12 * MIB)) }.unwrap();
+        assert_eq!(b.cast::<u8>(), a, "shrunk in place");
+        assert_eq!(
+            pool.usable_size(a.as_ptr()),
+            Some(class_size(class_of(12 * MIB)))
+        );
+        // Its first 12 MiB are as they were.
+        let kept = |p: NonNull<u8>| {
+            for o in (0..12 * MIB).step_by(4096) {
+                // SAFETY: inside a live block of at least 12 MiB.
+                let v = unsafe { p.as_ptr().add(o).read() };
+                assert_eq!(v, 9 ^ (o >> 12) as u8, "offset {o}");
+            }
+        };
+        kept(a);
+        let t = pool.allocate(layout(8 * MIB)).unwrap();
+        assert_eq!(t.as_ptr() as usize, a.as_ptr() as usize + 12 * MIB);
+        assert_eq!(
+            pool.stats().os_maps,
+            maps,
+            "no mapping for the shrink or the tail"
+        );
+        // Grown back to 20 MiB: a new block, the 12 MiB copied.
+        // SAFETY: `a` is live with the 12 MiB layout.
+        let c = unsafe { Allocator::grow(&pool, a, layout(12 * MIB), layout(20 * MIB)) }.unwrap();
+        let c = c.cast::<u8>();
+        kept(c);
+        // SAFETY: live blocks of ours, freed once each with their layouts.
+        unsafe {
+            pool.deallocate(t, layout(8 * MIB));
+            pool.deallocate(c, layout(20 * MIB));
+        }
+        // The resized block frees into its new class, and a second free of
+        // it is caught.
+        // SAFETY: `a` was freed (moved by `grow`): a double free, detected.
+        assert!(unsafe { pool.free(a) }.is_err());
+        pool.flush_thread_cache();
+        assert!(pool.trim() > 0);
+        assert_eq!(pool.stats().reserved_bytes, 0);
     }
 }

@@ -13,7 +13,9 @@
 //! which the model does not track).
 
 use super::huge::{HUGE_SLOTS, pick, pick_resize};
-use super::large::{FIRST, donor, fitting_class, gather_from, is_one_block, keep_tail};
+use super::large::{
+    FIRST, donor, fitting_class, gather_from, is_one_block, keep_tail, note_used, over_budget,
+};
 use super::size_class::{
     NUM_CLASSES, SPARE_CLASSES, batch_at, blocks_per_span, class_for, class_size,
     counts_against_limit, huge_size, initial_cap, next_cap, span_bytes,
@@ -43,6 +45,8 @@ pub struct PoolModel {
     /// up, huge blocks).
     retained: usize,
     retain_limit: usize,
+    /// As `PoolShared::peak_used`.
+    peak_used: usize,
     reserved: Stat,
     segments: Stat,
     maps: u64,
@@ -60,6 +64,7 @@ impl PoolModel {
             cached: 0,
             retained: 0,
             retain_limit: retain_limit.unwrap_or(usize::MAX),
+            peak_used: 0,
             reserved: Stat::default(),
             segments: Stat::default(),
             maps: 0,
@@ -199,15 +204,22 @@ impl PoolModel {
         // Refill, as `ThreadCache::refill` and `Central::refill`.
         let want = batch_at(self.classes[c].cap) as usize;
         self.classes[c].cap = next_cap(c, self.classes[c].cap);
-        if is_one_block(c) && self.classes[c].free + self.classes[c].bump == 0 {
-            // The thread cache hands back its idle big blocks, then a
-            // neighbouring class may lend its span (`large::steal`).
+        if is_one_block(c) {
+            // The thread cache hands back its idle big blocks.
             for d in FIRST..NUM_CLASSES {
                 let k = self.classes[d].tc;
                 if k > 0 {
                     self.give_back(d, k);
                 }
             }
+        }
+        if is_one_block(c) && self.classes[c].free + self.classes[c].bump == 0 {
+            // A neighbouring class may lend its span (`large::steal`).
+            self.peak_used = note_used(
+                self.peak_used,
+                self.reserved.current as usize + span_bytes(c),
+                self.cached,
+            );
             let has_free = |d: usize| self.classes[d].free + self.classes[d].bump > 0;
             if let Some(d) = donor(c, has_free) {
                 self.take_span(d);
@@ -216,7 +228,8 @@ impl PoolModel {
                 if from > to {
                     // The tail may stay, a free span (`large::cut`).
                     let retained = self.retained;
-                    match keep_tail(from - to, retained, self.reserved.current as usize) {
+                    let reserved = self.reserved.current as usize;
+                    match keep_tail(from - to, retained, reserved, self.peak_used) {
                         Some(t) => {
                             self.release(from - to - span_bytes(t));
                             self.segments.current += 1;
@@ -235,10 +248,12 @@ impl PoolModel {
             }
             // No donor: a fresh span takes the pages of smaller free spans
             // (`large::fresh_gathered`).
-            if gather_from(span_bytes(c), false, has_free).is_some() {
-                self.map(span_bytes(c));
+            let need = span_bytes(c);
+            let cut = over_budget(self.reserved.current as usize, need, self.peak_used);
+            if gather_from(need, cut, has_free).is_some() {
+                self.map(need);
                 self.classes[c].spans += 1;
-                self.gather(span_bytes(c), false);
+                self.gather(need, cut);
                 return class_size(c);
             }
         }

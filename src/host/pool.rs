@@ -13,7 +13,7 @@
 use super::central::Central;
 use super::guard;
 use super::huge::HugeCache;
-use super::large::FreeHint;
+use super::large::{self, FreeHint};
 use super::pagemap;
 use super::prewarm::Prewarm;
 use super::size_class::{
@@ -55,6 +55,8 @@ pub(crate) struct PoolShared {
     pub(crate) cached: AtomicUsize,
     pub(crate) retained: AtomicUsize,
     pub(crate) retain_limit: AtomicUsize,
+    /// The most bytes in use seen by a big request (`large::over_budget`).
+    pub(crate) peak_used: AtomicUsize,
     /// Requests served / those served by a fresh block (published by
     /// thread caches in batches).
     requests: AtomicU64,
@@ -91,6 +93,7 @@ impl PoolShared {
             cached: AtomicUsize::new(0),
             retained: AtomicUsize::new(0),
             retain_limit: AtomicUsize::new(usize::MAX),
+            peak_used: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             huge_pages: AtomicBool::new(true),
@@ -325,6 +328,30 @@ impl PoolShared {
             unsafe { self.huge.shrink(self, p, need) };
         }
         true
+    }
+
+    /// Moves the live block `p` of class `class` into the class of
+    /// `new_size`/`align` without copying, when both are one-block classes
+    /// (`large::resize`): the block's new address, or `None` (nothing
+    /// changed) when they are not, or the OS refused.
+    ///
+    /// # Safety
+    /// - `p` is a live block of class `class` of this pool, owned by the
+    ///   caller.
+    pub(crate) unsafe fn resize_big(
+        &self,
+        p: NonNull<u8>,
+        class: u16,
+        new_size: usize,
+        align: usize,
+    ) -> Option<NonNull<u8>> {
+        let c = class as usize;
+        let to = class_for(new_size, align)?;
+        if class == HUGE_CLASS || !large::is_one_block(c) || !large::is_one_block(to) || to >= c {
+            return None;
+        }
+        // SAFETY: forwarded from the caller; both classes checked above.
+        unsafe { large::resize(self, c, p, to) }
     }
 
     #[cold]
@@ -787,6 +814,32 @@ impl HostPool {
     /// The usable size a request would be served with (class rounding).
     pub fn rounded_size(layout: Layout) -> Option<usize> {
         super::size_class::usable_size_for(layout.size(), layout.align())
+    }
+
+    /// Moves a big block (1 MiB and up) into another big class without
+    /// copying (see `PoolShared::resize_big`): `None`, nothing changed, when
+    /// the layouts are not both of such classes with one alignment, or the
+    /// OS refused.
+    ///
+    /// # Safety
+    /// - `ptr` is a live block of this pool allocated with `old`, owned by
+    ///   the caller.
+    pub(crate) unsafe fn realloc_big(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+    ) -> Option<NonNull<u8>> {
+        if old.align() != new.align() {
+            return None;
+        }
+        let c = class_for(old.size(), old.align())?;
+        // SAFETY: forwarded: `ptr` is live with `old`, so a block of class
+        // `c`, the class the pool serves `old` from.
+        unsafe {
+            self.shared
+                .resize_big(ptr, c as u16, new.size(), new.align())
+        }
     }
 
     /// The shared state (tests).

@@ -79,11 +79,12 @@ pub fn fitting_class(len: usize) -> Option<usize> {
 
 /// The class whose span the tail of a span cut down keeps, for a tail of
 /// `tail` bytes, when the pool holds `retained` free bytes (classes of
-/// 1 MiB and up) and has `reserved` bytes mapped: the [`fitting_class`] of
-/// the tail, as long as the retained bytes stay within [`TAIL_BOUND`] or an
-/// eighth of the reserved ones (else the tail is unmapped). A kept tail is
-/// free and resident: a later request moves its pages into its block
-/// ([`gather_from`]) instead of faulting fresh ones.
+/// 1 MiB and up), has `reserved` bytes mapped and had at most `peak_used`
+/// in use: the [`fitting_class`] of the tail, as long as the pool is within
+/// its budget ([`over_budget`]) or the retained bytes stay within
+/// [`TAIL_BOUND`] or an eighth of the reserved ones (else the tail is
+/// unmapped). A kept tail is free and resident: a later request moves its
+/// pages into its block ([`gather_from`]) instead of faulting fresh ones.
 pub fn keep_tail(tail: usize, retained: usize, reserved: usize, peak_used: usize) -> Option<usize> {
     let t = fitting_class(tail)?;
     (retained + span_bytes(t) <= TAIL_BOUND.max(reserved / 8)

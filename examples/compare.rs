@@ -16,8 +16,8 @@
 //! one each repetition (rep 1: A B C D, rep 2: B C D A, ...), so drift in
 //! machine load falls on all of them alike. Reported: the median and the
 //! minimum over repetitions, per operation. Retained RSS: see [`rss_phase`].
-//! Peak RSS: see [`peak_rss`] (each allocator runs the workload in a fresh
-//! child process, since RSS is process-wide).
+//! Peak RSS: see [`peak_rss`] (each allocator runs the workload in fresh
+//! child processes, since RSS is process-wide; the median of three).
 
 #[path = "../benches/common/mod.rs"]
 mod common;
@@ -231,7 +231,7 @@ fn measure(w: &Workload, allocs: &[Box<dyn Runner>], opts: &Opts) -> Vec<Row> {
     let peaks: Vec<_> = allocs
         .iter()
         .zip(&iters)
-        .map(|(a, &it)| peak_rss(w, a.name(), it.max(w.rss_units)))
+        .map(|(a, &it)| median_peak_rss(w, a.name(), it.max(w.rss_units)))
         .collect();
     (0..n)
         .map(|i| {
@@ -278,6 +278,23 @@ fn rss_phase(w: &Workload, allocs: &[Box<dyn Runner>], iters: &[u64]) -> Vec<(i6
 
 /// The first argument that makes the example a peak-RSS child.
 const CHILD_FLAG: &str = "--peak-rss-child";
+
+/// Fresh child processes [`peak_rss`] runs per allocator and workload.
+const PEAK_RUNS: usize = 3;
+
+/// The median of [`PEAK_RUNS`] [`peak_rss`] runs, by peak RSS ÷ peak live
+/// bytes (by peak RSS where nothing is live): threaded workloads (churn)
+/// vary by a third from one run to the next, for every allocator alike.
+fn median_peak_rss(w: &Workload, alloc: &str, units: u64) -> Option<(i64, usize)> {
+    let mut runs: Vec<(i64, usize)> = (0..PEAK_RUNS)
+        .filter_map(|_| peak_rss(w, alloc, units))
+        .collect();
+    runs.sort_by(|a, b| {
+        let r = |&(rss, live): &(i64, usize)| rss as f64 / live.max(1) as f64;
+        r(a).total_cmp(&r(b))
+    });
+    runs.get(runs.len() / 2).copied()
+}
 
 /// Peak RSS of `units` units of `w` on allocator `alloc`, in a fresh child
 /// process (this example re-executed with [`CHILD_FLAG`]): RSS is
@@ -407,7 +424,7 @@ fn print_table(rows: &[Row]) {
         "Peak RSS: the high-water mark above the start level of a fresh child process running the workload"
     );
     println!(
-        "on that allocator alone (at least one sample's units); ÷ live: that peak over the peak live bytes."
+        "on that allocator alone (at least one sample's units), the median of 3 such children by ÷ live: that peak over the peak live bytes."
     );
     println!();
     println!(

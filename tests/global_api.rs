@@ -4,8 +4,9 @@
 //!   to `MAX_ALIGN`;
 //! - `usable_size` is the class size (or the huge mapping, at most 1/8 over
 //!   the rounded request) and ≥ the request;
-//! - `realloc` keeps the address within a class and for a huge block whose
-//!   mapping fits, unmaps a wasteful huge tail, moves otherwise, and always
+//! - `realloc` keeps the address within a class, for a huge block whose
+//!   mapping fits and for a big block (1 MiB and up) shrunk into a smaller
+//!   big class, unmaps a wasteful huge tail, moves otherwise, and always
 //!   keeps the common prefix;
 //! - `alloc_zeroed` returns zeros for reused (dirty) blocks and skips the
 //!   memset for fresh mappings (no page is faulted in);
@@ -145,6 +146,28 @@ fn realloc_in_place_within_a_class_and_moves_across() {
         let s = A.realloc(r, l3, 60);
         check_prefix(s, 100, 1, 60);
         A.dealloc(s, Layout::from_size_align(60, 8).unwrap());
+    }
+}
+
+#[test]
+fn realloc_shrinks_a_big_block_in_place() {
+    let _whole = whole_pool();
+    let mib = 1usize << 20;
+    let l = Layout::from_size_align(20 * mib, 64).unwrap();
+    // SAFETY: non-zero sizes; every block is passed on or freed once.
+    unsafe {
+        let p = A.alloc(l);
+        fill(p, 20 * mib, 3);
+        let q = A.realloc(p, l, 12 * mib);
+        assert_eq!(q, p, "a smaller big class: cut in place");
+        assert_eq!(A.usable_size(q), Some(12 * mib));
+        check_prefix(q, 20 * mib, 3, 12 * mib);
+        // Growing copies into another block and frees this one.
+        let l12 = Layout::from_size_align(12 * mib, 64).unwrap();
+        let r = A.realloc(q, l12, 20 * mib);
+        assert_ne!(r, q);
+        check_prefix(r, 20 * mib, 3, 12 * mib);
+        A.dealloc(r, l);
     }
 }
 

@@ -106,11 +106,11 @@ impl Central {
         before_steal: impl FnOnce(),
     ) -> Chain {
         if large::is_one_block(c) {
-            before_steal();
             let got = self.refill_with(pool, c, want, max, false);
             if got.n > 0 {
                 return got;
             }
+            before_steal();
             if let Some(b) = large::steal(pool, c) {
                 // SAFETY: the span's one block, ours; its link word is ours to write.
                 unsafe { (*b).next = null_mut() };

@@ -204,17 +204,15 @@ impl PoolModel {
         // Refill, as `ThreadCache::refill` and `Central::refill`.
         let want = batch_at(self.classes[c].cap) as usize;
         self.classes[c].cap = next_cap(c, self.classes[c].cap);
-        if is_one_block(c) {
-            // The thread cache hands back its idle big blocks.
+        if is_one_block(c) && self.classes[c].free + self.classes[c].bump == 0 {
+            // The thread cache hands back its idle big blocks, then a
+            // neighbouring class may lend its span (`large::steal`).
             for d in FIRST..NUM_CLASSES {
                 let k = self.classes[d].tc;
                 if k > 0 {
                     self.give_back(d, k);
                 }
             }
-        }
-        if is_one_block(c) && self.classes[c].free + self.classes[c].bump == 0 {
-            // A neighbouring class may lend its span (`large::steal`).
             self.peak_used = note_used(
                 self.peak_used,
                 self.reserved.current as usize + span_bytes(c),

@@ -1049,6 +1049,20 @@ mod tests {
                 std::thread::yield_now();
             }
             for (i, (p, size)) in blocks.into_iter().enumerate() {
+                // Every third block is first shrunk in place (its span cut
+                // while the reader looks it up and the freer frees others).
+                let (p, size) = if i % 3 == 1 {
+                    use allocator_api2::alloc::Allocator;
+                    let small = size / 2;
+                    // SAFETY: live with `layout(size)`; the new one is smaller.
+                    let q = unsafe { Allocator::shrink(&pool, p, layout(size), layout(small)) };
+                    let q = q.unwrap().cast::<u8>();
+                    // SAFETY: the block's first byte, kept by the shrink.
+                    assert_eq!(unsafe { q.as_ptr().read() }, round as u8);
+                    (q, small)
+                } else {
+                    (p, size)
+                };
                 if i % 2 == 0 {
                     tx.send((p.as_ptr() as usize, size)).unwrap();
                 } else {

@@ -3,19 +3,26 @@
 //! and a CSV.
 //!
 //! ```text
-//! cargo run --release --example compare --features peers -- [--quick] [--reps N] [--only WORKLOAD] [--alloc NAME] [--csv PATH]
+//! cargo run --release --example compare --features peers -- [--quick] [--reps N] [--only WORKLOAD[|WORKLOAD…]] [--alloc NAME] [--csv PATH]
 //! ```
 //!
 //! Without `--features peers` it compares the pool with glibc only.
 //! `--only` and `--alloc` keep the workloads and allocators whose names
-//! contain the given text (`--alloc` is for profiling one allocator).
+//! contain the given text (`--alloc` is for profiling one allocator);
+//! `--only a|b` keeps those matching either (one process, one pool: run
+//! `thread-churn|prodcons` to see one workload after another, as in the
+//! full run).
 //!
 //! Method: each workload is first calibrated per allocator (units per
 //! sample, so that a sample lasts about the sample time). Then, for each
 //! repetition, every allocator takes one sample, in an order rotated by
 //! one each repetition (rep 1: A B C D, rep 2: B C D A, ...), so drift in
 //! machine load falls on all of them alike. Reported: the median and the
-//! minimum over repetitions, per operation. Retained RSS: see [`rss_phase`].
+//! minimum over repetitions, per operation; and, per workload, in how many
+//! repetitions the pool's sample took at most [`PAIRED_FACTOR`] × the best
+//! peer's sample of the same repetition (samples of one repetition run
+//! back to back, so they share the machine's load: on a loaded machine the
+//! medians drift with it, this count does less). Retained RSS: see [`rss_phase`].
 //! Peak RSS: see [`peak_rss`] (each allocator runs the workload in fresh
 //! child processes, since RSS is process-wide; the median of three).
 
@@ -69,7 +76,7 @@ impl Opts {
                 // `cargo bench`/`cargo test` may pass this to examples.
                 "--bench" => {}
                 "-h" | "--help" => {
-                    return Err("usage: compare [--quick] [--reps N] [--only WORKLOAD-SUBSTRING] [--alloc NAME-SUBSTRING] [--csv PATH]".into());
+                    return Err("usage: compare [--quick] [--reps N] [--only SUBSTRING[|SUBSTRING...]] [--alloc NAME-SUBSTRING] [--csv PATH]".into());
                 }
                 other => return Err(format!("unknown argument {other:?} (try --help)")),
             }
@@ -96,6 +103,29 @@ struct Row {
     /// Peak RSS above the child's start while it ran the workload, and the
     /// peak live bytes it measured; `None` if the child failed.
     peak: Option<(i64, usize)>,
+    /// The pool's row, with peers: the repetitions in which the pool's
+    /// sample was within [`PAIRED_FACTOR`] of the best peer's, and how many
+    /// repetitions there were.
+    paired: Option<(usize, usize)>,
+}
+
+/// The goal's bound on the pool's time over the best peer's (issue 8).
+const PAIRED_FACTOR: f64 = 1.2;
+
+/// In how many repetitions `pool[r] ≤ factor × min(peers[·][r])`, and of
+/// how many (repetitions every peer has a sample of); `None` without peers.
+fn paired_within(pool: &[f64], peers: &[&[f64]], factor: f64) -> Option<(usize, usize)> {
+    if peers.is_empty() {
+        return None;
+    }
+    let reps = peers.iter().map(|p| p.len()).fold(pool.len(), usize::min);
+    let within = (0..reps)
+        .filter(|&r| {
+            let best = peers.iter().map(|p| p[r]).fold(f64::INFINITY, f64::min);
+            pool[r] <= factor * best
+        })
+        .count();
+    Some((within, reps))
 }
 
 fn main() {
@@ -119,7 +149,7 @@ fn main() {
     }
     let suite: Vec<Workload> = workloads(Suite::Compare)
         .into_iter()
-        .filter(|w| opts.only.as_deref().is_none_or(|s| w.name.contains(s)))
+        .filter(|w| opts.only.as_deref().is_none_or(|s| matches_any(&w.name, s)))
         .collect();
     if suite.is_empty() {
         eprintln!(
@@ -177,6 +207,7 @@ fn main() {
     }
 
     print_table(&rows);
+    print_paired(&rows);
     println!();
     println!("- load average at end: {}", read_trim("/proc/loadavg"));
     println!("- total time: {:.0} s", start.elapsed().as_secs_f64());
@@ -189,6 +220,11 @@ fn main() {
         Ok(t) => print!("{t}"),
         Err(e) => eprintln!("replay: {e}"),
     }
+}
+
+/// Whether `name` contains any of the `|`-separated parts of `filter`.
+fn matches_any(name: &str, filter: &str) -> bool {
+    filter.split('|').any(|part| name.contains(part))
 }
 
 fn names(ws: &[Workload]) -> String {
@@ -233,6 +269,16 @@ fn measure(w: &Workload, allocs: &[Box<dyn Runner>], opts: &Opts) -> Vec<Row> {
         .zip(&iters)
         .map(|(a, &it)| median_peak_rss(w, a.name(), it.max(w.rss_units)))
         .collect();
+    let pool_at = allocs
+        .iter()
+        .position(|a| a.name() == common::alloc::POOL_NAME);
+    let paired = pool_at.and_then(|p| {
+        let peers: Vec<&[f64]> = (0..n)
+            .filter(|&i| i != p)
+            .map(|i| samples[i].as_slice())
+            .collect();
+        paired_within(&samples[p], &peers, PAIRED_FACTOR)
+    });
     (0..n)
         .map(|i| {
             let s = &mut samples[i];
@@ -248,6 +294,7 @@ fn measure(w: &Workload, allocs: &[Box<dyn Runner>], opts: &Opts) -> Vec<Row> {
                 rss_after: rss[i].0,
                 rss_trimmed: rss[i].1,
                 peak: peaks[i],
+                paired: if Some(i) == pool_at { paired } else { None },
             }
         })
         .collect()
@@ -459,6 +506,27 @@ fn print_table(rows: &[Row]) {
     }
 }
 
+/// One line per workload: the repetitions in which the pool's sample was
+/// within [`PAIRED_FACTOR`] of the best peer's sample of that repetition.
+fn print_paired(rows: &[Row]) {
+    let lines: Vec<String> = rows
+        .iter()
+        .filter_map(|r| {
+            r.paired
+                .map(|(k, n)| format!("  - {}: {k} of {n}", r.workload))
+        })
+        .collect();
+    if lines.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "- repetitions in which {}'s sample took at most {PAIRED_FACTOR}× the best peer's sample of the same repetition:",
+        common::alloc::POOL_NAME
+    );
+    lines.iter().for_each(|l| println!("{l}"));
+}
+
 fn write_csv(path: &str, rows: &[Row]) -> std::io::Result<()> {
     if let Some(dir) = std::path::Path::new(path)
         .parent()
@@ -528,4 +596,30 @@ fn utc_now() -> String {
         rem / 3_600,
         rem % 3_600 / 60
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paired_counts_repetitions_against_the_best_peer_of_each() {
+        let pool = [10.0, 13.0, 30.0, 12.0];
+        let a = [10.0, 10.0, 20.0, 100.0];
+        let b = [50.0, 11.0, 24.0, 9.0];
+        // Best peer per repetition: 10, 10, 20, 9; bound ×1.2: 12, 12, 24, 10.8.
+        assert_eq!(paired_within(&pool, &[&a, &b], 1.2), Some((1, 4)));
+        assert_eq!(paired_within(&pool, &[&a], 1.2), Some((2, 4)));
+        // Only repetitions every allocator has a sample of count.
+        assert_eq!(paired_within(&pool, &[&a[..2]], 1.2), Some((1, 2)));
+        assert_eq!(paired_within(&pool, &[], 1.2), None);
+    }
+
+    #[test]
+    fn only_matches_any_alternative() {
+        assert!(matches_any("prodcons-2x2", "prodcons"));
+        assert!(matches_any("prodcons-2x2", "thread-churn|prodcons"));
+        assert!(matches_any("thread-churn-8", "thread-churn|prodcons"));
+        assert!(!matches_any("pair-16B", "thread-churn|prodcons"));
+    }
 }

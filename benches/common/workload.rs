@@ -645,9 +645,12 @@ fn churn<A: BenchAlloc + ?Sized>(
                     if p.is_null() {
                         let size = rng.log_uniform(lo, hi);
                         let l = layout(size, ALIGN);
+                        // Live from the moment the allocator hands it
+                        // out: its pages are resident while they are
+                        // written, so the writing counts too.
                         let q = checked(a.alloc(l), l);
-                        touch_pages(q, size);
                         grow(size);
+                        touch_pages(q, size);
                         slot.size.store(size, Ordering::Relaxed);
                         slot.ptr.store(q as usize, Ordering::Release);
                         continue;
@@ -655,10 +658,10 @@ fn churn<A: BenchAlloc + ?Sized>(
                     let old = slot.size.load(Ordering::Relaxed);
                     let l = layout(old, ALIGN);
                     if rng.next_u64().is_multiple_of(2) {
+                        live.fetch_sub(old, Ordering::Relaxed);
                         // SAFETY: taken from the table (we own it), allocated
                         // with `l`; freed once.
                         unsafe { a.dealloc(p, l) };
-                        live.fetch_sub(old, Ordering::Relaxed);
                         slot.ptr.store(0, Ordering::Release);
                         continue;
                     }
@@ -667,9 +670,9 @@ fn churn<A: BenchAlloc + ?Sized>(
                     let q = unsafe { a.realloc(p, l, size) };
                     let q = checked(q, layout(size, ALIGN));
                     if size > old {
+                        grow(size - old);
                         // SAFETY: the grown tail lies inside the new block.
                         touch_pages(unsafe { q.add(old) }, size - old);
-                        grow(size - old);
                     } else {
                         live.fetch_sub(old - size, Ordering::Relaxed);
                     }

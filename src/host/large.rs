@@ -195,49 +195,34 @@ pub(crate) fn steal(pool: &PoolShared, c: usize) -> Option<*mut FreeBlock> {
     Some(p.as_ptr().cast())
 }
 
-/// Resizes the live block `p` of one-block class `c` into the one block of
-/// one-block class `to`, keeping its bytes without copying them: cut down
-/// (its tail kept as a free span, as [`cut`] does for a donor), or grown
-/// with `mremap` (in place, or its pages moved to a fresh range; the new
-/// part is fresh). Returns the block's address, or `None` with the block
-/// unchanged if the OS refused to grow it: the caller copies instead.
+/// Moves the live block `p` of one-block class `c` down into the smaller
+/// one-block class `to` where it is, keeping its bytes: its span is cut to
+/// `to`'s span and the tail kept as a free span ([`cut`], as for a donor).
+/// A realloc into a smaller big class thus neither copies nor holds two
+/// blocks at once (up to 64 MiB each).
 ///
-/// A realloc between big classes neither copies nor holds both blocks at
-/// once (a copy would: the old and the new block, up to 64 MiB each).
+/// Growing stays with the caller (a copy): the pages of free spans moved
+/// into a *live* block have no safe way back if the kernel refuses a move
+/// half-way ([`gather`] gives such a span up, which a live block cannot be).
 ///
 /// # Safety
 /// - `p` is a live block of class `c` of `pool`, owned by the caller;
-///   `c != to`, both one-block classes.
-pub(crate) unsafe fn resize(
-    pool: &PoolShared,
-    c: usize,
-    p: NonNull<u8>,
-    to: usize,
-) -> Option<NonNull<u8>> {
-    debug_assert!(is_one_block(c) && is_one_block(to) && c != to);
+///   `to < c`, both one-block classes.
+pub(crate) unsafe fn shrink_in_place(pool: &PoolShared, c: usize, p: NonNull<u8>, to: usize) {
+    debug_assert!(is_one_block(to) && to < c);
     let rec = pagemap::lookup(p.as_ptr() as usize);
     debug_assert!(!rec.is_null());
     let need = span_bytes(to);
     // SAFETY: the block is the caller's, so its span (one block) is live,
     // on class `c`'s span list, and no other thread changes its length.
     let len = unsafe { (*rec).len() };
+    debug_assert!(need <= len);
     pool.central(c).disown_span(rec);
-    let q = if need > len {
-        // SAFETY: the caller's block; on `None` it is unchanged.
-        match unsafe { pool.huge.grow(pool, p, need) } {
-            Some(q) => q,
-            None => {
-                // SAFETY: unchanged: still the one block of class `c`.
-                unsafe { pool.central(c).adopt_span(pool, c, rec) };
-                return None;
-            }
-        }
-    } else {
+    if need < len {
         // SAFETY: off every list now; the block's bytes past `need` are not
-        // part of the resized block (the caller's to give up).
+        // part of the smaller block (the caller gives them up).
         unsafe { cut(pool, rec, p, need) };
-        p
-    };
+    }
     // SAFETY: the record is ours (off every list, its block the caller's)
     // and now describes the one block of class `to`; atomic stores for
     // lock-free readers with a stale pointer.
@@ -246,7 +231,6 @@ pub(crate) unsafe fn resize(
         (*rec).class.store(to as u16, Ordering::Relaxed);
         pool.central(to).adopt_span(pool, to, rec);
     }
-    Some(q)
 }
 
 /// The span of a [`donor`] of class `c`, resized to `need` bytes:

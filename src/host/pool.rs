@@ -330,10 +330,10 @@ impl PoolShared {
         true
     }
 
-    /// Moves the live block `p` of class `class` into the class of
-    /// `new_size`/`align` without copying, when both are one-block classes
-    /// (`large::resize`): the block's new address, or `None` (nothing
-    /// changed) when they are not, or the OS refused.
+    /// Moves the live block `p` of class `class` down into the class of
+    /// `new_size`/`align` where it is, without copying, when both are
+    /// one-block classes and the new one is smaller (`large::shrink_in_place`):
+    /// the block's address, or `None` (nothing changed) otherwise.
     ///
     /// # Safety
     /// - `p` is a live block of class `class` of this pool, owned by the
@@ -347,11 +347,13 @@ impl PoolShared {
     ) -> Option<NonNull<u8>> {
         let c = class as usize;
         let to = class_for(new_size, align)?;
-        if class == HUGE_CLASS || !large::is_one_block(c) || !large::is_one_block(to) || to >= c {
+        if class == HUGE_CLASS || !large::is_one_block(to) || to >= c {
             return None;
         }
-        // SAFETY: forwarded from the caller; both classes checked above.
-        unsafe { large::resize(self, c, p, to) }
+        // SAFETY: forwarded from the caller; `to < c`, both one-block
+        // (`c` above the one-block `to`).
+        unsafe { large::shrink_in_place(self, c, p, to) };
+        Some(p)
     }
 
     #[cold]
@@ -816,10 +818,10 @@ impl HostPool {
         super::size_class::usable_size_for(layout.size(), layout.align())
     }
 
-    /// Moves a big block (1 MiB and up) into another big class without
-    /// copying (see `PoolShared::resize_big`): `None`, nothing changed, when
-    /// the layouts are not both of such classes with one alignment, or the
-    /// OS refused.
+    /// Moves a big block (1 MiB and up) down into a smaller big class where
+    /// it is, without copying (see `PoolShared::resize_big`): `None`,
+    /// nothing changed, unless both layouts have one alignment and are of
+    /// such classes, the new one smaller.
     ///
     /// # Safety
     /// - `ptr` is a live block of this pool allocated with `old`, owned by

@@ -94,8 +94,9 @@ pub fn keep_tail(tail: usize, retained: usize, reserved: usize, peak_used: usize
 
 /// Whether `need` more bytes mapped would take a pool holding `reserved`
 /// bytes over its budget: a quarter above `peak_used`, the most it has had
-/// in use (reserved minus retained, sampled by [`note_used`] at every big
-/// request no free span of its class serves).
+/// in use (reserved plus the request, minus the free bytes held centrally,
+/// sampled by [`note_used`] at every big request no free span of its class
+/// serves).
 ///
 /// Within budget a pool keeps the tails it cuts (a later request moves
 /// their pages instead of faulting fresh ones) and a request no class
@@ -107,10 +108,11 @@ pub fn over_budget(reserved: usize, need: usize, peak_used: usize) -> bool {
     reserved + need > peak_used + peak_used / 4
 }
 
-/// The new peak of bytes in use, given the old one and the pool's reserved
-/// and retained bytes now (see [`over_budget`]).
-pub fn note_used(peak_used: usize, reserved: usize, retained: usize) -> usize {
-    peak_used.max(reserved.saturating_sub(retained))
+/// The new peak of bytes in use, given the old one, the pool's reserved
+/// bytes with the request and the free bytes it holds centrally (see
+/// [`over_budget`]).
+pub fn note_used(peak_used: usize, reserved: usize, free: usize) -> usize {
+    peak_used.max(reserved.saturating_sub(free))
 }
 
 /// See [`keep_tail`].
@@ -183,16 +185,26 @@ pub(crate) fn steal(pool: &PoolShared, c: usize) -> Option<*mut FreeBlock> {
         Some(got) => got,
         None => fresh_gathered(pool, need)?,
     };
-    // SAFETY: ours; the record now describes the one block of class `c`.
-    // Atomic stores: a lock-free reader with a stale pointer (`owns`,
-    // `usable_size`) may be looking at the record meanwhile.
+    // SAFETY: ours, on no list, one span's length of class `c`.
+    unsafe { adopt_as(pool, rec, c) };
+    Some(p.as_ptr().cast())
+}
+
+/// Makes the record `rec` describe the one block of class `c` and links it
+/// into `c`'s span list. Atomic stores: a lock-free reader with a stale
+/// pointer (`owns`, `usable_size`) may be looking at the record meanwhile.
+///
+/// # Safety
+/// - `rec` is a live record of `pool`, on no span list, registered for
+///   exactly its range, which is `span_bytes(c)` long; `c` is one-block.
+unsafe fn adopt_as(pool: &PoolShared, rec: *mut SpanMeta, c: usize) {
+    // SAFETY: the record is the caller's (contract).
     unsafe {
         (*rec).block.store(class_size(c), Ordering::Relaxed);
         (*rec).nblocks.store(1, Ordering::Relaxed);
         (*rec).class.store(c as u16, Ordering::Relaxed);
         pool.central(c).adopt_span(pool, c, rec);
     }
-    Some(p.as_ptr().cast())
 }
 
 /// Moves the live block `p` of one-block class `c` down into the smaller
@@ -223,14 +235,9 @@ pub(crate) unsafe fn shrink_in_place(pool: &PoolShared, c: usize, p: NonNull<u8>
         // part of the smaller block (the caller gives them up).
         unsafe { cut(pool, rec, p, need) };
     }
-    // SAFETY: the record is ours (off every list, its block the caller's)
-    // and now describes the one block of class `to`; atomic stores for
-    // lock-free readers with a stale pointer.
-    unsafe {
-        (*rec).block.store(class_size(to), Ordering::Relaxed);
-        (*rec).class.store(to as u16, Ordering::Relaxed);
-        pool.central(to).adopt_span(pool, to, rec);
-    }
+    // SAFETY: ours (off every list, its block the caller's), cut to one
+    // span's length of class `to`.
+    unsafe { adopt_as(pool, rec, to) };
 }
 
 /// The span of a [`donor`] of class `c`, resized to `need` bytes:
@@ -285,8 +292,9 @@ fn from_donor(
     Some(None)
 }
 
-/// A fresh span of `need` bytes filled with the pages of free smaller spans
-/// ([`gather_from`] without cutting), when there is any: `None` if there is
+/// A fresh span of `need` bytes filled with the pages of free spans, when
+/// there is any: smaller ones only within the budget, any (cutting bigger
+/// ones) over it ([`over_budget`], [`gather_from`]); `None` if there is
 /// none, or if the OS refused a mapping or a move.
 fn fresh_gathered(pool: &PoolShared, need: usize) -> Option<(*mut SpanMeta, NonNull<u8>)> {
     let cut = over_budget(
@@ -330,10 +338,7 @@ unsafe fn relist(pool: &PoolShared, rec: *mut SpanMeta, t: usize) {
     // the key, as every block on a free list does.
     unsafe {
         let b = (*rec).base() as *mut FreeBlock;
-        (*rec).block.store(class_size(t), Ordering::Relaxed);
-        (*rec).nblocks.store(1, Ordering::Relaxed);
-        (*rec).class.store(t as u16, Ordering::Relaxed);
-        pool.central(t).adopt_span(pool, t, rec);
+        adopt_as(pool, rec, t);
         set_key(b, pool.key());
         (*b).next = core::ptr::null_mut();
         pool.central(t).give_back(pool, t, b, b, 1);

@@ -475,36 +475,75 @@ fn ring_cap(size: usize) -> usize {
 }
 
 /// A bounded single-producer single-consumer ring of pointers (as `usize`).
+///
+/// Each side keeps the other side's index as it last read it, on its own
+/// cache line, and reads the shared one again only when that copy says the
+/// ring is full (producer) or empty (consumer), as Lamport-style rings with
+/// cached indices do (folly's `ProducerConsumerQueue`, rigtorp's
+/// `SPSCQueue`). Re-reading it on every item would move its line between the
+/// cores on every item, a cost of the harness that every allocator's time
+/// would carry.
 struct Ring {
     slots: Box<[AtomicUsize]>,
-    head: Padded,
-    tail: Padded,
+    /// The consumer's: the next slot to read, and the producer's index as
+    /// the consumer last read it.
+    head: Side,
+    /// The producer's: the next slot to write, and the consumer's index as
+    /// the producer last read it.
+    tail: Side,
 }
 
 #[repr(align(128))]
-struct Padded(AtomicUsize);
+struct Side {
+    /// This side's index (written by this side only, read by the other).
+    at: AtomicUsize,
+    /// The other side's index as this side last read it (this side only).
+    seen: AtomicUsize,
+}
+
+impl Side {
+    fn new() -> Self {
+        Side {
+            at: AtomicUsize::new(0),
+            seen: AtomicUsize::new(0),
+        }
+    }
+}
 
 impl Ring {
     fn new(cap: usize) -> Self {
         Ring {
             slots: (0..cap).map(|_| AtomicUsize::new(0)).collect(),
-            head: Padded(AtomicUsize::new(0)),
-            tail: Padded(AtomicUsize::new(0)),
+            head: Side::new(),
+            tail: Side::new(),
         }
     }
 
     fn push(&self, v: usize) {
-        let tail = self.tail.0.load(Ordering::Relaxed);
-        wait_until(|| tail - self.head.0.load(Ordering::Acquire) < self.slots.len());
-        self.slots[tail % self.slots.len()].store(v, Ordering::Relaxed);
-        self.tail.0.store(tail + 1, Ordering::Release);
+        let n = self.slots.len();
+        let tail = self.tail.at.load(Ordering::Relaxed);
+        if tail - self.tail.seen.load(Ordering::Relaxed) >= n {
+            wait_until(|| {
+                let head = self.head.at.load(Ordering::Acquire);
+                self.tail.seen.store(head, Ordering::Relaxed);
+                tail - head < n
+            });
+        }
+        self.slots[tail % n].store(v, Ordering::Relaxed);
+        self.tail.at.store(tail + 1, Ordering::Release);
     }
 
     fn pop(&self) -> usize {
-        let head = self.head.0.load(Ordering::Relaxed);
-        wait_until(|| self.tail.0.load(Ordering::Acquire) != head);
+        let head = self.head.at.load(Ordering::Relaxed);
+        if self.head.seen.load(Ordering::Relaxed) == head {
+            wait_until(|| {
+                let tail = self.tail.at.load(Ordering::Acquire);
+                self.head.seen.store(tail, Ordering::Relaxed);
+                tail != head
+            });
+        }
         let v = self.slots[head % self.slots.len()].load(Ordering::Relaxed);
-        self.head.0.store(head + 1, Ordering::Release);
+        self.head.at.store(head + 1, Ordering::Release);
         v
     }
 }

@@ -471,7 +471,7 @@ fn print_table(rows: &[Row]) {
         "Peak RSS: the high-water mark above the start level of a fresh child process running the workload"
     );
     println!(
-        "on that allocator alone (at least one sample's units); the median of 3 such children by their ratio. ÷ live: that peak over the peak live bytes."
+        "on that allocator alone (at least one sample's units); the median of {PEAK_RUNS} such children by their ratio. ÷ live: that peak over the peak live bytes."
     );
     println!();
     println!(

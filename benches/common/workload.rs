@@ -508,6 +508,19 @@ impl Side {
             seen: AtomicUsize::new(0),
         }
     }
+
+    /// Returns once `ready` holds for `other`'s index, read again (and
+    /// remembered) only while this side's copy of it does not satisfy
+    /// `ready`.
+    fn wait_for(&self, other: &Side, ready: impl Fn(usize) -> bool) {
+        if !ready(self.seen.load(Ordering::Relaxed)) {
+            wait_until(|| {
+                let at = other.at.load(Ordering::Acquire);
+                self.seen.store(at, Ordering::Relaxed);
+                ready(at)
+            });
+        }
+    }
 }
 
 impl Ring {
@@ -522,26 +535,14 @@ impl Ring {
     fn push(&self, v: usize) {
         let n = self.slots.len();
         let tail = self.tail.at.load(Ordering::Relaxed);
-        if tail - self.tail.seen.load(Ordering::Relaxed) >= n {
-            wait_until(|| {
-                let head = self.head.at.load(Ordering::Acquire);
-                self.tail.seen.store(head, Ordering::Relaxed);
-                tail - head < n
-            });
-        }
+        self.tail.wait_for(&self.head, |head| tail - head < n);
         self.slots[tail % n].store(v, Ordering::Relaxed);
         self.tail.at.store(tail + 1, Ordering::Release);
     }
 
     fn pop(&self) -> usize {
         let head = self.head.at.load(Ordering::Relaxed);
-        if self.head.seen.load(Ordering::Relaxed) == head {
-            wait_until(|| {
-                let tail = self.tail.at.load(Ordering::Acquire);
-                self.head.seen.store(tail, Ordering::Relaxed);
-                tail != head
-            });
-        }
+        self.head.wait_for(&self.tail, |tail| tail != head);
         let v = self.slots[head % self.slots.len()].load(Ordering::Relaxed);
         self.head.at.store(head + 1, Ordering::Release);
         v

@@ -252,7 +252,7 @@ impl Central {
     }
 
     /// Takes the span `s` of a live block of this (one-block) class off its
-    /// span list, for [`large::resize`].
+    /// span list, for `large::shrink_in_place`.
     pub(crate) fn disown_span(&self, s: *mut SpanMeta) {
         // SAFETY: `s` is on this class's span list (a live block's span
         // stays there), whose links are edited under the lock.

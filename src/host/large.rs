@@ -8,8 +8,10 @@
 //! 5–25 MiB sizes peaked at 2.9× what other allocators hold.
 //!
 //! The donor is the nearest class with a free span, bigger first (its tail
-//! is unmapped), then smaller (grown with `mremap`, its pages kept, moved
-//! without copying if the range after it is taken). Only classes within 2× of
+//! is kept as a free span or unmapped), then smaller (grown where it is
+//! into a free address range right after or right before it, else moved
+//! without copying; either way the pages of other free spans are moved into
+//! its new part, [`gather`]). Only classes within 2× of
 //! the request donate: a 1 MiB buffer never chops a 64 MiB one, so tensor
 //! programs whose sizes repeat keep their spans (and their speed), and a
 //! span is never grown by more than its own size.

@@ -278,7 +278,8 @@ pub(crate) static REMAP_FAULT_AT: core::sync::atomic::AtomicUsize =
 ///
 /// # Safety
 /// - If the range is free, the caller may take it (it was the caller's
-///   before, or the caller is a test standing in for another thread).
+///   before, it extends one of the caller's mappings, or the caller is a
+///   test standing in for another thread).
 pub(crate) unsafe fn map_fixed_noreplace(dst: usize, len: usize) -> bool {
     // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.
     let raw = unsafe {

@@ -180,8 +180,9 @@ impl HugeCache {
     /// Grows an in-use huge block to map `new_len` bytes (a granule
     /// multiple above its length): in place if the address range after it
     /// is free, else by moving its pages, without copying them, to a fresh
-    /// granule-aligned range. Returns the block's address, or `None` with the
-    /// block unchanged if the OS refused.
+    /// granule-aligned range ([`grow_moving`](Self::grow_moving)). Returns
+    /// the block's address, or `None` with the block unchanged if the OS
+    /// refused.
     ///
     /// # Safety
     /// - `p` is a huge block of `pool`, in use by the caller.
@@ -190,6 +191,34 @@ impl HugeCache {
         pool: &PoolShared,
         p: NonNull<u8>,
         new_len: usize,
+    ) -> Option<NonNull<u8>> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.grow_with(pool, p, new_len, true) }
+    }
+
+    /// [`grow`](Self::grow) without the try in place, for a caller that
+    /// knows the range after the block is taken.
+    ///
+    /// # Safety
+    /// - As for [`grow`](Self::grow).
+    pub(crate) unsafe fn grow_moving(
+        &self,
+        pool: &PoolShared,
+        p: NonNull<u8>,
+        new_len: usize,
+    ) -> Option<NonNull<u8>> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.grow_with(pool, p, new_len, false) }
+    }
+
+    /// # Safety
+    /// - As for [`grow`](Self::grow).
+    unsafe fn grow_with(
+        &self,
+        pool: &PoolShared,
+        p: NonNull<u8>,
+        new_len: usize,
+        in_place: bool,
     ) -> Option<NonNull<u8>> {
         let rec = pagemap::lookup(p.as_ptr() as usize);
         debug_assert!(!rec.is_null() && new_len.is_multiple_of(GRANULE));
@@ -200,7 +229,7 @@ impl HugeCache {
         unsafe {
             let len = (*rec).len();
             debug_assert!(new_len > len);
-            if crate::os::remap(p, len, new_len, None) {
+            if in_place && crate::os::remap(p, len, new_len, None) {
                 let tail = p.as_ptr().add(len);
                 if pagemap::register(tail as usize, new_len - len, rec) {
                     (*rec).set_len(new_len);

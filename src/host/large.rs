@@ -8,8 +8,10 @@
 //! 5–25 MiB sizes peaked at 2.9× what other allocators hold.
 //!
 //! The donor is the nearest class with a free span, bigger first (its tail
-//! is unmapped), then smaller (grown with `mremap`, its pages kept, moved
-//! without copying if the range after it is taken). Only classes within 2× of
+//! is kept as a free span or unmapped), then smaller (grown where it is
+//! into a free address range right after or right before it, else moved
+//! without copying; either way the pages of other free spans are moved into
+//! its new part, [`gather`]). Only classes within 2× of
 //! the request donate: a 1 MiB buffer never chops a 64 MiB one, so tensor
 //! programs whose sizes repeat keep their spans (and their speed), and a
 //! span is never grown by more than its own size.
@@ -270,10 +272,21 @@ fn from_donor(
             p
         } else if len < need {
             // SAFETY: as above: a span of ours whose record describes it.
-            match unsafe { pool.huge.grow(pool, p, need) } {
+            if let Some((q, from, to)) = unsafe { grow_into_hole(pool, rec, base, len, need) } {
+                // SAFETY: `rec` now describes `[q, q + need)`, ours, its
+                // part `[q + from, q + to)` fresh.
+                if !unsafe { gather(pool, rec, q, from, to, need, true) } {
+                    return None;
+                }
+                return Some(Some((rec, q)));
+            }
+            // Something is mapped on both sides: move it (a try in place
+            // would fail the same way).
+            // SAFETY: as above: a span of ours whose record describes it.
+            match unsafe { pool.huge.grow_moving(pool, p, need) } {
                 Some(q) => {
                     // SAFETY: `q` is the grown span of `rec`, ours.
-                    if !unsafe { gather(pool, rec, q, len, need, true) } {
+                    if !unsafe { gather(pool, rec, q, len, need, need, true) } {
                         return None;
                     }
                     q
@@ -292,6 +305,75 @@ fn from_donor(
     Some(None)
 }
 
+/// Grows the free span `rec` (`[base, base + len)`) to `need` bytes where
+/// it is, if nothing is mapped right after it, or else right before it:
+/// the new part is mapped fresh there (`MAP_FIXED_NOREPLACE`) for
+/// [`gather`] to fill. Returns the span's new start `q` and its fresh part
+/// `[q + from, q + to)`, or `None` with nothing changed.
+///
+/// Most grown spans are made of several kernel mappings (pages gathered
+/// before), which `mremap` cannot resize in place; without this, such a
+/// span is first moved whole to a fresh range (one more mapping, and every
+/// page table entry moved once more) even when the address range next to
+/// it is free, as it is for about two grows in three in the mixed-large
+/// workload.
+///
+/// # Safety
+/// - `rec` is the caller's span, on no list, its block not in use,
+///   registered for exactly `[base, base + len)`; `len < need`, both
+///   granule multiples (of 2 MiB from 2 MiB up: the span stays in whole
+///   huge pages either way).
+unsafe fn grow_into_hole(
+    pool: &PoolShared,
+    rec: *mut SpanMeta,
+    base: usize,
+    len: usize,
+    need: usize,
+) -> Option<(NonNull<u8>, usize, usize)> {
+    let more = need - len;
+    // After the span (it keeps its start), else before it (it starts
+    // there); as `(fresh part, new start, fresh part's offset)`.
+    let after = Some((base + len, base, len));
+    let before = base
+        .checked_sub(more)
+        .filter(|&a| a != 0)
+        .map(|a| (a, a, 0));
+    let (at, q, from) = [after, before]
+        .into_iter()
+        .flatten()
+        // A span of ours at either end: taken, no need to ask the kernel.
+        .filter(|&(at, ..)| {
+            pagemap::lookup(at).is_null() && pagemap::lookup(at + more - 1).is_null()
+        })
+        // SAFETY: a range is taken only if nothing is mapped there, so no
+        // one else's mapping is touched; taken, it is ours.
+        .find(|&(at, ..)| unsafe { crate::os::map_fixed_noreplace(at, more) })?;
+    if !pagemap::register(at, more, rec) {
+        // SAFETY: just mapped by us, published nowhere.
+        unsafe { crate::os::unmap(NonNull::new_unchecked(at as *mut u8), more) };
+        return None;
+    }
+    if pool.huge_pages.load(Ordering::Relaxed) {
+        // SAFETY: our fresh mapping; advice only changes how it is backed
+        // (pages gathered into it keep their huge pages either way).
+        unsafe { libc::madvise(at as *mut libc::c_void, more, libc::MADV_HUGEPAGE) };
+    }
+    // SAFETY: the span is the caller's; its record now covers the new part
+    // (a reader with a stale pointer gets some answer about a free span,
+    // as for any record change).
+    unsafe {
+        (*rec).base.store(q, Ordering::Relaxed);
+        (*rec).set_len(need);
+    }
+    pool.reserved.add(more as u64);
+    // SAFETY: a mapped span start, non-null.
+    Some((
+        unsafe { NonNull::new_unchecked(q as *mut u8) },
+        from,
+        from + more,
+    ))
+}
+
 /// A fresh span of `need` bytes filled with the pages of free spans, when
 /// there is any: smaller ones only within the budget, any (cutting bigger
 /// ones) over it ([`over_budget`], [`gather_from`]); `None` if there is
@@ -306,7 +388,7 @@ fn fresh_gathered(pool: &PoolShared, need: usize) -> Option<(*mut SpanMeta, NonN
     let p = super::huge::map_huge(pool, need, false)?;
     let rec = pagemap::lookup(p.as_ptr() as usize);
     // SAFETY: the fresh span's record, ours, on no list.
-    if !unsafe { gather(pool, rec, p, 0, need, cut) } {
+    if !unsafe { gather(pool, rec, p, 0, need, need, cut) } {
         return None;
     }
     Some((rec, p))
@@ -413,8 +495,8 @@ unsafe fn cut(pool: &PoolShared, rec: *mut SpanMeta, p: NonNull<u8>, need: usize
     unsafe { pool.huge.shrink(pool, p, need) };
 }
 
-/// Fills the part `[q + from, q + need)` of a span just grown (fresh, not
-/// yet faulted) with the pages of other free spans, moved there without
+/// Fills the part `[q + from, q + to)` of a span of `need` bytes just grown
+/// (fresh, not yet faulted) with the pages of other free spans, moved there without
 /// copying, as [`gather_from`] picks them, while any is free; what no free
 /// span covers stays fresh. Returns `false` if the OS refused a move: the
 /// span is then given up (see [`abandon`]) and must not be used.
@@ -425,22 +507,24 @@ unsafe fn cut(pool: &PoolShared, rec: *mut SpanMeta, p: NonNull<u8>, need: usize
 ///
 /// # Safety
 /// - `rec` is the caller's span, on no list, mapped and registered for
-///   `[q, q + need)`, its block not in use.
+///   `[q, q + need)`, its block not in use; `from ≤ to ≤ need`.
 #[must_use]
 unsafe fn gather(
     pool: &PoolShared,
     rec: *mut SpanMeta,
     q: NonNull<u8>,
     from: usize,
+    to: usize,
     need: usize,
     cut: bool,
 ) -> bool {
+    debug_assert!(from <= to && to <= need);
     let mut off = from;
     for _ in 0..2 * (NUM_CLASSES - FIRST) {
-        if off >= need {
+        if off >= to {
             break;
         }
-        let gap = need - off;
+        let gap = to - off;
         let Some(e) = gather_from(gap, cut, |e| pool.large_free.get(e)) else {
             break;
         };
@@ -683,30 +767,50 @@ mod tests {
         (x, z, b)
     }
 
+    /// Where the 10 MiB span's pages (`x`), the 6 MiB span's pages and the
+    /// fresh pages lie in the 18 MiB block `b` of [`grow_and_gather`]: the
+    /// span grew down into a free range before it (`b` starts 8 MiB below
+    /// `x`; the 6 MiB first, then 2 MiB fresh, then `x`'s pages), or up
+    /// (in place, or moved whole first: `x`'s pages, the 6 MiB, fresh).
+    fn grown_layout(x: NonNull<u8>, b: NonNull<u8>) -> (usize, usize, usize) {
+        if x.as_ptr() as usize == b.as_ptr() as usize + 8 * MIB {
+            (8 * MIB, 0, 6 * MIB)
+        } else {
+            (0, 10 * MIB, 16 * MIB)
+        }
+    }
+
+    /// Checks the pages of [`grow_and_gather`]'s block `b` (see
+    /// [`grown_layout`]). Past each first page: a free block's first words
+    /// hold its links.
+    fn check_grown(x: NonNull<u8>, b: NonNull<u8>) {
+        let (xo, zo, fo) = grown_layout(x, b);
+        for o in (4096..10 * MIB).step_by(4096) {
+            // SAFETY: inside the live 18 MiB block `b`.
+            let v = unsafe { b.as_ptr().add(xo + o).read() };
+            assert_eq!(v, 5 ^ (o >> 12) as u8, "the grown span's page at {o}");
+        }
+        for o in (4096..6 * MIB).step_by(4096) {
+            // SAFETY: as above.
+            let v = unsafe { b.as_ptr().add(zo + o).read() };
+            assert_eq!(v, 6 ^ (o >> 12) as u8, "moved page at offset {o}");
+        }
+        for o in (fo..fo + 2 * MIB).step_by(4096) {
+            // SAFETY: as above.
+            assert_eq!(unsafe { b.as_ptr().add(o).read() }, 0, "fresh at {o}");
+        }
+    }
+
     /// A span grown for a bigger class is filled with the pages of other
     /// free spans, moved (their bytes come along), not faulted fresh; only
     /// what no free span covers is fresh (zero). No mapping is made.
     #[test]
     fn a_grown_span_gathers_the_pages_of_free_spans() {
         let pool = HostPool::new();
-        let (_, z, b) = grow_and_gather(&pool);
+        let (x, z, b) = grow_and_gather(&pool);
         assert_eq!(pool.stats().os_maps, 2, "no mapping for the 18 MiB block");
         assert_eq!(pool.stats().reserved_bytes, 18 * MIB);
-        // (Past each first page: a free block's first words hold its links.)
-        for o in (4096..10 * MIB).step_by(4096) {
-            // SAFETY: inside the live 18 MiB block `b`.
-            let v = unsafe { b.as_ptr().add(o).read() };
-            assert_eq!(v, 5 ^ (o >> 12) as u8, "offset {o}");
-        }
-        for o in (4096..6 * MIB).step_by(4096) {
-            // SAFETY: as above.
-            let v = unsafe { b.as_ptr().add(10 * MIB + o).read() };
-            assert_eq!(v, 6 ^ (o >> 12) as u8, "moved page at offset {o}");
-        }
-        for o in (16 * MIB..18 * MIB).step_by(4096) {
-            // SAFETY: as above.
-            assert_eq!(unsafe { b.as_ptr().add(o).read() }, 0, "fresh at {o}");
-        }
+        check_grown(x, b);
         // The 6 MiB span is gone (its pages are `b`'s now), unless `b` was
         // moved over its old range.
         let inside = (z.as_ptr() as usize).wrapping_sub(b.as_ptr() as usize) < 18 * MIB;
@@ -751,21 +855,24 @@ mod tests {
             TAKEN.store(0, SeqCst);
             let pool = HostPool::new();
             let z0 = pool.allocate(layout(6 * MIB)).unwrap();
-            // The range after `z0` taken, so that growing it must move it
-            // (in place, which the hook does not see, it would succeed
-            // whenever a test running beside this one left that range free).
-            let after = z0.as_ptr() as usize + 6 * MIB;
-            // SAFETY: maps only if nothing is mapped there.
-            let guard = unsafe { crate::os::map_fixed_noreplace(after, 4096) };
+            // The ranges right after and right before `z0` taken, so that
+            // growing it must move it (in place, or into a free range next
+            // to it, which the hook does not see, it would succeed whenever
+            // a test running beside this one left that range free).
+            let guards = [z0.as_ptr() as usize + 6 * MIB, z0.as_ptr() as usize - 4096]
+                // SAFETY: maps only if nothing is mapped there.
+                .map(|at| (at, unsafe { crate::os::map_fixed_noreplace(at, 4096) }));
             crate::os::REMAP_FAULT_AT.store(z0.as_ptr() as usize, SeqCst);
             // SAFETY: a live block of ours, freed once; it comes back below.
             unsafe { pool.free(z0).unwrap() };
             let (x, z, b) = grow_and_gather(&pool);
             crate::os::REMAP_FAULT_AT.store(0, SeqCst);
             crate::os::REMAP_FAULT_HOOK.store(0, SeqCst);
-            if guard {
-                // SAFETY: our page, mapped above, nobody else's.
-                unsafe { libc::munmap(after as *mut libc::c_void, 4096) };
+            for (at, ours) in guards {
+                if ours {
+                    // SAFETY: our page, mapped above, nobody else's.
+                    unsafe { libc::munmap(at as *mut libc::c_void, 4096) };
+                }
             }
             assert_eq!(z, z0);
             let taken = TAKEN.load(SeqCst);
@@ -780,9 +887,10 @@ mod tests {
                 assert!(inside || !pool.manages(x.as_ptr()));
             } else {
                 assert_eq!(pool.stats().os_maps, 2, "the grown span is whole");
+                let (xo, ..) = grown_layout(x, b);
                 for o in (4096..10 * MIB).step_by(4096) {
                     // SAFETY: inside the live block `b`.
-                    let v = unsafe { b.as_ptr().add(o).read() };
+                    let v = unsafe { b.as_ptr().add(xo + o).read() };
                     assert_eq!(v, 5 ^ (o >> 12) as u8, "offset {o}");
                 }
             }

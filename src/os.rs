@@ -86,12 +86,22 @@ pub(crate) fn map_span(
         return map_aligned(len, granule, populate);
     }
     let p = map_aligned(len, HUGE_PAGE.max(granule), false)?;
-    // SAFETY: our fresh mapping; the advice only changes how it is backed.
-    unsafe { libc::madvise(p.as_ptr().cast(), len, libc::MADV_HUGEPAGE) };
+    // SAFETY: our fresh mapping.
+    unsafe { advise_huge(p.as_ptr() as usize, len) };
     if populate {
         populate_pages(p.as_ptr(), len);
     }
     Some(p)
+}
+
+/// Advises `[p, p + len)` `MADV_HUGEPAGE`: pages faulted there later may be
+/// huge ones. The advice only changes how the range is backed.
+///
+/// # Safety
+/// - The range is one of the caller's mappings.
+pub(crate) unsafe fn advise_huge(p: usize, len: usize) {
+    // SAFETY: the caller's mapping (contract); advice moves no data.
+    unsafe { libc::madvise(p as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
 }
 
 /// Faults in every page of a fresh mapping: `MADV_POPULATE_WRITE` (Linux 5.14),

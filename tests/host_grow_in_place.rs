@@ -32,26 +32,40 @@ fn check(p: NonNull<u8>, at: usize, len: usize, seed: u8, what: &str) {
     }
 }
 
-/// Whether nothing is mapped in `[at, at + len)` (this process's only test
-/// runs now, so the answer holds until the pool looks).
-fn is_free(at: usize, len: usize) -> bool {
-    // SAFETY: MAP_FIXED_NOREPLACE maps only where nothing is; the probe is
-    // unmapped at once.
-    unsafe {
-        let q = libc::mmap(
+/// Maps `[at, at + len)` (no access) only if nothing is mapped there;
+/// returns whether it did.
+fn take(at: usize, len: usize) -> bool {
+    // SAFETY: MAP_FIXED_NOREPLACE maps only where nothing is mapped.
+    let q = unsafe {
+        libc::mmap(
             at as *mut libc::c_void,
             len,
             libc::PROT_NONE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
             -1,
             0,
-        );
-        if q == libc::MAP_FAILED {
-            return false;
-        }
-        libc::munmap(q, len);
-        q as usize == at
+        )
+    };
+    if q == libc::MAP_FAILED {
+        return false;
     }
+    if q as usize != at {
+        // SAFETY: the mapping just made elsewhere (an old kernel's hint).
+        unsafe { libc::munmap(q, len) };
+        return false;
+    }
+    true
+}
+
+/// Whether nothing is mapped in `[at, at + len)` (this process's only test
+/// runs now, so the answer holds until the pool looks).
+fn is_free(at: usize, len: usize) -> bool {
+    let free = take(at, len);
+    if free {
+        // SAFETY: the probe just mapped by `take`.
+        unsafe { libc::munmap(at as *mut libc::c_void, len) };
+    }
+    free
 }
 
 /// Frees `p` (a live block of `pool`).
@@ -129,19 +143,8 @@ fn a_free_span_grows_into_the_free_range_next_to_it() {
     fill(x, 10 * MIB, 3);
     fill(z, 6 * MIB, 4);
     let after = x.as_ptr() as usize + 10 * MIB;
-    // SAFETY: maps only where nothing is mapped; unmapped below.
-    let plug = is_free(after, 4096)
-        && unsafe {
-            libc::mmap(
-                after as *mut libc::c_void,
-                4096,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-                -1,
-                0,
-            ) as usize
-                == after
-        };
+    // Unmapped below.
+    let plug = take(after, 4096);
     let below = x.as_ptr() as usize - 8 * MIB;
     free(&pool, x);
     free(&pool, z);

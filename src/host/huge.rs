@@ -121,7 +121,7 @@ impl HugeCache {
                 unsafe { self.shrink(pool, p, need) };
             } else if l < need {
                 // SAFETY: as above.
-                match unsafe { self.grow(pool, p, need) } {
+                match unsafe { self.grow(pool, p, need, true) } {
                     Some(q) => {
                         pool.count_requests(1, 0);
                         return Some((q, false));
@@ -178,42 +178,15 @@ impl HugeCache {
     }
 
     /// Grows an in-use huge block to map `new_len` bytes (a granule
-    /// multiple above its length): in place if the address range after it
-    /// is free, else by moving its pages, without copying them, to a fresh
-    /// granule-aligned range ([`grow_moving`](Self::grow_moving)). Returns
-    /// the block's address, or `None` with the block unchanged if the OS
-    /// refused.
+    /// multiple above its length): with `in_place`, in place if the address
+    /// range after it is free; else (or without `in_place`, for a caller
+    /// that knows that range is taken) by moving its pages, without copying
+    /// them, to a fresh granule-aligned range. Returns the block's address,
+    /// or `None` with the block unchanged if the OS refused.
     ///
     /// # Safety
     /// - `p` is a huge block of `pool`, in use by the caller.
     pub(crate) unsafe fn grow(
-        &self,
-        pool: &PoolShared,
-        p: NonNull<u8>,
-        new_len: usize,
-    ) -> Option<NonNull<u8>> {
-        // SAFETY: forwarded from the caller.
-        unsafe { self.grow_with(pool, p, new_len, true) }
-    }
-
-    /// [`grow`](Self::grow) without the try in place, for a caller that
-    /// knows the range after the block is taken.
-    ///
-    /// # Safety
-    /// - As for [`grow`](Self::grow).
-    pub(crate) unsafe fn grow_moving(
-        &self,
-        pool: &PoolShared,
-        p: NonNull<u8>,
-        new_len: usize,
-    ) -> Option<NonNull<u8>> {
-        // SAFETY: forwarded from the caller.
-        unsafe { self.grow_with(pool, p, new_len, false) }
-    }
-
-    /// # Safety
-    /// - As for [`grow`](Self::grow).
-    unsafe fn grow_with(
         &self,
         pool: &PoolShared,
         p: NonNull<u8>,

@@ -283,7 +283,7 @@ fn from_donor(
             // Something is mapped on both sides: move it (a try in place
             // would fail the same way).
             // SAFETY: as above: a span of ours whose record describes it.
-            match unsafe { pool.huge.grow_moving(pool, p, need) } {
+            match unsafe { pool.huge.grow(pool, p, need, false) } {
                 Some(q) => {
                     // SAFETY: `q` is the grown span of `rec`, ours.
                     if !unsafe { gather(pool, rec, q, len, need, need, true) } {
@@ -354,9 +354,9 @@ unsafe fn grow_into_hole(
         return None;
     }
     if pool.huge_pages.load(Ordering::Relaxed) {
-        // SAFETY: our fresh mapping; advice only changes how it is backed
-        // (pages gathered into it keep their huge pages either way).
-        unsafe { libc::madvise(at as *mut libc::c_void, more, libc::MADV_HUGEPAGE) };
+        // SAFETY: our fresh mapping (pages gathered into it keep their huge
+        // pages either way).
+        unsafe { crate::os::advise_huge(at, more) };
     }
     // SAFETY: the span is the caller's; its record now covers the new part
     // (a reader with a stale pointer gets some answer about a free span,

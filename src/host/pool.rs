@@ -482,7 +482,7 @@ impl PoolShared {
     pub(crate) unsafe fn grow_huge(&self, p: NonNull<u8>, new_size: usize) -> Option<NonNull<u8>> {
         debug_assert!(new_size > MAX_CLASS_SIZE);
         // SAFETY: forwarded from the caller.
-        unsafe { self.huge.grow(self, p, huge_size(new_size)?) }
+        unsafe { self.huge.grow(self, p, huge_size(new_size)?, true) }
     }
 
     /// Takes every lock of this pool (each class lock in class order, then

@@ -483,6 +483,19 @@ fn ring_cap(size: usize) -> usize {
 /// `SPSCQueue`). Re-reading it on every item would move its line between the
 /// cores on every item, a cost of the harness that every allocator's time
 /// would carry.
+///
+/// A side that has to wait waits for a [`slack`](Ring::slack) of items (the
+/// consumer) or of room (the producer), not for one. Waiting for one, the
+/// faster side ran at the other's heels from then on: it polled the other
+/// side's index and read or wrote each slot line while the other was still
+/// on it, which slowed the slower side, so the run stayed in that state.
+/// Which allocator fell into it changed from sample to sample: in eleven
+/// samples of `xthread-64B`, jemalloc took 17 to 68 ns per item, mimalloc
+/// 32 to 92 and the pool 12 to 44, the slow ones with the ring full. With
+/// the slack, the same build gave jemalloc 15.5 to 20.4, mimalloc 19 to 28
+/// and the pool 11.5 to 14.3 ns, and a side waits once per slack of items:
+/// the time is each side's own cost (the slower of the allocation and the
+/// free, each with the cache line transfers the allocator causes).
 struct Ring {
     slots: Box<[AtomicUsize]>,
     /// The consumer's: the next slot to read, and the producer's index as
@@ -509,15 +522,15 @@ impl Side {
         }
     }
 
-    /// Returns once `ready` holds for `other`'s index, read again (and
-    /// remembered) only while this side's copy of it does not satisfy
-    /// `ready`.
-    fn wait_for(&self, other: &Side, ready: impl Fn(usize) -> bool) {
-        if !ready(self.seen.load(Ordering::Relaxed)) {
+    /// Returns at once if this side's copy of `other`'s index satisfies
+    /// `go`; else once a fresh read of it (remembered) satisfies `resume`,
+    /// which implies `go`.
+    fn wait_for(&self, other: &Side, go: impl Fn(usize) -> bool, resume: impl Fn(usize) -> bool) {
+        if !go(self.seen.load(Ordering::Relaxed)) {
             wait_until(|| {
                 let at = other.at.load(Ordering::Acquire);
                 self.seen.store(at, Ordering::Relaxed);
-                ready(at)
+                resume(at)
             });
         }
     }
@@ -532,17 +545,34 @@ impl Ring {
         }
     }
 
+    /// How many items a waiting side waits for: an eighth of the ring.
+    fn slack(&self) -> usize {
+        (self.slots.len() / 8).max(1)
+    }
+
+    /// Appends `v`; a full ring is first waited on until a
+    /// [`slack`](Self::slack) of slots is free.
     fn push(&self, v: usize) {
         let n = self.slots.len();
         let tail = self.tail.at.load(Ordering::Relaxed);
-        self.tail.wait_for(&self.head, |head| tail - head < n);
+        let room = n - self.slack();
+        self.tail.wait_for(
+            &self.head,
+            |head| tail - head < n,
+            |head| tail - head <= room,
+        );
         self.slots[tail % n].store(v, Ordering::Relaxed);
         self.tail.at.store(tail + 1, Ordering::Release);
     }
 
-    fn pop(&self) -> usize {
+    /// Takes the oldest item; an empty ring is first waited on until it
+    /// holds a [`slack`](Self::slack) of items, or `left ≥ 1`, the items
+    /// still to come.
+    fn pop(&self, left: usize) -> usize {
         let head = self.head.at.load(Ordering::Relaxed);
-        self.head.wait_for(&self.tail, |tail| tail != head);
+        let want = self.slack().min(left);
+        self.head
+            .wait_for(&self.tail, |tail| tail != head, |tail| tail - head >= want);
         let v = self.slots[head % self.slots.len()].load(Ordering::Relaxed);
         self.head.at.store(head + 1, Ordering::Release);
         v
@@ -574,8 +604,8 @@ fn cross_thread<A: BenchAlloc + ?Sized>(a: &A, l: Layout, iters: u64) -> Duratio
     std::thread::scope(|s| {
         let consumer = s.spawn(|| {
             ready.store(1, Ordering::Release);
-            for _ in 0..iters {
-                let p = ring.pop() as *mut u8;
+            for i in 0..iters {
+                let p = ring.pop((iters - i) as usize) as *mut u8;
                 // SAFETY: the producer allocated `p` with `l` and sent it
                 // once; it is freed once, here.
                 unsafe { a.dealloc(p, l) };
@@ -606,9 +636,10 @@ fn prod_cons<A: BenchAlloc + ?Sized>(a: &A, pairs: usize, sizes: &[usize], iters
             let (ready, go) = (&ready, &go);
             s.spawn(move || {
                 ready.fetch_add(1, Ordering::AcqRel);
-                for i in 0..iters as usize {
+                let iters = iters as usize;
+                for i in 0..iters {
                     let l = layouts[(i + k) % layouts.len()];
-                    let p = ring.pop() as *mut u8;
+                    let p = ring.pop(iters - i) as *mut u8;
                     // SAFETY: the producer allocated `p` with `l` (the same
                     // cycle position) and sent it once; freed once, here.
                     unsafe { a.dealloc(p, l) };

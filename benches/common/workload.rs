@@ -498,6 +498,8 @@ fn ring_cap(size: usize) -> usize {
 /// free, each with the cache line transfers the allocator causes).
 struct Ring {
     slots: Box<[AtomicUsize]>,
+    /// How many items a waiting side waits for: an eighth of the ring.
+    slack: usize,
     /// The consumer's: the next slot to read, and the producer's index as
     /// the consumer last read it.
     head: Side,
@@ -540,14 +542,10 @@ impl Ring {
     fn new(cap: usize) -> Self {
         Ring {
             slots: (0..cap).map(|_| AtomicUsize::new(0)).collect(),
+            slack: (cap / 8).max(1),
             head: Side::new(),
             tail: Side::new(),
         }
-    }
-
-    /// How many items a waiting side waits for: an eighth of the ring.
-    fn slack(&self) -> usize {
-        (self.slots.len() / 8).max(1)
     }
 
     /// Appends `v`; a full ring is first waited on until a
@@ -555,11 +553,10 @@ impl Ring {
     fn push(&self, v: usize) {
         let n = self.slots.len();
         let tail = self.tail.at.load(Ordering::Relaxed);
-        let room = n - self.slack();
         self.tail.wait_for(
             &self.head,
             |head| tail - head < n,
-            |head| tail - head <= room,
+            |head| tail - head <= n - self.slack,
         );
         self.slots[tail % n].store(v, Ordering::Relaxed);
         self.tail.at.store(tail + 1, Ordering::Release);
@@ -570,9 +567,11 @@ impl Ring {
     /// still to come.
     fn pop(&self, left: usize) -> usize {
         let head = self.head.at.load(Ordering::Relaxed);
-        let want = self.slack().min(left);
-        self.head
-            .wait_for(&self.tail, |tail| tail != head, |tail| tail - head >= want);
+        self.head.wait_for(
+            &self.tail,
+            |tail| tail != head,
+            |tail| tail - head >= self.slack.min(left),
+        );
         let v = self.slots[head % self.slots.len()].load(Ordering::Relaxed);
         self.head.at.store(head + 1, Ordering::Release);
         v

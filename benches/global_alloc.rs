@@ -3,6 +3,9 @@
 //!
 //! - `small_pair/{16,64,256}`: one alloc + free, warm;
 //! - `tensor_pair/{4K … 64M}`: one alloc + free at 64 B alignment, warm;
+//! - `fifo_burst/1000x64`: 1,000 blocks of 64 B allocated, then freed in
+//!   the order they were allocated (the comparison's `fifo-1000x64B`);
+//!   time per burst, and per block in the throughput line;
 //! - `touch_16m`: alloc 16 MiB, write one byte per 4 KiB page, free (and
 //!   `resident` touching an already-resident buffer, the floor);
 //! - `cross_thread/{64,65536}`: one thread allocates, another frees
@@ -127,6 +130,52 @@ fn tensor_pairs(c: &mut Criterion) {
             label: label(size),
         });
     }
+    group.finish();
+}
+
+/// Blocks per FIFO burst.
+const FIFO: usize = 1000;
+
+/// A burst of `FIFO` blocks of 64 B, freed in allocation order.
+struct Fifo<'a, 'c> {
+    group: &'a mut BenchmarkGroup<'c, WallTime>,
+    /// The burst's block addresses, allocated once outside the timing.
+    slots: Vec<*mut u8>,
+}
+
+/// Allocates every slot from `g`, then frees them in the same order.
+fn fifo_burst<G: GlobalAlloc>(g: &G, slots: &mut [*mut u8]) {
+    let layout = Layout::from_size_align(64, 8).unwrap();
+    for s in slots.iter_mut() {
+        // SAFETY: non-zero size; null checked; freed below with its layout.
+        *s = unsafe { g.alloc(layout) };
+        assert!(!s.is_null(), "out of memory in the FIFO burst");
+    }
+    for &p in slots.iter() {
+        // SAFETY: allocated just above by `g` with `layout`, freed once.
+        unsafe { g.dealloc(p, layout) };
+    }
+}
+
+impl Workload for Fifo<'_, '_> {
+    fn run<G: GlobalAlloc + Sync + 'static>(&mut self, name: &str, g: &'static G) {
+        let slots = &mut self.slots;
+        // Warm: the first burst carves, later ones reuse.
+        fifo_burst(g, slots);
+        self.group.bench_function(
+            criterion::BenchmarkId::new(name, format!("{FIFO}x64")),
+            |b| b.iter(|| fifo_burst(g, black_box(&mut slots[..]))),
+        );
+    }
+}
+
+fn fifo(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fifo_burst");
+    group.throughput(criterion::Throughput::Elements(FIFO as u64));
+    for_each_allocator(&mut Fifo {
+        group: &mut group,
+        slots: vec![core::ptr::null_mut(); FIFO],
+    });
     group.finish();
 }
 
@@ -317,5 +366,5 @@ fn config() -> Criterion {
         .measurement_time(Duration::from_secs(1))
 }
 
-criterion_group! { name = benches; config = config(); targets = small_pairs, tensor_pairs, touch_16m, cross_threads }
+criterion_group! { name = benches; config = config(); targets = small_pairs, fifo, tensor_pairs, touch_16m, cross_threads }
 criterion_main!(benches);
